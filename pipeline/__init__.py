@@ -1,0 +1,19 @@
+"""wsi-pipeline: whole-slide images -> tile descriptors -> feature maps -> InceptionV3 -> Grad-CAM mosaics.
+
+The Python API for lab scripts (one slide at a time, in-process, no cluster needed)::
+
+    import pipeline
+    store = pipeline.describe_slide("slide.svs", "out/")
+
+Heavy dependencies (TensorFlow/Keras, Dask) are imported only by the stages that need them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import PipelineConfig, load_config  # noqa: E402
+from .describe import describe_slide, describe_slides  # noqa: E402
+from .slides import read_slide_info  # noqa: E402
+
+__all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__"]

@@ -1,0 +1,211 @@
+"""The one typed run configuration.
+
+A YAML file (loaded with ``yaml.safe_load``) is validated into ``PipelineConfig``; unknown keys and bad values fail
+with a ``ConfigError`` that names the key (``tiling.mpp: Input should be greater than 0``). Units are in the names:
+``_mpp`` is microns per pixel, ``_px`` pixels at the target resolution, ``_um`` microns.
+
+Each stage stores ``stage_hash(stage)`` with its outputs: the hash covers only the settings that change that stage's
+results (the cluster size does not), so a rerun redoes exactly what a settings change made stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TilingConfig(_Section):
+    mpp: float = Field(0.5, gt=0, description="target resolution of the tiles, microns per pixel")
+    tile_px: int = Field(256, ge=8, le=4096, description="tile edge at the target resolution, pixels")
+    stride_px: int | None = Field(None, ge=1, description="step between tiles at the target resolution; None = tile_px (no overlap)")
+    mpp_override: float | None = Field(None, gt=0, description="use this level-0 mpp instead of the slide's own")
+    mpp_tolerance: float = Field(0.1, ge=0, le=1, description="a slide up to this fraction coarser than the target is still accepted")
+    chunk_tiles: int = Field(16, ge=1, le=256, description="tiles per task and per Zarr chunk edge (16 -> 256 tiles a task)")
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride_px is not None and self.stride_px > self.tile_px:
+            raise ValueError(f"stride_px ({self.stride_px}) must not exceed tile_px ({self.tile_px})")
+        return self
+
+    @property
+    def step_px(self) -> int:
+        return self.stride_px or self.tile_px
+
+
+class TissueConfig(_Section):
+    method: Literal["otsu_saturation", "otsu_od"] = "otsu_saturation"
+    mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, microns per pixel")
+    min_saturation: float = Field(0.07, ge=0, le=1, description="floor under the Otsu threshold so blank glass stays background")
+    min_od: float = Field(0.1, ge=0, description="floor under the Otsu threshold for method otsu_od")
+    closing_um: float = Field(32.0, ge=0, description="morphological closing radius")
+    min_object_um2: float = Field(20000.0, ge=0, description="tissue specks smaller than this are dropped")
+    min_hole_um2: float = Field(20000.0, ge=0, description="holes smaller than this are filled")
+    fraction_min: float = Field(0.5, ge=0, le=1, description="a tile is tissue when at least this fraction of it is")
+
+
+class DescriptorConfig(_Section):
+    name: Literal["stats", "cnn"] = "stats"
+    batch_tiles: int = Field(64, ge=1, le=4096, description="tiles per vectorised batch")
+    cnn_backbone: Literal["InceptionV3", "MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"] = "MobileNetV2"
+    cnn_weights: str | None = Field("imagenet", description="'imagenet', a local weights file, or null for random init")
+    cnn_input_px: int = Field(224, ge=32, le=1024)
+
+
+class ReaderConfig(_Section):
+    kind: Literal["auto", "openslide", "tiff"] = "openslide"
+
+
+class ClusterConfig(_Section):
+    kind: Literal["local", "address", "slurm"] = "local"
+    workers: int | None = Field(None, ge=1, description="local worker processes; None = one per CPU core")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"
+    address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://10.0.0.5:8786")
+    max_tasks_in_flight: int | None = Field(None, ge=1, description="bound on submitted, unfinished tasks; None = 4 per worker thread")
+    retries: int = Field(2, ge=0, le=10, description="times a task is retried when its worker dies")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of dask_jobqueue.SLURMCluster")
+    slurm_jobs: int = Field(2, ge=1)
+    dashboard: bool = True
+
+    @model_validator(mode="after")
+    def _address_given(self):
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind 'address' needs cluster.address")
+        return self
+
+
+class ReduceConfig(_Section):
+    method: Literal["pca", "autoencoder"] = "pca"
+    components: int = Field(3, ge=1, le=3)
+    sample_tiles_per_slide: int = Field(2000, ge=10)
+    seed: int = 0
+    scale_percentiles: tuple[float, float] = (1.0, 99.0)
+    ae_hidden_units: int = Field(64, ge=4)
+    ae_epochs: int = Field(60, ge=1)
+    ae_batch_size: int = Field(256, ge=8)
+    ae_learning_rate: float = Field(1e-3, gt=0)
+    ae_validation_fraction: float = Field(0.2, gt=0, lt=0.9)
+    ae_patience: int = Field(8, ge=1)
+
+
+class TrainConfig(_Section):
+    adapter: Literal["replicate", "components"] = "replicate"
+    component: int = Field(0, ge=0, le=2, description="component replicated to 3 channels when adapter=replicate")
+    size_strategy: Literal["resize", "pad", "crop", "native"] = "resize"
+    input_px: int = Field(299, ge=75)
+    weights: str | None = Field(None, description="'imagenet', a local .h5/.weights.h5 file, or null (random init)")
+    label_kind: Literal["integer", "string"] = "integer"
+    unfreeze_from: str = Field("mixed9", description="first InceptionV3 block trained in phase 2")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    head_epochs: int = Field(20, ge=0)
+    head_learning_rate: float = Field(1e-3, gt=0)
+    finetune_epochs: int = Field(10, ge=0)
+    finetune_learning_rate: float = Field(1e-5, gt=0)
+    patience: int = Field(5, ge=1)
+    class_weights: bool = True
+    augment: bool = True
+    tta: bool = False
+    noise_std: float = Field(0.02, ge=0)
+    val_fraction: float = Field(0.2, ge=0, lt=0.9)
+    test_fraction: float = Field(0.2, ge=0, lt=0.9)
+    folds: int | None = Field(None, ge=2)
+    seed: int = 0
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+
+
+class CamConfig(_Section):
+    layer: str | None = Field(None, description="layer for Grad-CAM; None = chosen for resolution")
+    class_index: int | None = None
+    window_overlap: float = Field(0.5, ge=0, lt=1)
+    hot_threshold: float = Field(0.6, gt=0, lt=1)
+    tiff_tile_px: int = Field(256, ge=16)
+
+
+class PipelineConfig(_Section):
+    tiling: TilingConfig = TilingConfig()
+    tissue: TissueConfig = TissueConfig()
+    descriptor: DescriptorConfig = DescriptorConfig()
+    reader: ReaderConfig = ReaderConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    reduce: ReduceConfig = ReduceConfig()
+    train: TrainConfig = TrainConfig()
+    cam: CamConfig = CamConfig()
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of the settings that determine a stage's outputs (stored with them; a change makes them stale)."""
+        sections = STAGE_SECTIONS[stage]
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        if stage == "describe":
+            payload["tiling"].pop("chunk_tiles")  # task size only, not the values
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **dotted: Any) -> "PipelineConfig":
+        """Copy with ``section__key=value`` overrides (``None`` values are ignored), re-validated."""
+        data = self.model_dump(mode="python")
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, name = key.split("__", 1)
+            data[section][name] = value
+        return config_from_dict(data, source="command line")
+
+
+# Which sections each stage's output depends on (the reader does not change pixels, so it is not hashed).
+STAGE_SECTIONS = {
+    "describe": ("tiling", "tissue", "descriptor"),
+    "reduce": ("tiling", "tissue", "descriptor", "reduce"),
+    "train": ("tiling", "tissue", "descriptor", "reduce", "train"),
+    "cam": ("tiling", "tissue", "descriptor", "reduce", "train", "cam"),
+}
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return f"invalid config ({source}): " + "; ".join(lines)
+
+
+def config_from_dict(data: dict | None, source: str = "config") -> PipelineConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}", path=source)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source), path=None) from None
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Load and validate a YAML config; ``None`` gives the defaults."""
+    if path is None:
+        return PipelineConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file not found", path=path, fix="Pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", path=path, fix="Correct the YAML syntax at the line shown.") from None
+    return config_from_dict(data, source=str(path))
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

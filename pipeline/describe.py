@@ -1,0 +1,306 @@
+"""Stage 1-2: slides -> tissue mask -> tile grid -> per-tile descriptors in a Zarr store per slide.
+
+Two task functions run on workers (each opens its own slide handle):
+
+* ``prepare_slide``: metadata, tile grid, tissue mask and thumbnail of one slide (small arrays come back);
+* ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
+  straight into that block's own Zarr chunk.
+
+``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight, creates
+and finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import PipelineConfig
+from .descriptors import compute_descriptors, descriptor_names
+from .errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
+from .outputs import Manifest, output_lock
+from .parallel import LocalRunner, task_runner
+from .progress import Progress
+from .slides import find_slides, open_slide, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
+from .store import (create_partial_store, finalize_store, package_versions, store_is_current, store_path,
+                    write_descriptor_chunk, read_attrs)
+from .tiling import TileGrid, iter_tile_batches, tile_grid
+from .tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
+
+log = logging.getLogger("pipeline")
+
+
+# --- worker tasks ---------------------------------------------------------------------------------------------------
+
+
+def prepare_slide(path: str, config: PipelineConfig) -> dict:
+    """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only."""
+    info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
+    grid = tile_grid(info, config.tiling)
+    if grid.rows == 0 or grid.cols == 0:
+        raise SlideTooSmallError(
+            f"the slide ({info.width_px}x{info.height_px} px at {grid.slide_mpp:.4g} µm/px) is smaller than one "
+            f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
+    mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
+    with open_slide(path) as handle:
+        thumbnail = read_thumbnail(handle, mask_ds, path=path)
+    mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+    fraction = tile_tissue_fraction(mask, mask_ds, grid)
+    # fraction_min 0 means "any tissue at all", not "every tile"
+    tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min
+    if not tiles.any():
+        raise NoTissueError(
+            f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "
+            f"(tissue covers {mask.mean():.1%} of the slide)", path=path)
+    return {
+        "info": info.to_dict(),
+        "grid": grid.to_dict(),
+        "mask_downsample": mask_ds,
+        "tissue_fraction": fraction,
+        "tissue_tiles": tiles,
+        "thumbnail": thumbnail,
+        "descriptor_names": descriptor_names(config.descriptor),
+    }
+
+
+def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
+                   block: tuple[int, int, int, int], block_tiles: np.ndarray, config: PipelineConfig,
+                   dims: int) -> int:
+    """Descriptors of the tissue tiles of one block, written to its Zarr chunk; returns the number of tiles."""
+    grid = TileGrid.from_dict(grid_dict)
+    r0, r1, c0, c1 = block
+    values = np.full((r1 - r0, c1 - c0, dims), np.nan, dtype=np.float32)
+    count = 0
+    with open_slide(path) as handle:
+        for positions, tiles in iter_tile_batches(handle, grid, block_tiles, block, config.descriptor.batch_tiles, path):
+            values[positions[:, 0] - r0, positions[:, 1] - c0] = compute_descriptors(tiles, config.descriptor)
+            count += len(positions)
+    write_descriptor_chunk(store, out_dir, slide_id, block, values)
+    return count
+
+
+# --- the runner -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SlideJob:
+    slide_id: str
+    path: str
+    fingerprint: str
+    started: float = field(default_factory=time.monotonic)
+    plan: dict | None = None
+    store: str | None = None
+    blocks_left: int = 0
+    tiles: int = 0
+
+
+def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
+    """Map slide id -> path; later paths (in sorted order) whose id collides are returned as failures."""
+    ids: dict[str, Path] = {}
+    collisions = []
+    for path in sorted(paths, key=lambda p: str(p)):
+        slide_id = slide_id_from_path(path)
+        if slide_id in ids:
+            collisions.append((path, slide_id, str(ids[slide_id])))
+        else:
+            ids[slide_id] = path
+    return ids, collisions
+
+
+def _store_attrs(job: _SlideJob, plan: dict, config: PipelineConfig) -> dict:
+    info = plan["info"]
+    return {
+        "stage": "describe",
+        "slide_id": job.slide_id,
+        "slide_path": str(Path(job.path).resolve()),
+        "fingerprint": job.fingerprint,
+        "mpp": info["mpp"],
+        "mpp_source": info["mpp_source"],
+        "slide_info": info,
+        "tile_grid": plan["grid"],
+        "mask_downsample": plan["mask_downsample"],
+        "tissue_fraction_min": config.tissue.fraction_min,
+        "descriptor": {"name": config.descriptor.name, "dims": len(plan["descriptor_names"]),
+                       "feature_names": plan["descriptor_names"]},
+        "reader": "openslide",
+        "config_hash": config.stage_hash("describe"),
+        "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor"}),
+        "versions": package_versions(),
+    }
+
+
+def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
+    path = store_path(out_dir, slide_id)
+    if not store_is_current(path, fingerprint, config.stage_hash("describe")):
+        return False
+    override = config.tiling.mpp_override
+    return override is None or (read_attrs(path) or {}).get("mpp") == override
+
+
+def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: PipelineConfig | None = None,
+                    runner=None, progress: bool | None = None, errors: dict | None = None) -> dict:
+    """Describe every slide in ``inputs`` (files and/or directories) into ``out_dir``.
+
+    ``runner``: a TaskRunner (see ``pipeline.parallel``); by default the cluster from ``config.cluster``.
+    ``errors``: if given, filled with slide id -> the exception that failed it.
+    Returns a summary dict; per-slide outcomes are in ``out_dir/manifest.json``.
+    """
+    config = config or PipelineConfig()
+    out_dir = Path(out_dir)
+    with output_lock(out_dir, command="describe"):
+        if runner is not None:
+            return _describe(inputs, out_dir, config, runner, progress, errors)
+        with task_runner(config.cluster) as own_runner:
+            return _describe(inputs, out_dir, config, own_runner, progress, errors)
+
+
+def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: bool | None,
+              errors: dict | None) -> dict:
+    errors = {} if errors is None else errors
+    t_start = time.monotonic()
+    manifest = Manifest(out_dir)
+    paths, ignored = find_slides(inputs)
+    manifest.data["ignored"] = ignored
+    ids, collisions = assign_slide_ids(paths)
+    for path, slide_id, other in collisions:
+        err = DuplicateSlideIdError(f"its slide id '{slide_id}' is already used by {other}", path=path)
+        key = f"{slide_id}@{Path(path).name}"
+        errors[key] = err
+        manifest.slides[key] = {"status": "failed", "error": err.to_record(), "path": str(path), "mpp": None,
+                                "mpp_source": None, "tiles": 0, "seconds": 0.0}
+    manifest.save()
+    if runner.dashboard_link:
+        log.info("Dask dashboard: %s", runner.dashboard_link)
+        print(f"Dask dashboard: {runner.dashboard_link}", flush=True)
+
+    todo: list[_SlideJob] = []
+    skipped = 0
+    for slide_id, path in ids.items():
+        try:
+            fingerprint = slide_fingerprint(path)
+        except OSError as err:
+            fingerprint = f"unreadable:{err.__class__.__name__}"
+        if _is_current(out_dir, slide_id, fingerprint, config):
+            skipped += 1
+            continue
+        todo.append(_SlideJob(slide_id, str(path), fingerprint))
+
+    bar = Progress(total_slides=len(ids), done_slides=skipped, enabled=progress)
+    max_in_flight = config.cluster.max_tasks_in_flight or 4 * max(1, runner.capacity)
+    max_slides_open = max(2, runner.capacity)
+    jobs: dict[str, _SlideJob] = {}
+    block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
+    pending = list(reversed(todo))
+    in_flight = 0
+    done_count = failed_count = 0
+
+    def fail(job: _SlideJob, err: BaseException) -> None:
+        nonlocal failed_count
+        errors[job.slide_id] = err
+        jobs.pop(job.slide_id, None)
+        record = error_record(err)
+        info = (job.plan or {}).get("info", {})
+        manifest.update_slide(job.slide_id, status="failed", error=record, path=job.path, mpp=info.get("mpp"),
+                              mpp_source=info.get("mpp_source"), tiles=0,
+                              seconds=round(time.monotonic() - job.started, 3))
+        failed_count += 1
+        bar.slide_done(failed=True)
+        level = logging.WARNING if isinstance(err, SlideError) else logging.ERROR
+        log.log(level, "slide %s failed: %s", job.slide_id, record["message"])
+
+    def finish(job: _SlideJob) -> None:
+        nonlocal done_count
+        info = job.plan["info"]
+        seconds = round(time.monotonic() - job.started, 3)
+        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds})
+        jobs.pop(job.slide_id, None)
+        manifest.update_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
+                              mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
+                              store=str(store_path(out_dir, job.slide_id)))
+        done_count += 1
+        bar.slide_done()
+        log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
+
+    while pending or block_queue or in_flight:
+        # Submit: blocks of already-planned slides first (finish what is open), then new slides.
+        while in_flight < max_in_flight and block_queue:
+            slide_id, block, block_tiles = block_queue.pop()
+            job = jobs.get(slide_id)
+            if job is None:  # its slide failed meanwhile
+                continue
+            runner.submit(describe_block, job.path, job.store, str(out_dir), slide_id, job.plan["grid"], block,
+                          block_tiles, config, len(job.plan["descriptor_names"]), tag=("block", slide_id))
+            in_flight += 1
+        while in_flight < max_in_flight and pending and len(jobs) < max_slides_open:
+            job = pending.pop()
+            jobs[job.slide_id] = job
+            runner.submit(prepare_slide, job.path, config, tag=("prepare", job.slide_id))
+            in_flight += 1
+        if not in_flight:
+            continue
+        done = runner.next_done()
+        in_flight -= 1
+        kind, slide_id = done.tag
+        job = jobs.get(slide_id)
+        if job is None:
+            continue
+        if done.error is not None:
+            fail(job, done.error)
+            continue
+        if kind == "prepare":
+            job.plan = done.result
+            try:
+                attrs = _store_attrs(job, job.plan, config)
+                grid = job.plan["grid"]
+                path, already = create_partial_store(
+                    out_dir, slide_id, attrs, (grid["rows"], grid["cols"]), len(job.plan["descriptor_names"]),
+                    config.tiling.chunk_tiles, job.plan["tissue_fraction"], job.plan["tissue_tiles"],
+                    job.plan["thumbnail"])
+            except Exception as err:  # noqa: BLE001 - e.g. disk full: this slide fails, others go on
+                fail(job, err)
+                continue
+            job.store = str(path)
+            tissue = job.plan["tissue_tiles"]
+            blocks = [b for b in TileGrid.from_dict(grid).chunks(config.tiling.chunk_tiles)
+                      if tissue[b[0]:b[1], b[2]:b[3]].any()]
+            total_tiles = int(tissue.sum())
+            bar.add_tiles(total_tiles)
+            for b in blocks:
+                n = int(tissue[b[0]:b[1], b[2]:b[3]].sum())
+                if (b[0], b[2]) in already:
+                    job.tiles += n
+                    bar.tiles_done(n)
+                    continue
+                block_queue.append((slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
+                job.blocks_left += 1
+            if job.blocks_left == 0:
+                finish(job)
+        else:
+            job.tiles += int(done.result)
+            bar.tiles_done(int(done.result))
+            job.blocks_left -= 1
+            if job.blocks_left == 0:
+                finish(job)
+
+    bar.close()
+    seconds = time.monotonic() - t_start
+    summary = {"slides": len(ids) + len(collisions), "done": done_count, "skipped": skipped,
+               "failed": failed_count + len(collisions), "ignored": len(ignored), "seconds": round(seconds, 2)}
+    manifest.data["runs"].append({"command": "describe", "finished": time.time(), **summary})
+    manifest.save()
+    return summary
+
+
+def describe_slide(path: str | Path, out: str | Path, config: PipelineConfig | None = None) -> Path:
+    """Describe one slide in this process (no cluster) and return its store path; raises the slide's typed error."""
+    errors: dict = {}
+    describe_slides([path], out, config, runner=LocalRunner(), progress=False, errors=errors)
+    slide_id = slide_id_from_path(path)
+    if slide_id in errors:
+        raise errors[slide_id]
+    return store_path(out, slide_id)

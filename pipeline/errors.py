@@ -1,0 +1,121 @@
+"""Every error the pipeline raises on purpose, in one place.
+
+Each error carries a stable machine-readable ``code`` (written to ``manifest.json``), the file it is about, and a
+``fix`` sentence telling the user what to do. Errors a slide can cause are subclasses of ``SlideError``: the batch
+runner records them against that slide and goes on with the others. ``ConfigError`` and ``LabelsError`` are about the
+run itself and stop it before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PipelineError(Exception):
+    """Base of all deliberate pipeline errors."""
+
+    code = "pipeline_error"
+    default_fix = ""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, fix: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.fix = fix if fix is not None else self.default_fix
+        self.detail = message
+        text = f"{self.path}: {message}" if self.path else message
+        if self.fix:
+            text = f"{text} Fix: {self.fix}"
+        super().__init__(text)
+
+    def to_record(self) -> dict:
+        """The JSON-able form stored in the manifest."""
+        return {"code": self.code, "message": str(self)}
+
+    def __reduce__(self):
+        # Keep errors picklable across Dask workers with their keyword-only arguments.
+        return (_rebuild_error, (type(self), self.detail, self.path, self.fix))
+
+
+def _rebuild_error(cls, message, path, fix):
+    return cls(message, path=path, fix=fix)
+
+
+# --- run-level errors: stop before any work -------------------------------------------------------------------
+
+
+class ConfigError(PipelineError):
+    code = "bad_config"
+    default_fix = "Correct the named key in the config file (see workflows/local.yaml for a valid example)."
+
+
+class LabelsError(PipelineError):
+    code = "bad_labels"
+    default_fix = "Correct the labels CSV: columns slide_id,label[,patient_id,split], one row per slide."
+
+
+class OutputLockedError(PipelineError):
+    code = "output_locked"
+    default_fix = "Wait for the other run to finish, or delete the lock file if that process no longer exists."
+
+
+# --- slide-level errors: recorded in the manifest, the batch goes on --------------------------------------------
+
+
+class SlideError(PipelineError):
+    code = "slide_error"
+
+
+class UnsupportedFormatError(SlideError):
+    code = "unsupported_format"
+    default_fix = ("Check that the file is a whole-slide image OpenSlide reads (SVS, TIFF, NDPI, MRXS, SCN, DICOM, ...) "
+                   "or a PNG/JPEG/TIFF image; remove it from the slide directory otherwise.")
+
+
+class CorruptSlideError(SlideError):
+    code = "corrupt_slide"
+    default_fix = "Re-export or re-copy the slide from the scanner; the file is damaged or truncated."
+
+
+class TileReadError(SlideError):
+    code = "unreadable_tiles"
+    default_fix = "Re-copy the slide (some tiles do not decode) or exclude it from the cohort."
+
+
+class MissingMppError(SlideError):
+    code = "missing_mpp"
+    default_fix = "Give the scan resolution with --mpp-override MICRONS_PER_PIXEL (e.g. 0.25 for 40x, 0.5 for 20x)."
+
+
+class ResolutionTooLowError(SlideError):
+    code = "resolution_too_low"
+    default_fix = "Choose a target --mpp at or above the slide's resolution, or correct the slide's mpp with --mpp-override."
+
+
+class NoTissueError(SlideError):
+    code = "no_tissue"
+    default_fix = "Check the slide is not blank; lower tissue.fraction_min or tissue.min_saturation in the config."
+
+
+class SlideTooSmallError(SlideError):
+    code = "slide_too_small"
+    default_fix = "Use a smaller --tile-px or a coarser --mpp so that at least one tile fits, or exclude the slide."
+
+
+class DuplicateSlideIdError(SlideError):
+    code = "duplicate_slide_id"
+    default_fix = "Rename one of the files so that their names differ after sanitising (letters, digits, '.', '_', '-')."
+
+
+class MissingInputError(SlideError):
+    code = "missing_input"
+    default_fix = "Run the earlier stage first (wsi-pipeline describe / reduce) for this slide."
+
+
+class ModelError(PipelineError):
+    code = "model_error"
+
+
+def error_record(exc: BaseException) -> dict:
+    """Manifest record for any exception: typed errors keep their code, others are 'internal_error'."""
+    if isinstance(exc, PipelineError):
+        return exc.to_record()
+    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,137 @@
+"""Output-directory bookkeeping: atomic file writes, the run manifest and the output lock.
+
+Every file is written under a temporary name in the same directory and then renamed over the target, so an
+interrupted run leaves either the old file or the new one, never half of one. Only the client process (never a
+worker) writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from .errors import OutputLockedError
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".wsi-pipeline.lock"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def atomic_output_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so writers pick the format); rename it on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class Manifest:
+    """``OUT/manifest.json``: one record per slide plus run history. Saved atomically after every change."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / MANIFEST_NAME
+        self.data: dict = {"slides": {}, "ignored": [], "runs": []}
+        if self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self.data.update(loaded)
+            except json.JSONDecodeError:
+                # Only possible if someone edited it by hand: keep a copy and start a fresh one.
+                self.path.rename(self.path.with_suffix(f".corrupt-{int(time.time())}.json"))
+
+    @property
+    def slides(self) -> dict:
+        return self.data["slides"]
+
+    def update_slide(self, slide_id: str, **fields: Any) -> None:
+        self.slides.setdefault(slide_id, {}).update(fields)
+        self.save()
+
+    def update_stage(self, slide_id: str, stage: str, **fields: Any) -> None:
+        """Per-stage status of later stages lives under the slide's ``stages`` key."""
+        record = self.slides.setdefault(slide_id, {})
+        record.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _lock_holder(lock_path: Path) -> dict | None:
+    try:
+        return json.loads(lock_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def output_lock(out_dir: str | Path, command: str = "") -> Iterator[Path]:
+    """Refuse a second run on the same output directory while the first is alive (stale locks are taken over)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock_path)
+            alive = (holder is not None and holder.get("host") == socket.gethostname()
+                     and psutil.pid_exists(int(holder.get("pid", -1))))
+            if holder is not None and (alive or holder.get("host") != socket.gethostname()):
+                raise OutputLockedError(
+                    f"another run holds this output directory (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"command '{holder.get('command', '')}')",
+                    path=lock_path,
+                ) from None
+            lock_path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:
+        raise OutputLockedError("could not take the output lock", path=lock_path)
+    try:
+        yield lock_path
+    finally:
+        holder = _lock_holder(lock_path)
+        if holder and holder.get("pid") == me["pid"]:
+            lock_path.unlink(missing_ok=True)

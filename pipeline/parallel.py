@@ -1,0 +1,156 @@
+"""Where tasks run: in this process, or on a Dask distributed cluster (local processes, an address, SLURM).
+
+Stages talk to a small ``TaskRunner`` interface (``submit`` a function, ``next_done`` to collect one finished
+task) so the same orchestration code runs in-process for lab scripts and tests and on any Dask cluster, and results
+are identical by construction. Functions given to ``submit`` must be module-level and receive only paths and plain
+data: each task opens its own slide handle.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .config import ClusterConfig
+from .errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class TaskFailure:
+    """A task's expected failure (a PipelineError), returned as a value so Dask does not retry or log it."""
+
+    error: BaseException
+
+
+def call_task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run a task function on a worker; typed pipeline errors come back as ``TaskFailure``."""
+    try:
+        return fn(*args, **kwargs)
+    except PipelineError as err:
+        return TaskFailure(err)
+
+
+def _done(tag: Any, result: Any) -> "Done":
+    if isinstance(result, TaskFailure):
+        return Done(tag, error=result.error)
+    return Done(tag, result)
+
+
+@dataclass
+class Done:
+    tag: Any
+    result: Any = None
+    error: BaseException | None = None
+
+
+class LocalRunner:
+    """Runs each task in this process when it is collected (no parallelism, no pickling)."""
+
+    capacity = 1
+    dashboard_link = None
+
+    def __init__(self):
+        self._queue: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable, *args: Any, tag: Any = None, resources: dict | None = None, **kwargs: Any) -> None:
+        self._queue.append((tag, fn, args, kwargs))
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def next_done(self) -> Done:
+        tag, fn, args, kwargs = self._queue.popleft()
+        try:
+            return _done(tag, call_task(fn, *args, **kwargs))
+        except Exception as err:  # noqa: BLE001 - reported per task, like a remote failure
+            return Done(tag, error=err)
+
+
+class DaskRunner:
+    """Submits to a ``distributed.Client``.
+
+    A task whose worker dies is rescheduled by Dask itself (up to ``distributed.scheduler.allowed-failures``);
+    ``retries`` re-runs a task that raised an unexpected error (typed pipeline errors are final and not retried).
+    """
+
+    def __init__(self, client, retries: int = 2):
+        from distributed import as_completed
+
+        self.client = client
+        self.retries = retries
+        self._tags: dict = {}
+        self._ac = as_completed([], with_results=False)
+        info = client.scheduler_info()
+        self.capacity = max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+        self.dashboard_link = getattr(client, "dashboard_link", None)
+
+    def submit(self, fn: Callable, *args: Any, tag: Any = None, resources: dict | None = None, **kwargs: Any) -> None:
+        future = self.client.submit(call_task, fn, *args, pure=False, retries=self.retries, resources=resources, **kwargs)
+        self._tags[future.key] = tag
+        self._ac.add(future)
+
+    def pending(self) -> int:
+        return self._ac.count()
+
+    def next_done(self) -> Done:
+        future = next(self._ac)
+        tag = self._tags.pop(future.key)
+        try:
+            if future.status == "error":
+                return Done(tag, error=future.exception())
+            return _done(tag, future.result())
+        except Exception as err:  # noqa: BLE001 - cancelled, lost, deserialisation errors
+            return Done(tag, error=err)
+        finally:
+            future.release()
+
+
+def default_worker_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def make_slurm_cluster(cluster: ClusterConfig):
+    """A dask-jobqueue SLURMCluster from ``cluster.slurm`` (keyword arguments of SLURMCluster), scaled to slurm_jobs."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ConfigError("cluster.kind 'slurm' needs dask-jobqueue",
+                          fix="pip install 'wsi-pipeline[slurm]' (or dask-jobqueue).") from None
+    kwargs = dict(cluster.slurm)
+    kwargs.setdefault("cores", 4)
+    kwargs.setdefault("memory", "16GB")
+    kwargs.setdefault("processes", kwargs["cores"])
+    slurm = SLURMCluster(**kwargs)
+    slurm.scale(jobs=cluster.slurm_jobs)
+    return slurm
+
+
+@contextlib.contextmanager
+def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iterator[LocalRunner | DaskRunner]:
+    """The runner for a config: in-process, a new LocalCluster of processes, an existing scheduler, or SLURM."""
+    if in_process or cluster is None:
+        yield LocalRunner()
+        return
+    from distributed import Client, LocalCluster
+
+    if cluster.kind == "address":
+        with Client(cluster.address, timeout="30s") as client:
+            log.info("connected to Dask scheduler %s", cluster.address)
+            yield DaskRunner(client, cluster.retries)
+        return
+    if cluster.kind == "slurm":
+        with make_slurm_cluster(cluster) as slurm, Client(slurm) as client:
+            yield DaskRunner(client, cluster.retries)
+        return
+    workers = cluster.workers or default_worker_count()
+    dashboard = ":0" if cluster.dashboard else None
+    with LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
+                      memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
+            Client(lc) as client:
+        yield DaskRunner(client, cluster.retries)

@@ -1,0 +1,188 @@
+"""Per-slide Zarr (format 3) stores: ``OUT/slides/<slide_id>.zarr``.
+
+Layout of one store (a Zarr group):
+
+========================  ===========================  ==================================================
+array                     shape / dtype                 meaning
+========================  ===========================  ==================================================
+``descriptors``           (rows, cols, dims) float32    one vector per tile; NaN where a tile is not tissue
+``tissue_mask``           (rows, cols) bool             tile counts as tissue (fraction >= threshold)
+``tissue_fraction``       (rows, cols) float32          fraction of the tile's footprint that is tissue
+``thumbnail``             (h, w, 3) uint8               the slide at the tissue-mask resolution
+``feature_map``           (rows, cols, K) float32       written by the reduce stage
+``cam``                   (rows, cols) float32          written by the CAM stage
+========================  ===========================  ==================================================
+
+Group attributes record the slide fingerprint, mpp and its source, the tile grid (level-0 geometry), the descriptor
+names, the config hash and package versions, and ``complete: true`` once every chunk is written.
+
+The describe stage builds the store under ``<slide_id>.zarr.partial`` (each task writes whole Zarr chunks, one task
+per chunk, and leaves a marker when its chunk is done, so an interrupted run resumes chunk by chunk) and renames it to
+``<slide_id>.zarr`` at the end. Later stages add arrays with ``write_array``: written under a temporary name inside
+the store and renamed, so readers never see half an array.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+SLIDES_DIR = "slides"
+PARTIAL_SUFFIX = ".partial"
+PROGRESS_DIR = ".progress"
+
+
+def package_versions() -> dict[str, str]:
+    names = ["wsi-pipeline", "numpy", "openslide-python", "openslide-bin", "zarr", "dask", "scikit-image", "scikit-learn"]
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def slides_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / SLIDES_DIR
+
+
+def store_path(out_dir: str | Path, slide_id: str) -> Path:
+    return slides_dir(out_dir) / f"{slide_id}.zarr"
+
+
+def partial_path(out_dir: str | Path, slide_id: str) -> Path:
+    return slides_dir(out_dir) / f"{slide_id}.zarr{PARTIAL_SUFFIX}"
+
+
+def progress_dir(out_dir: str | Path, slide_id: str) -> Path:
+    return slides_dir(out_dir) / PROGRESS_DIR / slide_id
+
+
+def read_attrs(path: str | Path) -> dict | None:
+    """Group attributes, or None when there is no readable store."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        return None
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - a damaged store is treated as missing
+        return None
+
+
+def store_is_current(path: str | Path, fingerprint: str, config_hash: str) -> bool:
+    attrs = read_attrs(path)
+    return bool(attrs and attrs.get("complete") and attrs.get("fingerprint") == fingerprint
+                and attrs.get("config_hash") == config_hash)
+
+
+def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode)
+
+
+def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_shape: tuple[int, int], dims: int,
+                         chunk_tiles: int, tissue_fraction: np.ndarray, tissue_mask: np.ndarray,
+                         thumbnail: np.ndarray) -> tuple[Path, set[tuple[int, int]]]:
+    """Create (or reuse, when it was made for the same slide and settings) the partial store of a slide.
+
+    Returns its path and the set of (r0, c0) chunk origins already written by an earlier, interrupted run.
+    """
+    path = partial_path(out_dir, slide_id)
+    marks = progress_dir(out_dir, slide_id)
+    old = read_attrs(path)
+    if old and old.get("fingerprint") == attrs["fingerprint"] and old.get("config_hash") == attrs["config_hash"] \
+            and tuple(old.get("grid_shape", ())) == tuple(grid_shape):
+        done = set()
+        if marks.is_dir():
+            for marker in marks.iterdir():
+                r0, c0 = marker.name.split("_")
+                done.add((int(r0), int(c0)))
+        return path, done
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(marks, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, cols = grid_shape
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("descriptors", shape=(rows, cols, dims), chunks=(chunk_tiles, chunk_tiles, dims),
+                       dtype="float32", fill_value=np.nan)
+    group.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=tissue_fraction.shape or None)
+    group.create_array("tissue_mask", data=tissue_mask.astype(bool), chunks=tissue_mask.shape or None)
+    group.create_array("thumbnail", data=thumbnail, chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3))
+    group.attrs.update({**attrs, "grid_shape": list(grid_shape), "complete": False})
+    marks.mkdir(parents=True, exist_ok=True)
+    return path, set()
+
+
+def write_descriptor_chunk(path: str | Path, out_dir: str | Path, slide_id: str, block: tuple[int, int, int, int],
+                           values: np.ndarray) -> None:
+    """Write one whole Zarr chunk of descriptors and mark it done (called from the worker that computed it)."""
+    r0, r1, c0, c1 = block
+    arr = zarr.open_array(str(Path(path) / "descriptors"), mode="r+")
+    arr[r0:r1, c0:c1, :] = values
+    marker = progress_dir(out_dir, slide_id) / f"{r0}_{c0}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, Any]) -> Path:
+    """Mark the partial store complete and move it into place (replacing a stale store)."""
+    partial = partial_path(out_dir, slide_id)
+    final = store_path(out_dir, slide_id)
+    group = zarr.open_group(str(partial), mode="r+")
+    group.attrs.update({**extra_attrs, "complete": True})
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+    os.replace(partial, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(progress_dir(out_dir, slide_id), ignore_errors=True)
+    return final
+
+
+def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
+                attrs: dict | None = None, fill_value: Any = None) -> None:
+    """Add or replace one array of a store atomically: written as ``.<name>.tmp-*`` then renamed to ``name``."""
+    store = Path(store)
+    tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    group = zarr.open_group(str(store), mode="r+")
+    arr = group.create_array(tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape,
+                             fill_value=fill_value)
+    arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+    target = store / name
+    trash = None
+    if target.exists():
+        trash = store / f".{name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+    os.replace(store / tmp_name, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_array(store: str | Path, name: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(str(Path(store) / name), mode="r")[...])
+
+
+def array_attrs(store: str | Path, name: str) -> dict | None:
+    path = Path(store) / name
+    if not (path / "zarr.json").exists():
+        return None
+    return dict(zarr.open_array(str(path), mode="r").attrs)
+
+
+def list_stores(out_dir: str | Path) -> list[Path]:
+    """Complete slide stores in an output directory, sorted by slide id."""
+    root = slides_dir(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*.zarr") if p.is_dir() and (read_attrs(p) or {}).get("complete"))

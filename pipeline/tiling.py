@@ -1,0 +1,167 @@
+"""The tile grid at a target resolution and reading its tiles.
+
+Tiles are defined at the *target* resolution (``mpp`` µm/px, ``tile_px`` px), not at a pyramid level. Their
+geometry is kept in level-0 pixels (floats: 256 px at 0.5 µm/px on a 0.499 µm/px scan is 256.51 level-0 px), pixels
+are read from the coarsest pyramid level that is still at least as fine as the target, and area-averaged down to the
+exact tile size. Only whole tiles are in the grid: a partial strip at the right and bottom edges is left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .config import TilingConfig
+from .errors import ResolutionTooLowError
+from .slides import SlideInfo, best_level_for_downsample, read_level_region, resample
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    slide_width_px: int          # level 0
+    slide_height_px: int
+    slide_mpp: float             # level-0 µm/px
+    target_mpp: float
+    tile_px: int                 # at the target resolution
+    stride_px: int
+    rows: int
+    cols: int
+    tile_l0_px: float            # tile edge in level-0 pixels
+    stride_l0_px: float
+    read_level: int              # pyramid level pixels are read from
+    read_downsample: float       # that level's downsample
+
+    @property
+    def downsample(self) -> float:
+        """Target resolution relative to level 0."""
+        return self.target_mpp / self.slide_mpp
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def tile_box_l0(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """(x, y, w, h) of a tile in level-0 pixels."""
+        return col * self.stride_l0_px, row * self.stride_l0_px, self.tile_l0_px, self.tile_l0_px
+
+    def tile_boxes_l0(self) -> np.ndarray:
+        """(rows, cols, 4) array of every tile's (x, y, w, h) in level-0 pixels."""
+        rr, cc = np.meshgrid(np.arange(self.rows), np.arange(self.cols), indexing="ij")
+        boxes = np.empty((self.rows, self.cols, 4), dtype=np.float64)
+        boxes[..., 0] = cc * self.stride_l0_px
+        boxes[..., 1] = rr * self.stride_l0_px
+        boxes[..., 2] = self.tile_l0_px
+        boxes[..., 3] = self.tile_l0_px
+        return boxes
+
+    def chunks(self, chunk_tiles: int) -> list[tuple[int, int, int, int]]:
+        """(r0, r1, c0, c1) blocks of at most chunk_tiles x chunk_tiles tiles, aligned to the Zarr chunks."""
+        return [
+            (r0, min(r0 + chunk_tiles, self.rows), c0, min(c0 + chunk_tiles, self.cols))
+            for r0 in range(0, self.rows, chunk_tiles)
+            for c0 in range(0, self.cols, chunk_tiles)
+        ]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TileGrid":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _count(extent_l0: float, tile_l0: float, stride_l0: float) -> int:
+    if extent_l0 + 1e-6 < tile_l0:
+        return 0
+    return int(math.floor((extent_l0 - tile_l0) / stride_l0 + 1e-9)) + 1
+
+
+def tile_grid(info: SlideInfo, tiling: TilingConfig) -> TileGrid:
+    """The grid of whole tiles covering a slide at the configured target resolution."""
+    slide_mpp = info.require_mpp()
+    if slide_mpp > tiling.mpp * (1 + tiling.mpp_tolerance):
+        raise ResolutionTooLowError(
+            f"the slide is scanned at {slide_mpp:.4g} µm/px ({info.mpp_source}), coarser than the target "
+            f"{tiling.mpp:.4g} µm/px; tiles would be upsampled",
+            path=info.path,
+        )
+    downsample = tiling.mpp / slide_mpp
+    tile_l0 = tiling.tile_px * downsample
+    stride_l0 = tiling.step_px * downsample
+    level = best_level_for_downsample(info.level_downsamples, downsample)
+    return TileGrid(
+        slide_width_px=info.width_px,
+        slide_height_px=info.height_px,
+        slide_mpp=slide_mpp,
+        target_mpp=tiling.mpp,
+        tile_px=tiling.tile_px,
+        stride_px=tiling.step_px,
+        rows=_count(info.height_px, tile_l0, stride_l0),
+        cols=_count(info.width_px, tile_l0, stride_l0),
+        tile_l0_px=tile_l0,
+        stride_l0_px=stride_l0,
+        read_level=level,
+        read_downsample=float(info.level_downsamples[level]),
+    )
+
+
+def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "") -> np.ndarray:
+    """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3).
+
+    One ``read_region`` covers the span from the first to the last requested column at the read level; each tile is
+    then cut out with sub-pixel precision and area-averaged to ``tile_px``.
+    """
+    cols = np.asarray(cols, dtype=int)
+    out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
+    if len(cols) == 0:
+        return out
+    ds = grid.read_downsample
+    # Span in level-0 pixels, then in read-level pixels (integer read window, float tile boxes inside it).
+    x0_l0 = cols[0] * grid.stride_l0_px
+    x1_l0 = cols[-1] * grid.stride_l0_px + grid.tile_l0_px
+    y0_l0 = row * grid.stride_l0_px
+    y1_l0 = y0_l0 + grid.tile_l0_px
+    ix0, iy0 = int(math.floor(x0_l0 / ds)), int(math.floor(y0_l0 / ds))
+    lvl_w, lvl_h = max(1, int(round(grid.slide_width_px / ds))), max(1, int(round(grid.slide_height_px / ds)))
+    ix1 = min(int(math.ceil(x1_l0 / ds)), lvl_w)
+    iy1 = min(int(math.ceil(y1_l0 / ds)), lvl_h)
+    strip = read_level_region(handle, grid.read_level, int(round(ix0 * ds)), int(round(iy0 * ds)),
+                              ix1 - ix0, iy1 - iy0, path)
+    top = y0_l0 / ds - iy0
+    bottom = min(y1_l0 / ds - iy0, strip.shape[0])
+    for i, col in enumerate(cols):
+        left = col * grid.stride_l0_px / ds - ix0
+        right = min(left + grid.tile_l0_px / ds, strip.shape[1])
+        out[i] = resample(strip, grid.tile_px, grid.tile_px, box=(left, top, right, bottom))
+    return out
+
+
+def iter_tile_batches(handle, grid: TileGrid, tissue_tiles: np.ndarray, block: tuple[int, int, int, int],
+                      batch_tiles: int, path: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (positions (n, 2) as global row/col, tiles (n, px, px, 3)) for the tissue tiles of one block, in batches.
+
+    ``tissue_tiles`` is the block's boolean mask (r1-r0, c1-c0). Rows are read one strip at a time, so memory is one
+    strip plus one batch.
+    """
+    r0, r1, c0, c1 = block
+    pending_pos: list[np.ndarray] = []
+    pending_tiles: list[np.ndarray] = []
+    pending = 0
+    for r in range(r0, r1):
+        cols = np.flatnonzero(tissue_tiles[r - r0]) + c0
+        if len(cols) == 0:
+            continue
+        tiles = read_tile_row(handle, grid, r, cols, path)
+        pending_pos.append(np.stack([np.full(len(cols), r), cols], axis=1))
+        pending_tiles.append(tiles)
+        pending += len(cols)
+        while pending >= batch_tiles:
+            pos, til = np.concatenate(pending_pos), np.concatenate(pending_tiles)
+            yield pos[:batch_tiles], til[:batch_tiles]
+            pending_pos, pending_tiles = [pos[batch_tiles:]], [til[batch_tiles:]]
+            pending -= batch_tiles
+    if pending:
+        yield np.concatenate(pending_pos), np.concatenate(pending_tiles)
