@@ -155,7 +155,19 @@ def _open_handle(path: Path):
             probe.verify()
         return openslide.ImageSlide(str(path)), "image"
     except Exception:  # noqa: BLE001 - PIL raises many types for non-images
+        if _has_tiff_header(path):
+            raise CorruptSlideError("the file starts like a TIFF/SVS but neither OpenSlide nor PIL can read it "
+                                    "(truncated or damaged)", path=path) from None
         raise UnsupportedFormatError("neither OpenSlide nor the image fallback recognise this file", path=path) from None
+
+
+def _has_tiff_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,62 @@
+import pytest
+
+from pipeline.config import PipelineConfig, config_from_dict, load_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = PipelineConfig()
+    assert cfg.tiling.mpp == 0.5 and cfg.tiling.tile_px == 256 and cfg.tiling.step_px == 256
+    assert cfg.descriptor.name == "stats"
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tiling:\n  mpp: 0.5\n  tile_size: 256\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "tiling.tile_size: unknown key" in str(err.value)
+    assert err.value.code == "bad_config"
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"tiling": {"mpp": -1}})
+    assert "tiling.mpp" in str(err.value)
+
+
+def test_stride_larger_than_tile_rejected():
+    with pytest.raises(ConfigError, match="stride_px"):
+        config_from_dict({"tiling": {"tile_px": 128, "stride_px": 256}})
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("tiling: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_stage_hash_ignores_cluster_but_not_tiling():
+    base = PipelineConfig()
+    assert base.stage_hash("describe") == base.with_overrides(cluster__workers=7).stage_hash("describe")
+    assert base.stage_hash("describe") == base.with_overrides(tiling__chunk_tiles=4).stage_hash("describe")
+    assert base.stage_hash("describe") != base.with_overrides(tiling__mpp=1.0).stage_hash("describe")
+    # a later stage's settings make later outputs stale, not earlier ones
+    changed = base.with_overrides(reduce__components=1)
+    assert changed.stage_hash("describe") == base.stage_hash("describe")
+    assert changed.stage_hash("reduce") != base.stage_hash("reduce")
+
+
+def test_shipped_workflows_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "workflows").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.tiling.mpp > 0, path
