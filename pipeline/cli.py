@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptor", choices=["stats", "cnn"])
     p.add_argument("--reader", choices=["auto", "openslide", "tiff"])
     _add_common(p)
+
+    p = sub.add_parser("retry", help="describe again only the slides that failed (settings of the last run)")
+    p.add_argument("out", type=Path, help="output directory of an earlier run")
+    p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px for the retried slides")
+    _add_common(p)
     return parser
 
 
@@ -148,6 +153,19 @@ def cmd_describe(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .describe import RUN_CONFIG_NAME, retry_failed
+
+    if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
+        # the last run's settings, with this command's overrides on top
+        args.config = args.out / RUN_CONFIG_NAME
+        config = _config_from_args(args)
+    log_path = setup_logging(args.out, "retry", args.verbose)
+    summary = retry_failed(args.out, config)
+    _print_summary("retry", summary, args.out, log_path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -167,4 +185,5 @@ def main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {
     "describe": cmd_describe,
+    "retry": cmd_retry,
 }

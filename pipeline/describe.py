@@ -23,7 +23,8 @@ import numpy as np
 from .config import PipelineConfig
 from .descriptors import compute_descriptors, descriptor_names
 from .errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
-from .outputs import Manifest, output_lock
+from .config import dump_config, load_config
+from .outputs import Manifest, atomic_write_text, output_lock
 from .parallel import LocalRunner, task_runner
 from .progress import Progress
 from .slides import find_slides, open_slide, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
@@ -33,6 +34,8 @@ from .tiling import TileGrid, iter_tile_batches, tile_grid
 from .tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
 
 log = logging.getLogger("pipeline")
+
+RUN_CONFIG_NAME = "config.yaml"
 
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
@@ -164,6 +167,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     errors = {} if errors is None else errors
     t_start = time.monotonic()
     manifest = Manifest(out_dir)
+    # The settings of the last describe run, so `retry` and later stages can reuse them.
+    atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
     paths, ignored = find_slides(inputs)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
@@ -304,3 +309,30 @@ def describe_slide(path: str | Path, out: str | Path, config: PipelineConfig | N
     if slide_id in errors:
         raise errors[slide_id]
     return store_path(out, slide_id)
+
+
+def failed_slide_paths(out_dir: str | Path) -> list[Path]:
+    """Paths of the slides whose last describe failed, from the manifest."""
+    slides = Manifest(out_dir).slides
+    return sorted({Path(r["path"]) for r in slides.values() if r.get("status") == "failed" and r.get("path")})
+
+
+def retry_failed(out_dir: str | Path, config: PipelineConfig | None = None, runner=None,
+                 progress: bool | None = None) -> dict:
+    """Describe again only the slides that failed (after the user fixed a file or gave an override).
+
+    Uses the settings of the last run (``OUT/config.yaml``) unless ``config`` is given.
+    """
+    out_dir = Path(out_dir)
+    if config is None:
+        saved = out_dir / RUN_CONFIG_NAME
+        config = load_config(saved) if saved.exists() else PipelineConfig()
+    paths = failed_slide_paths(out_dir)
+    manifest = Manifest(out_dir)
+    # Id collisions are re-checked from scratch: drop their old records.
+    for key in [k for k in manifest.slides if "@" in k]:
+        del manifest.slides[key]
+    manifest.save()
+    if not paths:
+        return {"slides": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0, "seconds": 0.0}
+    return describe_slides(paths, out_dir, config, runner=runner, progress=progress)

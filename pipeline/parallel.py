@@ -116,19 +116,25 @@ def default_worker_count() -> int:
 
 
 def make_slurm_cluster(cluster: ClusterConfig):
-    """A dask-jobqueue SLURMCluster from ``cluster.slurm`` (keyword arguments of SLURMCluster), scaled to slurm_jobs."""
+    """A dask-jobqueue SLURMCluster from ``cluster.slurm`` (keyword arguments of SLURMCluster), not yet scaled.
+
+    ``cluster.slurm`` may hold ``gpus_per_job``: the jobs then request GPUs (``--gres=gpu:N``) and their workers
+    advertise a ``GPU`` resource, so GPU stages land on them in a mixed cluster.
+    """
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ConfigError("cluster.kind 'slurm' needs dask-jobqueue",
                           fix="pip install 'wsi-pipeline[slurm]' (or dask-jobqueue).") from None
-    kwargs = dict(cluster.slurm)
+    kwargs = {k: v for k, v in cluster.slurm.items() if v is not None}
+    gpus = int(kwargs.pop("gpus_per_job", 0) or 0)
+    if gpus:
+        kwargs["job_extra_directives"] = [*kwargs.get("job_extra_directives", []), f"--gres=gpu:{gpus}"]
+        kwargs["worker_extra_args"] = [*kwargs.get("worker_extra_args", []), "--resources", f"GPU={gpus}"]
     kwargs.setdefault("cores", 4)
     kwargs.setdefault("memory", "16GB")
     kwargs.setdefault("processes", kwargs["cores"])
-    slurm = SLURMCluster(**kwargs)
-    slurm.scale(jobs=cluster.slurm_jobs)
-    return slurm
+    return SLURMCluster(**kwargs)
 
 
 @contextlib.contextmanager
@@ -146,6 +152,7 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
         return
     if cluster.kind == "slurm":
         with make_slurm_cluster(cluster) as slurm, Client(slurm) as client:
+            slurm.scale(jobs=cluster.slurm_jobs)
             yield DaskRunner(client, cluster.retries)
         return
     workers = cluster.workers or default_worker_count()
