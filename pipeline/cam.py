@@ -1,0 +1,244 @@
+"""Grad-CAM on feature maps, mapped back onto each slide's tile grid.
+
+Grad-CAM (Selvaraju et al., 2017): the activations A of a convolutional layer, weighted by the spatial mean of
+d score_class / d A per channel, summed over channels, ReLU. The default layer is chosen for resolution: InceptionV3's
+last block ``mixed10`` is 8x8 at 299 px, far coarser than a tile grid, so we take the deepest ``mixedN`` block
+whose output still has at least ``input_px / 18`` cells per side (``mixed7``, 17x17, at 299 px).
+
+The model is split at that layer into ``features`` (input -> A) and ``tail`` (A -> class probabilities): InceptionV3
+is a chain of blocks, so everything after a ``mixedN`` depends on it alone. The gradient d score / d A is the only
+backend-specific step, in one small function per backend.
+
+Mapping back: the model input of a slide is made by ``model.prepare`` (channel selection, resize / pad / crop /
+native). Instead of inverting each strategy by hand, the same ``fit_size`` is applied to an image of cell indices, so
+each input pixel knows the map cell it shows (or padding); a cell's CAM is the mean over its pixels. Maps larger than
+the input (``crop``) are covered by overlapping windows whose per-cell CAMs are averaged into one mosaic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import model as model_lib
+from .config import TrainConfig
+from .errors import ModelError
+
+MIXED_BLOCKS = tuple(f"mixed{i}" for i in range(11))
+
+
+def _spatial_size(layer) -> int | None:
+    shape = layer.output.shape
+    if shape[1] is None or shape[2] is None:
+        return None
+    return int(min(shape[1], shape[2]))
+
+
+def default_cam_layer(model, input_px: int) -> str:
+    """Deepest ``mixedN`` block with at least ``input_px / 18`` cells per side (at least 2)."""
+    need = max(2, math.ceil(input_px / 18))
+    best = "mixed0"
+    for name in MIXED_BLOCKS:
+        try:
+            layer = model.get_layer(name)
+        except ValueError:
+            continue
+        size = _spatial_size(layer)
+        if size is None:
+            # variable-size model: sizes scale like a 299-px input, where mixed0-7 keep >= 17 cells
+            size = {"mixed8": 8, "mixed9": 8, "mixed10": 8}.get(name, 17 if name in MIXED_BLOCKS[3:8] else 35)
+            size = size * input_px // 299
+        if size >= need:
+            best = name
+    return best
+
+
+@dataclass
+class CamModel:
+    """A classifier split at the Grad-CAM layer."""
+
+    layer: str
+    features: object  # keras.Model: input -> activations
+    tail: object      # keras.Model: activations -> probabilities
+
+
+def split_model(model, layer: str) -> CamModel:
+    import keras
+
+    try:
+        target = model.get_layer(layer)
+    except ValueError:
+        raise ModelError(f"the model has no layer {layer!r} for Grad-CAM",
+                         fix="Set cam.layer to a layer name of the model, e.g. mixed5 or mixed7.") from None
+    features = keras.Model(model.inputs[0], target.output)
+    tail = keras.Model(target.output, model.outputs[0])
+    return CamModel(layer, features, tail)
+
+
+# --- backend-specific gradients -------------------------------------------------------------------------------------
+
+
+def _gradients_tensorflow(tail, activations: np.ndarray, class_index: int) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow as tf
+
+    acts = tf.convert_to_tensor(activations)
+    with tf.GradientTape() as tape:
+        tape.watch(acts)
+        probs = tail(acts, training=False)
+        score = tf.reduce_sum(probs[:, class_index])
+    return tape.gradient(score, acts).numpy(), probs.numpy()
+
+
+def _gradients_jax(tail, activations: np.ndarray, class_index: int) -> tuple[np.ndarray, np.ndarray]:
+    import jax
+    import jax.numpy as jnp
+
+    def score(acts):
+        probs = tail(acts, training=False)
+        return jnp.sum(probs[:, class_index]), probs
+
+    (_, probs), grads = jax.value_and_grad(score, has_aux=True)(jnp.asarray(activations))
+    return np.asarray(grads), np.asarray(probs)
+
+
+def class_score_gradients(tail, activations: np.ndarray, class_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """d probs[:, class_index] / d activations, and the probabilities, on the active Keras backend."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _gradients_tensorflow(tail, activations, class_index)
+    if backend == "jax":
+        return _gradients_jax(tail, activations, class_index)
+    raise ModelError(f"Grad-CAM supports the tensorflow and jax Keras backends, not {backend!r}",
+                     fix="Set KERAS_BACKEND=tensorflow or jax.")
+
+
+def gradcam(cam_model: CamModel, inputs: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of a batch (n, h, w, 3) at the layer's resolution, upsampled to (n, h, w); also the probabilities.
+
+    ``class_index`` None: each input's predicted class. Values are >= 0 and not normalised (normalise per slide).
+    """
+    import keras
+
+    activations = np.asarray(keras.ops.convert_to_numpy(cam_model.features(inputs, training=False)), dtype=np.float32)
+    probs = np.asarray(keras.ops.convert_to_numpy(cam_model.tail(activations, training=False)), dtype=np.float32)
+    classes = probs.argmax(axis=1) if class_index is None else np.full(len(inputs), class_index)
+    cams = np.empty((len(inputs),) + inputs.shape[1:3], dtype=np.float32)
+    for c in np.unique(classes):
+        sel = np.flatnonzero(classes == c)
+        grads, _ = class_score_gradients(cam_model.tail, activations[sel], int(c))
+        weights = grads.mean(axis=(1, 2), keepdims=True)  # per channel
+        low = np.maximum((weights * activations[sel]).sum(axis=-1), 0.0)
+        for i, cam in zip(sel, low):
+            cams[i] = upsample_bilinear(cam, inputs.shape[1], inputs.shape[2])
+    return cams, probs
+
+
+def predict_probs(cam_model: CamModel, batch: np.ndarray) -> np.ndarray:
+    import keras
+
+    acts = cam_model.features(batch, training=False)
+    return np.asarray(keras.ops.convert_to_numpy(cam_model.tail(acts, training=False)), dtype=np.float32)
+
+
+def upsample_bilinear(cam: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of a small CAM to the input size (align-centres, like image resizing)."""
+    h, w = cam.shape
+    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = cam[y0][:, x0] * (1 - fx) + cam[y0][:, x1] * fx
+    bottom = cam[y1][:, x0] * (1 - fx) + cam[y1][:, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+# --- from model input back to the map -------------------------------------------------------------------------------
+
+
+def cell_index_image(rows: int, cols: int) -> np.ndarray:
+    """(rows, cols, 3) float32 whose value is each cell's flat index (3 channels, like a map)."""
+    idx = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols, 1)
+    return np.repeat(idx, 3, axis=2)
+
+
+def cells_from_input(cam_input: np.ndarray, index_input: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and pixel count of an input-sized CAM per map cell (padding pixels, index < 0, are dropped)."""
+    idx = index_input[..., 0].round().astype(np.int64).ravel()
+    keep = idx >= 0
+    sums = np.bincount(idx[keep], weights=cam_input.ravel()[keep], minlength=n_cells)
+    counts = np.bincount(idx[keep], minlength=n_cells)
+    return sums, counts
+
+
+def window_origins(size: int, window: int, overlap: float) -> list[int]:
+    """Starts of windows of ``window`` cells covering ``size`` cells with at least ``overlap`` overlap."""
+    if size <= window:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def map_windows(rows: int, cols: int, cfg: TrainConfig, overlap: float) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) map windows, each shown to the model as one input."""
+    if cfg.size_strategy != "crop":
+        return [(0, rows, 0, cols)]
+    return [(r0, min(rows, r0 + cfg.input_px), c0, min(cols, c0 + cfg.input_px))
+            for r0 in window_origins(rows, cfg.input_px, overlap)
+            for c0 in window_origins(cols, cfg.input_px, overlap)]
+
+
+def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_index: int | None = None,
+              overlap: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """Grad-CAM of one slide's feature map on its tile grid.
+
+    Returns (cam (rows, cols) in [0, 1] with NaN where no tissue or never seen, mean class probabilities over the
+    windows, the class explained). The class is the predicted one of the whole slide unless given.
+    """
+    rows, cols = fmap.shape[:2]
+    channels = model_lib.select_channels(fmap, cfg.adapter, cfg.component)
+    index = cell_index_image(rows, cols)
+    windows = map_windows(rows, cols, cfg, overlap)
+    inputs, indices = [], []
+    for r0, r1, c0, c1 in windows:
+        inputs.append(model_lib.to_input(model_lib.fit_size(channels[r0:r1, c0:c1], cfg)))
+        # the same geometry applied to cell indices: padding gets the fill value -1
+        indices.append(model_lib.fit_size(index[r0:r1, c0:c1], cfg))
+    # Same-size inputs go through the model as one batch; native windows of different sizes one by one.
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(x.shape, []).append(i)
+    batches = [(sel, np.stack([inputs[i] for i in sel])) for sel in groups.values()]
+    if class_index is None:
+        # explain the class predicted for the whole slide (mean over its windows), the same for every window
+        window_probs = np.concatenate([predict_probs(cam_model, batch) for _, batch in batches])
+        class_index = int(window_probs.mean(axis=0).argmax())
+    cams: list = [None] * len(inputs)
+    probs: list = [None] * len(inputs)
+    for sel, batch in batches:
+        batch_cams, batch_probs = gradcam(cam_model, batch, class_index)
+        for i, cam, p in zip(sel, batch_cams, batch_probs):
+            cams[i], probs[i] = cam, p
+    mean_probs = np.mean(probs, axis=0)
+    n_cells = rows * cols
+    sums = np.zeros(n_cells)
+    counts = np.zeros(n_cells)
+    for cam_input, idx in zip(cams, indices):
+        s, c = cells_from_input(cam_input, idx, n_cells)
+        sums += s
+        counts += c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cell_cam = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).reshape(rows, cols)
+    tissue = fmap[..., 0] > model_lib.MAP_FILL / 2  # background cells carry the fill value -1
+    cell_cam[~tissue] = np.nan
+    peak = np.nanmax(cell_cam) if np.isfinite(cell_cam).any() else 0.0
+    if peak > 0:
+        cell_cam = cell_cam / peak
+    return cell_cam.astype(np.float32), mean_probs, int(class_index)

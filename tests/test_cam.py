@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from pipeline import model as model_lib
+from pipeline.cam import (cell_index_image, cells_from_input, default_cam_layer, gradcam, map_windows, slide_cam,
+                          split_model, upsample_bilinear, window_origins)
+from pipeline.config import TrainConfig
+
+
+@pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
+def test_index_geometry_undoes_each_size_strategy(strategy):
+    """An input-sized 'CAM' equal to each pixel's cell index maps back to exactly that index per cell."""
+    cfg = TrainConfig(size_strategy=strategy, input_px=80)
+    rows, cols = 13, 21
+    index = model_lib.fit_size(cell_index_image(rows, cols), cfg)
+    cam_input = np.where(index[..., 0] >= 0, index[..., 0], 1e6)  # padding would poison the mean if kept
+    sums, counts = cells_from_input(cam_input, index, rows * cols)
+    seen = counts > 0
+    np.testing.assert_allclose(sums[seen] / counts[seen], np.arange(rows * cols)[seen])
+    assert seen.all()  # every cell of a small map is visible in every strategy
+
+
+def test_windows_cover_large_maps():
+    assert window_origins(10, 16, 0.5) == [0]
+    starts = window_origins(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 68 and all(b - a <= 16 for a, b in zip(starts, starts[1:]))
+    wins = map_windows(250, 120, TrainConfig(size_strategy="crop", input_px=80), 0.5)
+    assert len(wins) == 6 * 3
+    covered = np.zeros((250, 120), dtype=int)
+    for r0, r1, c0, c1 in wins:
+        covered[r0:r1, c0:c1] += 1
+    assert covered.min() >= 1
+    assert map_windows(250, 120, TrainConfig(size_strategy="resize"), 0.5) == [(0, 250, 0, 120)]
+
+
+def test_bilinear_upsample_keeps_constant_and_range():
+    cam = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
+    up = upsample_bilinear(cam, 8, 8)
+    assert up.shape == (8, 8) and up.min() == 0 and up.max() == 3
+    np.testing.assert_allclose(upsample_bilinear(np.full((3, 3), 0.5), 9, 9), 0.5)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    cfg = TrainConfig(size_strategy="resize", input_px=96, weights=None)
+    return model_lib.build_model(2, cfg), cfg
+
+
+def test_default_layer_is_finer_than_mixed10(small_model):
+    model, cfg = small_model
+    layer = default_cam_layer(model, cfg.input_px)
+    assert layer in {"mixed0", "mixed1", "mixed2"}  # 9x9 at 96 px; mixed10 would be 1x1
+    import keras
+
+    full = keras.Model(model.inputs[0], model.get_layer("mixed10").output)
+    assert full.output.shape[1] == 1
+
+
+def test_gradcam_matches_direct_gradient_tape(small_model):
+    import keras
+    import tensorflow as tf
+
+    model, cfg = small_model
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
+    cams, probs = gradcam(split_model(model, "mixed2"), x, class_index=1)
+    # reference: the textbook formulation on the unsplit model
+    ref_model = keras.Model(model.inputs[0], [model.get_layer("mixed2").output, model.outputs[0]])
+    with tf.GradientTape() as tape:
+        acts, out = ref_model(x, training=False)
+        score = tf.reduce_sum(out[:, 1])
+    grads = tape.gradient(score, acts).numpy()
+    low = np.maximum((grads.mean(axis=(1, 2), keepdims=True) * acts.numpy()).sum(-1), 0)
+    np.testing.assert_allclose(probs, out.numpy(), rtol=1e-5, atol=1e-6)
+    for i in range(2):
+        np.testing.assert_allclose(cams[i], upsample_bilinear(low[i], 96, 96), rtol=1e-4, atol=1e-6)
+
+
+def test_window_mosaic_equals_single_window_on_same_input(small_model):
+    model, _ = small_model
+    cam_model = split_model(model, "mixed2")
+    rng = np.random.default_rng(2)
+    fmap = rng.uniform(0, 1, (96, 96, 1)).astype(np.float32)
+    fmap[:10, :10] = model_lib.MAP_FILL
+    crop_cfg = TrainConfig(size_strategy="crop", input_px=96)
+    mosaic, probs, cls = slide_cam(cam_model, fmap, crop_cfg, class_index=0)
+    single, _ = gradcam(cam_model, model_lib.to_input(model_lib.select_channels(fmap, "replicate"))[None], 0)
+    assert cls == 0 and probs.shape == (2,)
+    tissue = np.isfinite(mosaic)
+    assert tissue.sum() == 96 * 96 - 100
+    ref = single[0].copy()
+    ref[:10, :10] = np.nan
+    np.testing.assert_allclose(mosaic[tissue], (ref / np.nanmax(ref))[tissue], rtol=1e-4, atol=1e-6)
+
+
+def test_slide_cam_on_large_map_blends_windows(small_model):
+    model, _ = small_model
+    rng = np.random.default_rng(3)
+    fmap = rng.uniform(0, 1, (150, 110, 1)).astype(np.float32)
+    cam, probs, cls = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(size_strategy="crop", input_px=96))
+    assert cam.shape == (150, 110) and np.isfinite(cam).all()
+    assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+    assert cls in (0, 1) and probs.sum() == pytest.approx(1.0, rel=1e-4)
