@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort
-	$(BIN)/wsi-pipeline describe --slides sample_data/cohort --out $(DEMO_OUT) --config workflows/local.yaml
+	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 10
+	$(BIN)/wsi-pipeline run --slides sample_data/cohort --labels sample_data/cohort/labels.csv --out $(DEMO_OUT) --config workflows/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

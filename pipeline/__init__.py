@@ -17,3 +17,11 @@ from .describe import describe_slide, describe_slides  # noqa: E402
 from .slides import read_slide_info  # noqa: E402
 
 __all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__"]
+
+from .evaluate import predict_slide  # noqa: E402  (describe + map + predict one slide with a trained model)
+
+__all__ += ["predict_slide"]
+
+from .reduce import load_reducer, map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
+
+__all__ += ["map_slide", "load_reducer"]

@@ -242,3 +242,162 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
     if peak > 0:
         cell_cam = cell_cam / peak
     return cell_cam.astype(np.float32), mean_probs, int(class_index)
+
+
+# --- the runner -----------------------------------------------------------------------------------------------------
+
+CAM_DIR = "cam"
+
+
+def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
+    """What a slide's CAM depends on: the model, the CAM settings and layer, and the feature map."""
+    import hashlib
+    import json
+
+    payload = {"model": model_info.get("hash") or model_info.get("model_hash") or model_info.get("models"),
+               "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
+               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slide_outputs(out_dir, slide_id: str) -> dict:
+    from pathlib import Path
+
+    base = Path(out_dir) / CAM_DIR
+    return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
+
+
+def render_slide_outputs(store: str, out_dir: str, slide_id: str, threshold: float, tiff_tile_px: int,
+                         title: str) -> dict:
+    """Worker task: the CAM of one slide (already in its store) -> overlay PNG, pyramidal TIFF, GeoJSON."""
+    from .heatmaps import save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson
+    from .store import read_array, read_attrs
+    from .tiling import TileGrid
+
+    attrs = read_attrs(store)
+    grid = TileGrid.from_dict(attrs["tile_grid"])
+    cam = read_array(store, "cam")
+    thumbnail = read_array(store, "thumbnail")
+    paths = slide_outputs(out_dir, slide_id)
+    save_overlay_png(paths["png"], thumbnail, cam, grid, float(attrs["mask_downsample"]), title)
+    write_heatmap_tiff(paths["tiff"], cam, grid, tile_px=tiff_tile_px)
+    write_hot_regions_geojson(paths["geojson"], cam, grid, threshold, slide_id)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict | None = None,
+               progress: bool | None = None) -> dict:
+    """Grad-CAM for every slide with a feature map: ``cam`` array in its store, and OUT/cam/<id>.png/.tiff/.geojson,
+    plus the cohort contact sheet OUT/mosaic.png. Resumable: a slide is redone only when the model, the CAM
+    settings or its map changed, or one of its files is missing.
+
+    The model runs in this process (one load; on the GPU when there is one); the heavy file rendering is spread over
+    the ``runner`` (one task per slide).
+    """
+    import logging
+    import time
+    from pathlib import Path
+
+    from .config import PipelineConfig
+    from .evaluate import MODEL_DIR, TrainedModel
+    from .errors import PipelineError, error_record
+    from .heatmaps import save_contact_sheet
+    from .outputs import Manifest, output_lock
+    from .parallel import LocalRunner
+    from .progress import Progress
+    from .store import array_attrs, list_stores, read_array, write_array
+
+    log = logging.getLogger("pipeline")
+    config = config or PipelineConfig()
+    out_dir = Path(out_dir)
+    model_dir = Path(model_dir) if model_dir else out_dir / MODEL_DIR
+    t0 = time.monotonic()
+    with output_lock(out_dir, command="cam"):
+        trained = TrainedModel(model_dir)
+        tcfg = trained.train_config
+        layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
+        cam_models = [split_model(m, layer) for m in trained.models]
+        # true labels: given, else those the model was trained with; and which split each slide was in
+        labels = {**{k: str(v) for k, v in (trained.info.get("truth") or {}).items()}, **(labels or {})}
+        split_of = {sid: name for split in trained.info.get("splits") or [] for name in ("train", "val", "test")
+                    for sid in split.get(name) or [] if len(trained.info.get("splits")) == 1}
+        manifest = Manifest(out_dir)
+        runner = runner or LocalRunner()
+        stores = [s for s in list_stores(out_dir) if (s / "feature_map" / "zarr.json").exists()]
+        bar = Progress(total_slides=len(stores), enabled=progress)
+        done = skipped = failed = 0
+        entries = []
+        pending = {}
+        for store in stores:
+            slide_id = store.name[: -len(".zarr")]
+            map_attrs = array_attrs(store, "feature_map")
+            digest = cam_hash(trained.info, config.cam, layer, map_attrs)
+            paths = slide_outputs(out_dir, slide_id)
+            old = array_attrs(store, "cam")
+            if old and old.get("cam_hash") == digest and all(p.exists() for p in paths.values()):
+                skipped += 1
+                bar.slide_done()
+                probs = np.asarray(old["probabilities"], dtype=np.float32)
+                entries.append(_entry(slide_id, paths, probs, int(old["class_index"]), trained, labels,
+                                      split_of.get(slide_id)))
+                continue
+            cams, probs_list = [], []
+            try:
+                fmap = read_array(store, "feature_map")
+                for cm in cam_models:  # k-fold: the CAMs of the fold models are averaged
+                    cam, probs, cls = slide_cam(cm, fmap, tcfg, config.cam.class_index, config.cam.window_overlap)
+                    cams.append(cam)
+                    probs_list.append(probs)
+                probs = np.mean(probs_list, axis=0)
+                cls = int(probs.argmax()) if config.cam.class_index is None else int(config.cam.class_index)
+                cam = np.nanmean(np.stack(cams), axis=0) if len(cams) > 1 else cams[0]
+                write_array(store, "cam", cam.astype(np.float32), attrs={
+                    "cam_hash": digest, "layer": layer, "class_index": cls,
+                    "class_label": str(trained.mapping.values[cls]), "probabilities": [float(p) for p in probs],
+                    "fill_value": "NaN where no tissue"})
+            except PipelineError as err:
+                failed += 1
+                manifest.update_stage(slide_id, "cam", status="failed", error=error_record(err))
+                bar.slide_done(failed=True)
+                continue
+            entry = _entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id))
+            runner.submit(render_slide_outputs, str(store), str(out_dir), slide_id, config.cam.hot_threshold,
+                          config.cam.tiff_tile_px, entry["title"], tag=slide_id)
+            pending[slide_id] = entry
+        while pending and runner.pending():
+            result = runner.next_done()
+            entry = pending.pop(result.tag)
+            if result.error is not None:
+                failed += 1
+                manifest.update_stage(result.tag, "cam", status="failed", error=error_record(result.error))
+                bar.slide_done(failed=True)
+                log.warning("CAM outputs of %s failed: %s", result.tag, result.error)
+                continue
+            done += 1
+            manifest.update_stage(result.tag, "cam", status="done", layer=layer, class_index=entry["class_index"],
+                                  files=result.result)
+            entries.append(entry)
+            bar.slide_done()
+        bar.close()
+        entries.sort(key=lambda e: -e["score"])
+        if entries:
+            save_contact_sheet(out_dir / "mosaic.png", [{"image": e["png"], "caption": e["caption"]} for e in entries])
+        summary = {"slides": len(stores), "done": done, "skipped": skipped, "failed": failed, "layer": layer,
+                   "seconds": round(time.monotonic() - t0, 2)}
+        manifest.data["runs"].append({"command": "cam", "finished": time.time(), **summary})
+        manifest.save()
+    return summary
+
+
+def _entry(slide_id, paths, probs, cls, trained, labels, split) -> dict:
+    """Caption data of one slide: predicted label and its probability, true label and split when known."""
+    predicted = str(trained.mapping.values[int(np.argmax(probs))])
+    true = labels.get(slide_id)
+    truth = f"true {true}" if true not in (None, "") else "true ?"
+    where = f" [{split}]" if split else ""
+    p = float(np.max(probs))
+    title = (f"{slide_id}{where}: {truth} / predicted {predicted} (p={p:.2f}); "
+             f"Grad-CAM of class {trained.mapping.values[cls]}")
+    return {"slide_id": slide_id, "png": paths["png"], "score": float(probs[-1]), "class_index": cls,
+            "predicted": predicted, "true": true, "split": split, "title": title,
+            "caption": f"{slide_id}{where}\n{truth} / pred {predicted} p={p:.2f}", "probabilities": [float(x) for x in probs]}

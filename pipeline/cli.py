@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output directory of an earlier run")
     p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px for the retried slides")
     _add_common(p)
+    _add_reduce_parser(sub)
+    _add_model_parsers(sub)
+    _add_cam_parsers(sub)
     return parser
 
 
@@ -166,6 +169,183 @@ def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
+# --- reduce -----------------------------------------------------------------------------------------------------
+
+
+def _add_reduce_parser(sub) -> None:
+    p = sub.add_parser("reduce", help="fit PCA or an autoencoder on the cohort's descriptors and write every slide's "
+                                      "feature map (OUT/maps/*.png shows them)")
+    p.add_argument("--out", type=Path, required=True, help="output directory of describe")
+    p.add_argument("--method", dest="reduce_method", choices=["pca", "autoencoder"], help="reducer (default pca)")
+    p.add_argument("--components", dest="reduce_components", type=int, choices=[1, 2, 3],
+                   help="channels K of the feature map (default 3)")
+    p.add_argument("--reducer", type=Path, help="map with this saved reducer (OUT/reducer or MODEL/reducer) "
+                                                "instead of fitting one; its method and K are used")
+    _add_common(p)
+
+
+def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .describe import RUN_CONFIG_NAME
+    from .reduce import MAPS_DIR, REDUCER_DIR, load_reducer, reduce_slides
+
+    if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
+        # the settings the slides were described with, with this command's overrides on top
+        args.config = args.out / RUN_CONFIG_NAME
+        config = _config_from_args(args)
+    config = config.with_overrides(reduce__method=args.reduce_method, reduce__components=args.reduce_components)
+    if args.reducer is not None and (args.reduce_method or args.reduce_components):
+        reducer = load_reducer(args.reducer)
+        asked = {"--method": (args.reduce_method, reducer.method),
+                 "--components": (args.reduce_components, reducer.components)}
+        conflicts = [f"{flag} {want} (the reducer has {have})" for flag, (want, have) in asked.items()
+                     if want is not None and want != have]
+        if conflicts:
+            raise ConfigError(f"{', '.join(conflicts)} conflicts with --reducer {args.reducer}",
+                              fix="Leave out --method/--components with --reducer (the reducer's are used), or fit "
+                                  "a new reducer without --reducer.")
+    log_path = setup_logging(args.out, "reduce", args.verbose)
+    summary = reduce_slides(args.out, config, reducer_path=args.reducer)
+    _print_summary("reduce", summary, args.out, log_path)
+    print(f"  maps: {args.out / MAPS_DIR}  reducer: {args.out / REDUCER_DIR}")
+    return 0
+
+
+# --- train / evaluate / predict ---------------------------------------------------------------------------------
+
+
+def _add_model_parsers(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune InceptionV3 on the feature maps, then evaluate on held-out slides")
+    p.add_argument("--out", type=Path, required=True, help="output directory with described and reduced slides")
+    p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id,label[,patient_id,split]")
+    p.add_argument("--folds", type=int, help="k-fold cross-validation with K folds (overrides train.folds)")
+    p.add_argument("--force", action="store_true", help="retrain even when the saved model is current")
+    p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (one line per epoch) to the console")
+
+    p = sub.add_parser("evaluate", help="test metrics, predictions and plots of a trained model")
+    p.add_argument("--out", type=Path, required=True, help="output directory holding the slides' feature maps")
+    p.add_argument("--model", type=Path, help="model directory (default OUT/model)")
+    p.add_argument("--labels", type=Path, help="evaluate every slide of this labels CSV instead of the stored test set")
+    p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("predict", help="describe new slides, map them with the model's reducer, and predict")
+    p.add_argument("--model", type=Path, required=True, help="model directory written by train (OUT/model)")
+    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or directories")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the new slides' stores")
+    p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px to use for every slide of this run")
+    _add_common(p)
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "mae", "quadratic_weighted_kappa")
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
+    print(f"  {metrics.get('split', 'test')} ({metrics.get('n_slides', 0)} slides): {shown or 'no metrics'}")
+    summary = (metrics.get("fold_summary") or {}).get("mean")
+    if summary:
+        std = metrics["fold_summary"]["std"]
+        print("  per fold: " + ", ".join(f"{k} {v:.3f} ± {std[k]:.3f}" for k, v in summary.items()))
+    print(f"  metrics: {out / 'metrics.json'}  predictions: {out / 'predictions.csv'}  plots: {out / 'plots'}")
+
+
+def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
+    import json as _json
+
+    from .train import train
+
+    log_path = setup_logging(args.out, "train", args.verbose)
+    summary = train(args.out, args.labels, config, folds=args.folds, force=args.force, verbose=2 if args.verbose else 0)
+    state = "model is current, training skipped" if summary["skipped"] else f"trained in {summary['seconds']:.1f} s"
+    print(f"train: {summary['slides']} labelled slides, {state} -> {args.out / 'model'}")
+    _print_metrics(_json.loads((args.out / "metrics.json").read_text(encoding="utf-8")), args.out)
+    if log_path:
+        print(f"  log: {log_path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .evaluate import evaluate
+
+    setup_logging(args.out, "evaluate", args.verbose)
+    metrics = evaluate(args.out, args.model, args.labels)
+    print("evaluate:")
+    _print_metrics(metrics, args.out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .evaluate import PREDICT_DIR, predict_slides
+
+    log_path = setup_logging(args.out, "predict", args.verbose)
+    result = predict_slides(args.slides, args.model, args.out, config)
+    for row in result["predictions"]:
+        probs = " ".join(f"{k}:{v:.3f}" for k, v in row["probabilities"].items())
+        print(f"{row['slide_id']}\t{row['predicted_label']}\t{probs}")
+    for slide_id, record in result["failed"].items():
+        print(f"{slide_id}\tFAILED {record['code']}: {record['message']}")
+    print(f"predict: {len(result['predictions'])} predicted, {len(result['failed'])} failed -> "
+          f"{args.out / PREDICT_DIR / 'predictions.csv'}")
+    if log_path:
+        print(f"  log: {log_path}")
+    return 0
+
+
+def _add_cam_parsers(sub) -> None:
+    p = sub.add_parser("cam", help="Grad-CAM per slide: overlay PNG, pyramidal heatmap TIFF, GeoJSON, cohort mosaic")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="model directory (default OUT/model)")
+    p.add_argument("--layer", help="layer for Grad-CAM (default: chosen for resolution)")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="write OUT/report.html (self-contained) from what the stages produced")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("run", help="describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done")
+    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or directories")
+    p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id,label[,patient_id,split]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mpp", type=_positive_float)
+    p.add_argument("--tile-px", type=int)
+    p.add_argument("--mpp-override", type=_positive_float)
+    _add_common(p)
+
+
+def cmd_cam(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .cam import cam_slides
+    from .parallel import task_runner
+
+    if args.layer:
+        config = config.with_overrides(cam__layer=args.layer)
+    log_path = setup_logging(args.out, "cam", args.verbose)
+    with task_runner(config.cluster) as runner:
+        summary = cam_slides(args.out, config, model_dir=args.model, runner=runner)
+    _print_summary("cam", summary, args.out, log_path)
+    print(f"  mosaic: {args.out / 'mosaic.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report(args.out)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .run import run_all
+
+    log_path = setup_logging(args.out, "run", args.verbose)
+    summary = run_all(args.slides, args.labels, args.out, config)
+    for stage in ("describe", "reduce", "train", "cam"):
+        stage_summary = summary.get(stage) or {}
+        parts = ", ".join(f"{k} {v}" for k, v in stage_summary.items()
+                          if isinstance(v, (int, float, str)) and k != "seconds")
+        print(f"{stage}: {parts}")
+    print(f"log: {log_path}")
+    print(f"report: {summary['report']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -184,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
     "describe": cmd_describe,
     "retry": cmd_retry,
+    "reduce": cmd_reduce,
+    "cam": cmd_cam,
+    "report": cmd_report,
+    "run": cmd_run,
 }

@@ -64,7 +64,12 @@ class DescriptorConfig(_Section):
 
 
 class ReaderConfig(_Section):
-    kind: Literal["auto", "openslide", "tiff"] = "openslide"
+    """How tile pixels are read (see pipeline/readers.py). Not part of any stage hash: the pixels are the same."""
+
+    kind: Literal["auto", "openslide", "tiff"] = Field(
+        "auto", description="auto = decode tiled TIFF slides (Aperio SVS, generic pyramidal TIFF) directly when their "
+                            "probe tiles match OpenSlide, OpenSlide otherwise; openslide = always OpenSlide; tiff = "
+                            "always the direct reader (slides it cannot read fail)")
 
 
 class ClusterConfig(_Section):
@@ -87,43 +92,74 @@ class ClusterConfig(_Section):
 
 
 class ReduceConfig(_Section):
+    """Descriptors -> K-component feature maps (see pipeline/reduce.py)."""
+
     method: Literal["pca", "autoencoder"] = "pca"
-    components: int = Field(3, ge=1, le=3)
-    sample_tiles_per_slide: int = Field(2000, ge=10)
+    components: int = Field(3, ge=1, le=3, description="K: channels of the feature map (1 is replicated by train)")
+    sample_tiles_per_slide: int = Field(2000, ge=10, description="tissue tiles sampled per slide for the fit, at most")
+    max_sample_mb: float = Field(1024.0, gt=0, description="bound on the whole fit sample; fewer tiles per slide "
+                                                          "are drawn when slides x tiles x dims would exceed it")
+    incremental_above_mb: float = Field(256.0, gt=0, description="PCA: fit IncrementalPCA in batches above this "
+                                                                "sample size (bounds the SVD's temporary memory)")
     seed: int = 0
-    scale_percentiles: tuple[float, float] = (1.0, 99.0)
+    scale_percentiles: tuple[float, float] = Field((1.0, 99.0), description="cohort percentiles mapped to 0 and 1")
     ae_hidden_units: int = Field(64, ge=4)
     ae_epochs: int = Field(60, ge=1)
     ae_batch_size: int = Field(256, ge=8)
     ae_learning_rate: float = Field(1e-3, gt=0)
     ae_validation_fraction: float = Field(0.2, gt=0, lt=0.9)
-    ae_patience: int = Field(8, ge=1)
+    ae_patience: int = Field(8, ge=1, description="early stopping: epochs without a better held-out loss")
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self):
+        low, high = self.scale_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"scale_percentiles must satisfy 0 <= low < high <= 100, got {self.scale_percentiles}")
+        return self
 
 
 class TrainConfig(_Section):
+    """InceptionV3 on the feature maps (see pipeline/model.py for the adapter and size strategies)."""
+
     adapter: Literal["replicate", "components"] = "replicate"
     component: int = Field(0, ge=0, le=2, description="component replicated to 3 channels when adapter=replicate")
     size_strategy: Literal["resize", "pad", "crop", "native"] = "resize"
-    input_px: int = Field(299, ge=75)
+    input_px: int = Field(299, ge=75, description="network input edge for resize/pad/crop (InceptionV3 needs >= 75)")
+    native_min_px: int = Field(75, ge=75, description="native: smaller maps are padded to this")
+    native_max_px: int = Field(1024, ge=75, description="native: larger maps are shrunk by a whole factor to fit")
+    native_bucket_px: int = Field(32, ge=1, description="native: batch sizes rounded up to a multiple of this")
     weights: str | None = Field(None, description="'imagenet', a local .h5/.weights.h5 file, or null (random init)")
     label_kind: Literal["integer", "string"] = "integer"
-    unfreeze_from: str = Field("mixed9", description="first InceptionV3 block trained in phase 2")
+    unfreeze_from: str = Field("mixed9", pattern=r"^mixed(10|[0-9])$",
+                               description="first InceptionV3 block trained in phase 2 (mixed0 ... mixed10)")
+    batchnorm: Literal["frozen", "train"] = Field(
+        "frozen", description="BatchNorm in fine-tuning: frozen (inference mode) or trained on batch statistics")
     dropout: float = Field(0.3, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
-    head_epochs: int = Field(20, ge=0)
+    head_epochs: int = Field(20, ge=0, description="phase 1: base frozen, head trained")
     head_learning_rate: float = Field(1e-3, gt=0)
-    finetune_epochs: int = Field(10, ge=0)
+    finetune_epochs: int = Field(10, ge=0, description="phase 2: blocks from unfreeze_from up trained too")
     finetune_learning_rate: float = Field(1e-5, gt=0)
-    patience: int = Field(5, ge=1)
+    patience: int = Field(5, ge=1, description="early stopping: epochs without a better validation loss")
     class_weights: bool = True
     augment: bool = True
-    tta: bool = False
-    noise_std: float = Field(0.02, ge=0)
+    crop_fraction: float = Field(0.85, gt=0, le=1, description="random crops keep at least this fraction of each side")
+    noise_std: float = Field(0.02, ge=0, description="Gaussian noise on tissue values (in [0, 1] units)")
+    tta: bool = Field(False, description="average predictions over the eight flips/rotations")
     val_fraction: float = Field(0.2, ge=0, lt=0.9)
     test_fraction: float = Field(0.2, ge=0, lt=0.9)
-    folds: int | None = Field(None, ge=2)
+    folds: int | None = Field(None, ge=2, description="k-fold cross-validation instead of one test split")
     seed: int = 0
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto = mixed float16 on GPU only")
+
+    @model_validator(mode="after")
+    def _fractions_fit(self):
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"val_fraction + test_fraction ({self.val_fraction} + {self.test_fraction}) must stay "
+                             "below 0.9 so that slides are left for training")
+        if self.native_max_px < self.native_min_px:
+            raise ValueError("native_max_px must not be smaller than native_min_px")
+        return self
 
 
 class CamConfig(_Section):

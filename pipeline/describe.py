@@ -27,7 +27,8 @@ from .config import dump_config, load_config
 from .outputs import Manifest, atomic_write_text, output_lock
 from .parallel import LocalRunner, task_runner
 from .progress import Progress
-from .slides import find_slides, open_slide, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
+from .readers import choose_reader, open_reader
+from .slides import find_slides, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
 from .store import (create_partial_store, finalize_store, package_versions, store_is_current, store_path,
                     write_descriptor_chunk, read_attrs)
 from .tiling import TileGrid, iter_tile_batches, tile_grid
@@ -50,7 +51,8 @@ def prepare_slide(path: str, config: PipelineConfig) -> dict:
             f"the slide ({info.width_px}x{info.height_px} px at {grid.slide_mpp:.4g} µm/px) is smaller than one "
             f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    with open_slide(path) as handle:
+    reader = choose_reader(info, config.reader.kind, grid.read_level)
+    with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
@@ -68,23 +70,30 @@ def prepare_slide(path: str, config: PipelineConfig) -> dict:
         "tissue_tiles": tiles,
         "thumbnail": thumbnail,
         "descriptor_names": descriptor_names(config.descriptor),
+        "reader": reader.to_dict(),
     }
 
 
 def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
                    block: tuple[int, int, int, int], block_tiles: np.ndarray, config: PipelineConfig,
-                   dims: int) -> int:
-    """Descriptors of the tissue tiles of one block, written to its Zarr chunk; returns the number of tiles."""
+                   dims: int, reader: dict | None = None) -> dict:
+    """Descriptors of the tissue tiles of one block, written to its Zarr chunk.
+
+    ``reader``: the slide's ``ReaderChoice`` as a dict (None = OpenSlide). Returns {"tiles": number of tiles,
+    "fallback_regions" / "delegated_regions": regions the direct reader read through OpenSlide after a decode failure /
+    because they lie at sub-pixel positions of the level}.
+    """
     grid = TileGrid.from_dict(grid_dict)
     r0, r1, c0, c1 = block
     values = np.full((r1 - r0, c1 - c0, dims), np.nan, dtype=np.float32)
     count = 0
-    with open_slide(path) as handle:
+    with open_reader(path, reader) as handle:
         for positions, tiles in iter_tile_batches(handle, grid, block_tiles, block, config.descriptor.batch_tiles, path):
             values[positions[:, 0] - r0, positions[:, 1] - c0] = compute_descriptors(tiles, config.descriptor)
             count += len(positions)
+        fallbacks, delegated = handle.fallback_regions, handle.delegated_regions
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
-    return count
+    return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated}
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -100,6 +109,8 @@ class _SlideJob:
     store: str | None = None
     blocks_left: int = 0
     tiles: int = 0
+    fallback_regions: int = 0
+    delegated_regions: int = 0
 
 
 def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
@@ -130,7 +141,8 @@ def _store_attrs(job: _SlideJob, plan: dict, config: PipelineConfig) -> dict:
         "tissue_fraction_min": config.tissue.fraction_min,
         "descriptor": {"name": config.descriptor.name, "dims": len(plan["descriptor_names"]),
                        "feature_names": plan["descriptor_names"]},
-        "reader": "openslide",
+        "reader": plan["reader"]["kind"],
+        "reader_choice": {"requested": plan["reader"]["requested"], "reason": plan["reader"]["reason"]},
         "config_hash": config.stage_hash("describe"),
         "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor"}),
         "versions": package_versions(),
@@ -222,11 +234,15 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         nonlocal done_count
         info = job.plan["info"]
         seconds = round(time.monotonic() - job.started, 3)
-        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds})
+        reader = job.plan["reader"]["kind"]
+        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader,
+                                               "reader_fallback_regions": job.fallback_regions,
+                                               "reader_delegated_regions": job.delegated_regions})
         jobs.pop(job.slide_id, None)
         manifest.update_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
                               mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
-                              store=str(store_path(out_dir, job.slide_id)))
+                              store=str(store_path(out_dir, job.slide_id)), reader=reader,
+                              reader_fallback_regions=job.fallback_regions)
         done_count += 1
         bar.slide_done()
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
@@ -239,7 +255,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             if job is None:  # its slide failed meanwhile
                 continue
             runner.submit(describe_block, job.path, job.store, str(out_dir), slide_id, job.plan["grid"], block,
-                          block_tiles, config, len(job.plan["descriptor_names"]), tag=("block", slide_id))
+                          block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"],
+                          tag=("block", slide_id))
             in_flight += 1
         while in_flight < max_in_flight and pending and len(jobs) < max_slides_open:
             job = pending.pop()
@@ -286,8 +303,10 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             if job.blocks_left == 0:
                 finish(job)
         else:
-            job.tiles += int(done.result)
-            bar.tiles_done(int(done.result))
+            job.tiles += int(done.result["tiles"])
+            job.fallback_regions += int(done.result["fallback_regions"])
+            job.delegated_regions += int(done.result["delegated_regions"])
+            bar.tiles_done(int(done.result["tiles"]))
             job.blocks_left -= 1
             if job.blocks_left == 0:
                 finish(job)
@@ -312,9 +331,14 @@ def describe_slide(path: str | Path, out: str | Path, config: PipelineConfig | N
 
 
 def failed_slide_paths(out_dir: str | Path) -> list[Path]:
-    """Paths of the slides whose last describe failed, from the manifest."""
+    """Paths of the slides whose last describe failed, from the manifest.
+
+    Id collisions are left out: retrying one file alone would hide the clash; rename and run describe instead.
+    """
     slides = Manifest(out_dir).slides
-    return sorted({Path(r["path"]) for r in slides.values() if r.get("status") == "failed" and r.get("path")})
+    return sorted({Path(r["path"]) for r in slides.values()
+                   if r.get("status") == "failed" and r.get("path")
+                   and (r.get("error") or {}).get("code") != DuplicateSlideIdError.code})
 
 
 def retry_failed(out_dir: str | Path, config: PipelineConfig | None = None, runner=None,
@@ -328,11 +352,6 @@ def retry_failed(out_dir: str | Path, config: PipelineConfig | None = None, runn
         saved = out_dir / RUN_CONFIG_NAME
         config = load_config(saved) if saved.exists() else PipelineConfig()
     paths = failed_slide_paths(out_dir)
-    manifest = Manifest(out_dir)
-    # Id collisions are re-checked from scratch: drop their old records.
-    for key in [k for k in manifest.slides if "@" in k]:
-        del manifest.slides[key]
-    manifest.save()
     if not paths:
         return {"slides": 0, "done": 0, "skipped": 0, "failed": 0, "ignored": 0, "seconds": 0.0}
     return describe_slides(paths, out_dir, config, runner=runner, progress=progress)

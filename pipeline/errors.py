@@ -80,6 +80,12 @@ class TileReadError(SlideError):
     default_fix = "Re-copy the slide (some tiles do not decode) or exclude it from the cohort."
 
 
+class DirectReadUnsupportedError(SlideError):
+    code = "reader_unsupported"
+    default_fix = ("Use --reader auto (falls back to OpenSlide per slide) or --reader openslide; the direct TIFF reader "
+                   "reads only tiled 8-bit RGB TIFF pyramids (Aperio SVS, generic pyramidal TIFF).")
+
+
 class MissingMppError(SlideError):
     code = "missing_mpp"
     default_fix = "Give the scan resolution with --mpp-override MICRONS_PER_PIXEL (e.g. 0.25 for 40x, 0.5 for 20x)."
@@ -108,6 +114,19 @@ class DuplicateSlideIdError(SlideError):
 class MissingInputError(SlideError):
     code = "missing_input"
     default_fix = "Run the earlier stage first (wsi-pipeline describe / reduce) for this slide."
+
+
+class ReducerMismatchError(SlideError):
+    code = "reducer_mismatch"
+    default_fix = ("Describe the slide with the same descriptor settings as the reducer's cohort (see reducer.json), "
+                   "or fit a new reducer on this cohort: wsi-pipeline reduce --out OUT without --reducer.")
+
+
+class ReducerError(PipelineError):
+    """A saved reducer that cannot be used, or a cohort a reducer cannot be fitted on (stops the reduce run)."""
+
+    code = "bad_reducer"
+    default_fix = "Fit the reducer again with `wsi-pipeline reduce --out OUT` (without --reducer)."
 
 
 class ModelError(PipelineError):

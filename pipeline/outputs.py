@@ -20,6 +20,10 @@ import psutil
 
 from .errors import OutputLockedError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's 0600 would hide outputs from the lab's group
+
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".wsi-pipeline.lock"
 
@@ -28,6 +32,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -54,6 +59,7 @@ def atomic_output_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -102,12 +108,25 @@ def _lock_holder(lock_path: Path) -> dict | None:
         return None
 
 
+_HELD: dict[Path, int] = {}  # lock path -> nesting depth in this process
+
+
 @contextmanager
 def output_lock(out_dir: str | Path, command: str = "") -> Iterator[Path]:
-    """Refuse a second run on the same output directory while the first is alive (stale locks are taken over)."""
+    """Refuse a second run on the same output directory while the first is alive (stale locks are taken over).
+
+    Re-entrant within one process, so ``run`` can hold the lock across all its stages while each stage takes it too.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir / LOCK_NAME
+    lock_path = (out_dir / LOCK_NAME).resolve()
+    if _HELD.get(lock_path):
+        _HELD[lock_path] += 1
+        try:
+            yield lock_path
+        finally:
+            _HELD[lock_path] -= 1
+        return
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
     for _ in range(2):
         try:
@@ -129,9 +148,11 @@ def output_lock(out_dir: str | Path, command: str = "") -> Iterator[Path]:
         break
     else:
         raise OutputLockedError("could not take the output lock", path=lock_path)
+    _HELD[lock_path] = 1
     try:
         yield lock_path
     finally:
+        _HELD.pop(lock_path, None)
         holder = _lock_holder(lock_path)
         if holder and holder.get("pid") == me["pid"]:
             lock_path.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+
+import dask
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -79,7 +81,7 @@ class DaskRunner:
     ``retries`` re-runs a task that raised an unexpected error (typed pipeline errors are final and not retried).
     """
 
-    def __init__(self, client, retries: int = 2):
+    def __init__(self, client, retries: int = 2, dashboard: bool = True):
         from distributed import as_completed
 
         self.client = client
@@ -88,7 +90,7 @@ class DaskRunner:
         self._ac = as_completed([], with_results=False)
         info = client.scheduler_info()
         self.capacity = max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
-        self.dashboard_link = getattr(client, "dashboard_link", None)
+        self.dashboard_link = getattr(client, "dashboard_link", None) if dashboard else None
 
     def submit(self, fn: Callable, *args: Any, tag: Any = None, resources: dict | None = None, **kwargs: Any) -> None:
         future = self.client.submit(call_task, fn, *args, pure=False, retries=self.retries, resources=resources, **kwargs)
@@ -109,6 +111,12 @@ class DaskRunner:
             return Done(tag, error=err)
         finally:
             future.release()
+
+
+# Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which switches off glibc's adaptive mmap threshold: every
+# temporary array above 128 KiB then becomes a fresh mapping with page faults, and describe runs 2-3x slower on
+# workers (benchmarks/README.md). A fixed 32 MiB threshold restores the fast path for tile-sized temporaries.
+WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024)}
 
 
 def default_worker_count() -> int:
@@ -157,7 +165,7 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
         return
     workers = cluster.workers or default_worker_count()
     dashboard = ":0" if cluster.dashboard else None
-    with LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
+    with dask.config.set(WORKER_ENV), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:
-        yield DaskRunner(client, cluster.retries)
+        yield DaskRunner(client, cluster.retries, dashboard=cluster.dashboard)

@@ -138,6 +138,8 @@ def _open_handle(path: Path):
         raise UnsupportedFormatError("file does not exist", path=path, fix="Check the path for typos.")
     if path.is_file() and path.stat().st_size == 0:
         raise CorruptSlideError("file is empty (0 bytes)", path=path)
+    if path.is_file() and _has_tiff_header(path):
+        check_tiff_complete(path)
     try:
         return openslide.OpenSlide(str(path)), "openslide"
     except openslide.OpenSlideUnsupportedFormatError:
@@ -159,6 +161,31 @@ def _open_handle(path: Path):
             raise CorruptSlideError("the file starts like a TIFF/SVS but neither OpenSlide nor PIL can read it "
                                     "(truncated or damaged)", path=path) from None
         raise UnsupportedFormatError("neither OpenSlide nor the image fallback recognise this file", path=path) from None
+
+
+def check_tiff_complete(path: Path) -> None:
+    """Raise CorruptSlideError when a TIFF's image data runs past the end of the file (a truncated copy).
+
+    OpenSlide opens many truncated TIFFs happily (the directory at the start is intact) and fails only later, tile
+    by tile, or reports a misleading missing mpp; the offsets in the TIFF directories tell at once.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for index, page in enumerate(tif.pages):
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                end = int((offsets + counts).max()) if offsets.size else 0
+                if end > size:
+                    raise CorruptSlideError(
+                        f"truncated: image data of TIFF page {index} ends at byte {end} but the file has {size} bytes",
+                        path=path)
+    except CorruptSlideError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tifffile raises many types on broken directories
+        raise CorruptSlideError(f"the TIFF structure is damaged ({type(err).__name__}: {err})", path=path) from None
 
 
 def _has_tiff_header(path: Path) -> bool:
@@ -282,20 +309,47 @@ def read_level_region(handle, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lv
 
 def resample(image: np.ndarray, out_w: int, out_h: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Resize (a sub-box of) an RGB image. Area averaging (BOX) when shrinking, bilinear when enlarging."""
+    return resample_boxes(image, out_w, out_h, [box])[0]
+
+
+def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
+                   boxes: list[tuple[float, float, float, float] | None]) -> list[np.ndarray]:
+    """``resample`` of several boxes of one image, converting the image to PIL once (not once per box).
+
+    Identical to calling ``resample`` per box: the same PIL call on the same image and box.
+    """
     src_h, src_w = image.shape[:2]
-    if box is None:
-        box = (0.0, 0.0, float(src_w), float(src_h))
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    if out_w == bw and out_h == bh and all(float(v).is_integer() for v in box):
-        x0, y0 = int(box[0]), int(box[1])
-        return image[y0:y0 + out_h, x0:x0 + out_w]
-    shrinking = bw >= out_w and bh >= out_h
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(image).resize((out_w, out_h), method, box=box))
+    pil = None
+    out = []
+    for box in boxes:
+        if box is None:
+            box = (0.0, 0.0, float(src_w), float(src_h))
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if out_w == bw and out_h == bh and all(float(v).is_integer() for v in box):
+            x0, y0 = int(box[0]), int(box[1])
+            out.append(image[y0:y0 + out_h, x0:x0 + out_w])
+            continue
+        if pil is None:
+            pil = Image.fromarray(image)
+        shrinking = bw >= out_w and bh >= out_h
+        method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        out.append(np.asarray(pil.resize((out_w, out_h), method, box=box)))
+    return out
+
+
+def _read_region(handle, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int, path: str) -> np.ndarray:
+    """OpenSlide-semantics region from an OpenSlide handle or a ``pipeline.readers.TileReader``."""
+    if hasattr(handle, "read_level"):  # a TileReader (direct TIFF reader or wrapped OpenSlide): same pixels
+        return handle.read_region(level, x_l0, y_l0, w_lvl, h_lvl)
+    return read_level_region(handle, level, x_l0, y_l0, w_lvl, h_lvl, path)
 
 
 def read_thumbnail(handle, downsample: float, path: str = "", max_strip_px: int = 1 << 24) -> np.ndarray:
-    """The whole slide at ``downsample`` (relative to level 0), read in strips so memory stays bounded."""
+    """The whole slide at ``downsample`` (relative to level 0), read in strips so memory stays bounded.
+
+    ``handle``: an OpenSlide handle or a ``pipeline.readers.TileReader`` (whose ``read_region`` returns OpenSlide's
+    pixels), so the thumbnail, and the tissue mask made from it, does not depend on the reader.
+    """
     width, height = handle.dimensions
     downsample = max(float(downsample), 1.0)
     out_w = max(1, int(round(width / downsample)))
@@ -313,7 +367,7 @@ def read_thumbnail(handle, downsample: float, path: str = "", max_strip_px: int 
         y_lvl1 = min((oy + oh) * scale, lvl_h)
         iy0 = int(math.floor(y_lvl0))
         iy1 = max(iy0 + 1, int(math.ceil(y_lvl1)))
-        strip = read_level_region(handle, level, 0, int(round(iy0 * lvl_ds)), lvl_w, iy1 - iy0, path)
+        strip = _read_region(handle, level, 0, int(round(iy0 * lvl_ds)), lvl_w, iy1 - iy0, path)
         box = (0.0, y_lvl0 - iy0, float(min(out_w * scale, lvl_w)), y_lvl1 - iy0)
         out[oy:oy + oh] = resample(strip, out_w, oh, box=box)
     return out

@@ -959,20 +959,12 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = 2 * int(n_per_class)
-    rng = np.random.default_rng([seed, 0xC0])
-    labels = np.array([0, 1] * int(n_per_class))
-    rng.shuffle(labels)  # slide ids do not give the class away
     rows = []
-    for i in range(n):
-        sid = f"slide_{i:03d}"
-        lab = int(labels[i])
+    for sid, lab, tissue in cohort_plan(n_per_class, width_px, height_px, seed, tissue_fraction):
         rows.append((sid, lab))
         path = out / f"{sid}.svs"
         if path.exists() and _existing_dims(path) == (width_px, height_px):
             continue
-        tf = float(_rng_for(seed, i).uniform(*tissue_fraction))
-        tissue = SyntheticTissue(width_px, height_px, seed=seed * 100003 + i, lesion=bool(lab), tissue_fraction=tf)
         if verbose:
             print(f"writing {path} (label {lab})", flush=True)
         write_slide(path, tissue, mpp=mpp, levels=levels, quality=quality, style="aperio")
@@ -984,6 +976,22 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
             csv.writer(f, lineterminator="\n").writerows([("slide_id", "label"), *rows])
         os.replace(tmp, lab_path)
     return out
+
+
+def cohort_plan(n_per_class: int = 6, width_px: int = 6000, height_px: int = 4500, seed: int = 0,
+                tissue_fraction: tuple[float, float] = (0.35, 0.6)) -> list[tuple[str, int, SyntheticTissue]]:
+    """(slide_id, label, tissue) of every slide ``make_cohort`` writes with these arguments: the ground truth."""
+    n = 2 * int(n_per_class)
+    rng = np.random.default_rng([seed, 0xC0])
+    labels = np.array([0, 1] * int(n_per_class))
+    rng.shuffle(labels)  # slide ids do not give the class away
+    plan = []
+    for i in range(n):
+        lab = int(labels[i])
+        tf = float(_rng_for(seed, i).uniform(*tissue_fraction))
+        tissue = SyntheticTissue(width_px, height_px, seed=seed * 100003 + i, lesion=bool(lab), tissue_fraction=tf)
+        plan.append((f"slide_{i:03d}", lab, tissue))
+    return plan
 
 
 def _rng_for(seed: int, i: int) -> np.random.Generator:

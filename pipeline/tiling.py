@@ -16,7 +16,8 @@ import numpy as np
 
 from .config import TilingConfig
 from .errors import ResolutionTooLowError
-from .slides import SlideInfo, best_level_for_downsample, read_level_region, resample
+from .readers import as_reader
+from .slides import SlideInfo, best_level_for_downsample, resample_boxes
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,8 @@ def tile_grid(info: SlideInfo, tiling: TilingConfig) -> TileGrid:
     )
 
 
-def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "") -> np.ndarray:
-    """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3).
-
-    One ``read_region`` covers the span from the first to the last requested column at the read level; each tile is
-    then cut out with sub-pixel precision and area-averaged to ``tile_px``.
-    """
-    cols = np.asarray(cols, dtype=int)
-    out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
-    if len(cols) == 0:
-        return out
+def tile_row_window(grid: TileGrid, row: int, cols: np.ndarray) -> tuple[int, int, int, int]:
+    """(ix0, iy0, ix1, iy1): the read-level pixel window ``read_tile_row`` reads for ``cols`` of ``row``."""
     ds = grid.read_downsample
     # Span in level-0 pixels, then in read-level pixels (integer read window, float tile boxes inside it).
     x0_l0 = cols[0] * grid.stride_l0_px
@@ -128,14 +121,35 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     lvl_w, lvl_h = max(1, int(round(grid.slide_width_px / ds))), max(1, int(round(grid.slide_height_px / ds)))
     ix1 = min(int(math.ceil(x1_l0 / ds)), lvl_w)
     iy1 = min(int(math.ceil(y1_l0 / ds)), lvl_h)
-    strip = read_level_region(handle, grid.read_level, int(round(ix0 * ds)), int(round(iy0 * ds)),
-                              ix1 - ix0, iy1 - iy0, path)
+    return ix0, iy0, ix1, iy1
+
+
+def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "") -> np.ndarray:
+    """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3).
+
+    One read covers the span from the first to the last requested column at the read level; each tile is then cut
+    out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a ``pipeline.readers.TileReader`` or an
+    OpenSlide handle. The window is given in read-level pixels (``read_level``), so the direct TIFF reader reads
+    exactly those pixels and OpenSlide reads from ``round(x * downsample)`` in level 0, as it always did.
+    """
+    cols = np.asarray(cols, dtype=int)
+    out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
+    if len(cols) == 0:
+        return out
+    reader = as_reader(handle, path)
+    ds = grid.read_downsample
+    ix0, iy0, ix1, iy1 = tile_row_window(grid, row, cols)
+    strip = reader.read_level(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+    y0_l0 = row * grid.stride_l0_px
     top = y0_l0 / ds - iy0
-    bottom = min(y1_l0 / ds - iy0, strip.shape[0])
-    for i, col in enumerate(cols):
+    bottom = min((y0_l0 + grid.tile_l0_px) / ds - iy0, strip.shape[0])
+    boxes = []
+    for col in cols:
         left = col * grid.stride_l0_px / ds - ix0
         right = min(left + grid.tile_l0_px / ds, strip.shape[1])
-        out[i] = resample(strip, grid.tile_px, grid.tile_px, box=(left, top, right, bottom))
+        boxes.append((left, top, right, bottom))
+    for i, tile in enumerate(resample_boxes(strip, grid.tile_px, grid.tile_px, boxes)):
+        out[i] = tile
     return out
 
 
@@ -144,8 +158,9 @@ def iter_tile_batches(handle, grid: TileGrid, tissue_tiles: np.ndarray, block: t
     """Yield (positions (n, 2) as global row/col, tiles (n, px, px, 3)) for the tissue tiles of one block, in batches.
 
     ``tissue_tiles`` is the block's boolean mask (r1-r0, c1-c0). Rows are read one strip at a time, so memory is one
-    strip plus one batch.
+    strip plus one batch. ``handle``: a ``pipeline.readers.TileReader`` or an OpenSlide handle.
     """
+    handle = as_reader(handle, path)
     r0, r1, c0, c1 = block
     pending_pos: list[np.ndarray] = []
     pending_tiles: list[np.ndarray] = []

@@ -1,0 +1,333 @@
+"""Describe throughput on a >= 1-gigapixel slide: the OpenSlide decode ceiling, the direct TIFF reader, and
+``describe`` end to end with each reader, on the same Dask LocalCluster workers in one run.
+
+Phases (each over the tissue tiles of the slide, grouped in the same blocks ``describe`` uses):
+
+a. ``openslide_read``: workers read every tissue tile's pixels through OpenSlide (the windows ``read_tile_row``
+   reads, ``read_region`` -> RGB array) and do nothing else: the ceiling of any OpenSlide-based describe.
+b. ``tiff_read``: the same windows through the direct TIFF tile reader.
+c. ``describe_openslide``: ``describe_slides`` end to end (tissue mask, tiles, descriptors, Zarr store), reader openslide.
+d. ``describe_tiff``: the same with reader tiff.
+
+Megapixels are the read-level pixels of the tissue tiles (tiles x (tile edge at the read level)^2), the same number
+for every phase, so throughput ratios are inverse time ratios. Targets: (c)/(a) throughput >= 0.7 (describe costs
+little beyond reading) and (d) time <= 0.4 x (a) time (the direct reader makes describe 2.5x faster than OpenSlide can
+even read), with peak RSS per worker under 1.5 GB (sampled with psutil on the worker processes). Worker CPU seconds
+per phase are reported too: on a machine shared with other jobs they compare more steadily than wall time.
+
+    python benchmarks/describe_throughput.py                    # builds /tmp/wsi-bench/synthetic-40000x25000-seed0.svs once
+    python benchmarks/describe_throughput.py --quick            # an 8000 x 6000 slide, for a quick look
+    python benchmarks/describe_throughput.py --slide my.svs --workers 4
+    python benchmarks/describe_throughput.py --repeat 2         # interleaved repeats; each phase's fastest run is kept
+    python benchmarks/describe_throughput.py --malloc-mmap-threshold 33554432   # what-if for Dask's malloc setting
+
+Run it as a script (its read-only task function travels to the workers by value). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+FULL_SIZE = (40000, 25000)   # 1.0 gigapixel at level 0
+QUICK_SIZE = (8000, 6000)
+
+
+# --- the slide ------------------------------------------------------------------------------------------------------
+
+
+def bench_slide(work_dir: Path, quick: bool, seed: int = 0) -> Path:
+    """The synthetic benchmark slide, written once (streamed tile by tile) and reused from ``work_dir``."""
+    from pipeline.synthetic import SyntheticTissue, write_slide
+
+    width, height = QUICK_SIZE if quick else FULL_SIZE
+    path = work_dir / f"synthetic-{width}x{height}-seed{seed}.svs"
+    if not path.exists():
+        print(f"writing {path} ({width * height / 1e9:.2f} gigapixels, once) ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        write_slide(path, SyntheticTissue(width, height, seed=seed, tissue_fraction=0.5), mpp=0.25,
+                    maxworkers=os.cpu_count() or 1)
+        print(f"  written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so every phase finds it in the page cache (the first phase is not penalised)."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+# --- worker task: read pixels and nothing else ---------------------------------------------------------------------
+
+
+def read_block_pixels(path: str, grid_dict: dict, block: tuple[int, int, int, int], block_tiles: np.ndarray,
+                      reader: dict) -> int:
+    """Read the windows ``read_tile_row`` reads for the tissue tiles of one block; returns pixels read."""
+    from pipeline.readers import open_reader
+    from pipeline.tiling import TileGrid, tile_row_window
+
+    grid = TileGrid.from_dict(grid_dict)
+    r0, r1, c0, _ = block
+    pixels = 0
+    with open_reader(path, reader) as handle:
+        for r in range(r0, r1):
+            cols = np.flatnonzero(block_tiles[r - r0]) + c0
+            if len(cols) == 0:
+                continue
+            ix0, iy0, ix1, iy1 = tile_row_window(grid, r, cols)
+            strip = handle.read_level(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+            pixels += strip.shape[0] * strip.shape[1]
+    return pixels
+
+
+# --- memory sampling -----------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples the resident memory of the worker processes every ``interval`` seconds; also their CPU seconds."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05):
+        import psutil
+
+        self.procs = {pid: psutil.Process(pid) for pid in pids}
+        self.interval = interval
+        self.peak: dict[int, int] = {pid: 0 for pid in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid, proc in self.procs.items():
+                try:
+                    self.peak[pid] = max(self.peak[pid], proc.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a worker restarting
+                    pass
+            self._stop.wait(self.interval)
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for proc in self.procs.values():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except Exception:  # noqa: BLE001
+                pass
+        return total
+
+    def __enter__(self):
+        self._cpu0 = self._cpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_seconds = self._cpu() - self._cpu0
+
+    def peaks_mb(self) -> list[float]:
+        return [round(v / 2**20, 1) for v in self.peak.values()]
+
+
+# --- phases --------------------------------------------------------------------------------------------------------
+
+
+def run_read_phase(runner, path: str, plan: dict, blocks: list, reader: dict) -> float:
+    tissue = plan["tissue_tiles"]
+    t0 = time.perf_counter()
+    for b in blocks:
+        runner.submit(read_block_pixels, path, plan["grid"], b, tissue[b[0]:b[1], b[2]:b[3]].copy(), reader, tag=b)
+    for _ in blocks:
+        done = runner.next_done()
+        if done.error is not None:
+            raise done.error
+    return time.perf_counter() - t0
+
+
+def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float, dict]:
+    from pipeline.describe import describe_slides
+    from pipeline.outputs import Manifest
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # describe prints the dashboard link; stdout is for the JSON
+        summary = describe_slides([path], out_dir, config, runner=runner, progress=False)
+    seconds = time.perf_counter() - t0
+    if summary["done"] != 1:
+        raise RuntimeError(f"describe failed: {Manifest(out_dir).slides}")
+    record = next(iter(Manifest(out_dir).slides.values()))
+    return seconds, record
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", type=Path, help="slide to use instead of the generated one")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wsi-bench"),
+                        help="where the generated slide is cached and describe writes its outputs")
+    parser.add_argument("--quick", action="store_true", help=f"a small {QUICK_SIZE[0]}x{QUICK_SIZE[1]} slide")
+    parser.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
+    parser.add_argument("--mpp", type=float, default=0.5, help="target resolution (default 0.5 µm/px)")
+    parser.add_argument("--tile-px", type=int, default=256)
+    parser.add_argument("--descriptor", default="stats", choices=["stats", "cnn"])
+    parser.add_argument("--phases", default="abcd", help="subset of the phases to run, e.g. 'ab'")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the phase sequence this many times (interleaved) and report each phase's fastest")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="what-if: start the workers with MALLOC_MMAP_THRESHOLD_=BYTES (see benchmarks/README.md)")
+    args = parser.parse_args(argv)
+
+    from pipeline.config import PipelineConfig
+    from pipeline.describe import prepare_slide
+    from pipeline.parallel import default_worker_count, task_runner
+    from pipeline.readers import ReaderChoice
+    from pipeline.slides import read_slide_info
+    from pipeline.tiling import TileGrid
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    path = args.slide or bench_slide(args.work_dir, args.quick)
+    workers = args.workers or default_worker_count()
+    config = PipelineConfig().with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px,
+                                             descriptor__name=args.descriptor, cluster__workers=workers,
+                                             cluster__dashboard=False)
+    info = read_slide_info(path)
+    warm_page_cache(Path(path))
+    plan = prepare_slide(str(path), config.with_overrides(reader__kind="openslide"))
+    grid = TileGrid.from_dict(plan["grid"])
+    tissue = plan["tissue_tiles"]
+    blocks = [b for b in grid.chunks(config.tiling.chunk_tiles) if tissue[b[0]:b[1], b[2]:b[3]].any()]
+    tiles = int(tissue.sum())
+    tile_lvl = grid.tile_l0_px / grid.read_downsample
+    megapixels = tiles * tile_lvl * tile_lvl / 1e6
+    readers = {kind: ReaderChoice(kind, kind, "benchmark", info.level_dimensions, info.level_downsamples).to_dict()
+               for kind in ("openslide", "tiff")}
+
+    result: dict = {
+        "machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count(), "python": platform.python_version(), "workers": workers,
+                    "threads_per_worker": 1},
+        "slide": {"path": str(path), "width_px": info.width_px, "height_px": info.height_px,
+                  "gigapixels": round(info.width_px * info.height_px / 1e9, 3), "vendor": info.vendor,
+                  "mpp": info.mpp, "levels": [list(d) for d in info.level_dimensions],
+                  "file_mb": round(Path(path).stat().st_size / 2**20, 1)},
+        "grid": {"target_mpp": args.mpp, "tile_px": args.tile_px, "read_level": grid.read_level,
+                 "tile_px_at_read_level": round(tile_lvl, 2), "rows": grid.rows, "cols": grid.cols,
+                 "tissue_tiles": tiles, "blocks": len(blocks), "megapixels": round(megapixels, 1),
+                 "descriptor": args.descriptor},
+        "phases": {},
+    }
+
+    import dask
+    import distributed
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    if args.malloc_mmap_threshold:
+        environ["MALLOC_MMAP_THRESHOLD_"] = args.malloc_mmap_threshold
+    result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}
+    result["machine"]["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), task_runner(config.cluster) as runner:
+        pids = list(runner.client.run(os.getpid).values())
+        # workers import the pipeline (and its codecs) before the clock starts
+        runner.client.run(lambda: __import__("pipeline.describe") and None)
+        phases = [
+            ("a", "openslide_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["openslide"]), {})),
+            ("b", "tiff_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["tiff"]), {})),
+            ("c", "describe_openslide", lambda: run_describe_phase(
+                runner, Path(path), args.work_dir / "out-openslide", config.with_overrides(reader__kind="openslide"))),
+            ("d", "describe_tiff", lambda: run_describe_phase(
+                runner, Path(path), args.work_dir / "out-tiff", config.with_overrides(reader__kind="tiff"))),
+        ]
+        for rep in range(args.repeat):
+            for key, name, fn in phases:
+                if key not in args.phases:
+                    continue
+                print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
+                with RssSampler(pids) as rss:
+                    seconds, record = fn()
+                entry = {"seconds": round(seconds, 2), "megapixels_per_s": round(megapixels / seconds, 1),
+                         "tiles_per_s": round(tiles / seconds, 1),
+                         "worker_cpu_seconds": round(rss.cpu_seconds, 1),
+                         "megapixels_per_cpu_s": round(megapixels / max(rss.cpu_seconds, 1e-9), 1),
+                         "peak_rss_mb_per_worker": rss.peaks_mb()}
+                if record:
+                    entry["reader"] = record.get("reader")
+                    entry["tiles"] = record.get("tiles")
+                print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
+                best = result["phases"].get(name)
+                runs = (best or {}).get("all_seconds", []) + [entry["seconds"]]
+                peak = max([(best or {}).get("max_peak_rss_mb", 0.0), *entry["peak_rss_mb_per_worker"]])
+                if best is None or entry["seconds"] < best["seconds"]:
+                    best = entry
+                best["all_seconds"] = runs
+                best["max_peak_rss_mb"] = peak
+                result["phases"][name] = best
+    result["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+
+    ph = result["phases"]
+    ratios = {}
+    if "openslide_read" in ph and "describe_openslide" in ph:
+        ratios["describe_openslide_over_openslide_read_throughput"] = round(
+            ph["describe_openslide"]["megapixels_per_s"] / ph["openslide_read"]["megapixels_per_s"], 3)
+        ratios["target_describe_openslide_over_read"] = ">= 0.7"
+    if "openslide_read" in ph and "describe_tiff" in ph:
+        ratios["describe_tiff_time_over_openslide_read_time"] = round(
+            ph["describe_tiff"]["seconds"] / ph["openslide_read"]["seconds"], 3)
+        ratios["target_describe_tiff_time_over_read"] = "<= 0.4"
+    if "openslide_read" in ph and "tiff_read" in ph:
+        ratios["tiff_read_speedup_over_openslide_read"] = round(
+            ph["openslide_read"]["seconds"] / ph["tiff_read"]["seconds"], 2)
+    if "describe_openslide" in ph and "describe_tiff" in ph:
+        ratios["describe_speedup_tiff_over_openslide"] = round(
+            ph["describe_openslide"]["seconds"] / ph["describe_tiff"]["seconds"], 2)
+    if "openslide_read" in ph and "describe_tiff" in ph:
+        # the same ratio in worker CPU seconds: robust to other processes competing for the cores
+        ratios["describe_tiff_cpu_over_openslide_read_cpu"] = round(
+            ph["describe_tiff"]["worker_cpu_seconds"] / ph["openslide_read"]["worker_cpu_seconds"], 3)
+    if "openslide_read" in ph and "describe_openslide" in ph:
+        ratios["openslide_read_cpu_over_describe_openslide_cpu"] = round(
+            ph["openslide_read"]["worker_cpu_seconds"] / ph["describe_openslide"]["worker_cpu_seconds"], 3)
+    peaks = [p["max_peak_rss_mb"] for p in ph.values()]
+    ratios["max_peak_rss_mb_per_worker"] = max(peaks) if peaks else None
+    result["ratios"] = ratios
+    result["versions"] = {"distributed": distributed.__version__, "numpy": np.__version__}
+    try:
+        import openslide
+        import tifffile
+
+        result["versions"].update(openslide=openslide.__library_version__, tifffile=tifffile.__version__)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        result["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        pass
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

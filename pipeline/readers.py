@@ -1,0 +1,453 @@
+"""Reading slide pixels: through OpenSlide, or by decoding a tiled TIFF's own tiles directly.
+
+OpenSlide is the reference: it reads every format, it is always the source of slide metadata (levels, their sizes
+and downsamples, mpp), and it is the fallback. Its ``read_region`` spends most of its time compositing and converting
+(21-32 Mpx/s per process here), not decoding, so for slides whose pyramid is a plain tiled TIFF (Aperio SVS, generic
+pyramidal TIFF) ``TiffTileReader`` decodes whole native tiles with tifffile + imagecodecs (libjpeg-turbo; JPEG tables
+and YCbCr handled by tifffile) at ~5x the speed, with the same pixels.
+
+Both readers share one small interface (``TileReader``), are opened once per task as context managers, and return
+RGB uint8 arrays:
+
+* ``read_region(level, x_l0, y_l0, w_lvl, h_lvl)``: OpenSlide's semantics (top-left in level-0 pixels, size in level
+  pixels), and exactly OpenSlide's pixels from either reader.
+* ``read_level(level, x_lvl, y_lvl, w_lvl, h_lvl)``: top-left in pixels of that level, as the tile grid asks; both
+  readers answer ``read_region(level, round(x_lvl * downsample), round(y_lvl * downsample), ...)`` (what the pipeline
+  always read), so they agree exactly here too.
+
+Where ``x_l0 / downsample`` is not a whole level pixel (any position but 0 on a level whose downsample is fractional,
+e.g. 4.0037 on a slide whose width is not a multiple of 4), OpenSlide shifts the level by that fraction of a pixel and
+interpolates; no native tile holds those pixels, so the direct reader hands such a region to OpenSlide (counted in
+``delegated_regions``). Level 0 and whole-number downsamples (2, 4 on slides written so) are always decoded directly.
+``auto`` therefore picks OpenSlide outright when the tile grid reads a level with a fractional downsample.
+
+Each native tile is decoded once per task: decoded tiles are cached while the strips of a block are read top to
+bottom (strips cut native tile rows), and dropped once the reading has moved below them. Pixels outside a level, and
+tiles the file leaves out (offset or byte count 0), are background white, as OpenSlide's transparent pixels
+composited on white. ``auto`` (``choose_reader``) picks the direct reader for a slide that
+qualifies and whose probe tiles decode to OpenSlide's pixels; when a tile fails to decode later, that one region is
+read through OpenSlide instead (counted in ``fallback_regions``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DirectReadUnsupportedError, TileReadError
+from .slides import SlideInfo, _open_handle, read_level_region
+
+READER_KINDS = ("auto", "openslide", "tiff")
+
+# OpenSlide vendors whose levels are plain tiled TIFF pages (one page per level, no extra geometry).
+DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
+
+# TIFF compressions decoded directly: the lossless ones give the stored values by construction, JPEG is tested against
+# OpenSlide (tests/test_readers.py), and ``auto`` probes every slide anyway. Others (e.g. Aperio's JPEG 2000, whose
+# colour handling is OpenSlide's own) stay with OpenSlide.
+DIRECT_COMPRESSIONS = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate"}
+
+BACKGROUND = 255  # white: what OpenSlide's transparent pixels become (slides.rgba_to_rgb)
+
+# Decoded native tiles kept per task. Reading is row by row, so the tiles of the last native tile row are what the
+# next strip reuses; the bound only protects memory against unusual access patterns.
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class TileReader:
+    """Common interface: open per task (``with open_reader(...) as reader``), read RGB uint8 regions."""
+
+    kind = "?"
+    path: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    fallback_regions: int = 0      # regions the direct reader read through OpenSlide after a decode failure
+    delegated_regions: int = 0     # regions at sub-pixel level positions, which only OpenSlide produces
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def read_region(self, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_level(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        return self.read_region(level, int(round(x_lvl * ds)), int(round(y_lvl * ds)), w_lvl, h_lvl)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OpenSlideReader(TileReader):
+    """The reference reader: OpenSlide's ``read_region`` composited on white (also the plain-image fallback).
+
+    ``handle``: an already open OpenSlide/ImageSlide handle to wrap (not closed by this reader).
+    """
+
+    kind = "openslide"
+
+    def __init__(self, path: str | Path, handle=None):
+        self.path = str(path)
+        self._own = handle is None
+        self._handle = _open_handle(Path(path))[0] if handle is None else handle
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._handle.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
+
+    def read_region(self, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        return read_level_region(self._handle, level, x_l0, y_l0, w_lvl, h_lvl, self.path)
+
+    def close(self) -> None:
+        if self._own and self._handle is not None:
+            self._handle.close()
+        self._handle = None
+
+
+def as_reader(handle, path: str = "") -> TileReader:
+    """A TileReader for ``handle``: itself if it already is one, else an OpenSlide handle wrapped (not owned)."""
+    if isinstance(handle, TileReader):
+        return handle
+    return OpenSlideReader(path or getattr(handle, "_filename", ""), handle=handle)
+
+
+# --- the direct TIFF reader -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LevelPage:
+    """What decoding one level needs, bound once when the file is opened (see the decode gotcha below)."""
+
+    page_index: int
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    tiles_across: int
+    offsets: np.ndarray
+    bytecounts: np.ndarray
+    decode: object               # tifffile's page.decode closure
+    jpegtables: bytes | None
+    compression: int
+
+
+class _NotDirect(Exception):
+    """Internal: why a slide cannot be read directly."""
+
+
+def _page_problem(page) -> str | None:
+    """Why a tiled page cannot be decoded straight to OpenSlide's RGB pixels (None if it can)."""
+    if page.compression not in DIRECT_COMPRESSIONS:
+        return f"compression {int(page.compression)} is not decoded directly"
+    if page.bitspersample != 8 or page.samplesperpixel != 3 or page.planarconfig != 1:
+        return (f"{page.samplesperpixel} samples of {page.bitspersample} bits "
+                f"(planar config {int(page.planarconfig)}), not interleaved 8-bit RGB")
+    photometric = int(page.photometric)
+    if not (photometric == 2 or (photometric == 6 and page.compression == 7)):
+        return f"photometric {photometric} is neither RGB nor JPEG YCbCr"
+    if page.imagedepth != 1 or page.tiledepth != 1:
+        return "volumetric tiles"
+    if page.predictor not in (1, 2):
+        return f"predictor {page.predictor}"
+    return None
+
+
+def _map_levels(tif, level_dimensions: Sequence[Sequence[int]]) -> list[_LevelPage]:
+    """The TIFF page holding each OpenSlide level, matched by dimensions.
+
+    Aperio SVS keeps level 0 as page 0, a stripped thumbnail, the other levels, then label and macro images; a
+    generic pyramidal TIFF has one tiled page per level. Untiled pages (thumbnail, label) never match; among tiled
+    pages of equal size the first unused one wins, which is OpenSlide's order too.
+    """
+    pages = list(tif.pages)
+    used: set[int] = set()
+    out = []
+    for level, (w, h) in enumerate(level_dimensions):
+        index = next((i for i, p in enumerate(pages) if i not in used and p.is_tiled
+                      and int(p.imagewidth) == int(w) and int(p.imagelength) == int(h)), None)
+        if index is None:
+            raise _NotDirect(f"no tiled TIFF page of {w}x{h} px for level {level}")
+        used.add(index)
+        page = pages[index]
+        problem = _page_problem(page)
+        if problem:
+            raise _NotDirect(f"level {level} (page {index}): {problem}")
+        # tifffile gotcha: the decode closure and the JPEG tables load tag values through the file handle, so bind
+        # them now, before any tile is read (reads go through a separate descriptor with os.pread anyway).
+        out.append(_LevelPage(
+            page_index=index, width=int(page.imagewidth), height=int(page.imagelength),
+            tile_w=int(page.tilewidth), tile_h=int(page.tilelength),
+            tiles_across=math.ceil(int(page.imagewidth) / int(page.tilewidth)),
+            offsets=np.asarray(page.dataoffsets, dtype=np.int64),
+            bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
+            decode=page.decode, jpegtables=page.jpegtables, compression=int(page.compression)))
+    return out
+
+
+class TiffTileReader(TileReader):
+    """Decodes whole native tiles of the level's TIFF page; each tile once per task (a per-task tile cache).
+
+    ``level_dimensions`` / ``level_downsamples``: OpenSlide's (from ``SlideInfo``), the source of truth the pages are
+    matched to; ``fallback``: when a tile fails to decode, read that region through OpenSlide instead of raising
+    ``TileReadError``. Raises ``DirectReadUnsupportedError`` when the file cannot be read this way.
+    """
+
+    kind = "tiff"
+
+    def __init__(self, path: str | Path, level_dimensions: Sequence[Sequence[int]],
+                 level_downsamples: Sequence[float], *, fallback: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        import tifffile
+
+        self.path = str(path)
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in level_downsamples)
+        self.fallback = fallback
+        self.fallback_regions = 0
+        self.delegated_regions = 0
+        self.tiles_decoded = 0
+        self._cache: dict[tuple[int, int, int], np.ndarray | None] = {}
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_bytes)
+        self._openslide: OpenSlideReader | None = None
+        self._tif = None
+        self._fd = -1
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            self._levels = _map_levels(self._tif, self.level_dimensions)
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except _NotDirect as err:
+            self.close()
+            raise DirectReadUnsupportedError(str(err), path=self.path) from None
+        except Exception as err:  # noqa: BLE001 - tifffile raises many types for files it cannot parse
+            self.close()
+            raise DirectReadUnsupportedError(f"tifffile cannot open it ({type(err).__name__}: {err})",
+                                             path=self.path) from None
+
+    # -- native tiles --
+
+    def _decode_tile(self, lp: _LevelPage, level: int, ty: int, tx: int) -> np.ndarray | None:
+        """One native tile cropped to the image, or None for a tile the file leaves out."""
+        index = ty * lp.tiles_across + tx
+        offset, count = int(lp.offsets[index]), int(lp.bytecounts[index])
+        if offset == 0 or count == 0:
+            return None
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise ValueError(f"file ends inside tile {index} (wanted {count} bytes at {offset})")
+        tile, _, _ = lp.decode(data, index, jpegtables=lp.jpegtables)
+        tile = tile[0] if tile.ndim == 4 else tile
+        h = min(lp.tile_h, lp.height - ty * lp.tile_h)
+        w = min(lp.tile_w, lp.width - tx * lp.tile_w)
+        if tile.shape[0] < h or tile.shape[1] < w or tile.shape[-1] != 3:
+            raise ValueError(f"tile {index} decodes to shape {tile.shape}, expected at least ({h}, {w}, 3)")
+        self.tiles_decoded += 1
+        return tile[:h, :w]
+
+    def _tile(self, lp: _LevelPage, level: int, ty: int, tx: int) -> np.ndarray | None:
+        key = (level, ty, tx)
+        if key in self._cache:
+            return self._cache[key]
+        tile = self._decode_tile(lp, level, ty, tx)
+        size = 0 if tile is None else tile.nbytes
+        if self._cache_bytes + size > self._cache_limit:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._cache[key] = tile
+        self._cache_bytes += size
+        return tile
+
+    def _evict_rows_above(self, level: int, ty0: int) -> None:
+        """Regions are read top to bottom: tiles above the current request are not needed again."""
+        stale = [k for k in self._cache if k[0] != level or k[1] < ty0]
+        for k in stale:
+            tile = self._cache.pop(k)
+            self._cache_bytes -= 0 if tile is None else tile.nbytes
+
+    # -- the interface --
+
+    def read_native(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        """The level's own pixels from its native tiles (top-left in that level's pixels; outside = white).
+
+        A tile that fails to decode raises ``TileReadError`` (no fallback here: ``read_region`` does that).
+        """
+        try:
+            return self._decode_region(level, int(x_lvl), int(y_lvl), int(w_lvl), int(h_lvl))
+        except Exception as err:  # noqa: BLE001 - imagecodecs/tifffile raise many types for damaged tiles
+            raise TileReadError(f"decoding level {level} tiles at ({x_lvl}, {y_lvl}) failed: "
+                                f"{type(err).__name__}: {err}", path=self.path) from None
+
+    def _decode_region(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        lp = self._levels[level]
+        out = np.empty((h_lvl, w_lvl, 3), dtype=np.uint8)
+        x0, y0 = max(x_lvl, 0), max(y_lvl, 0)
+        x1, y1 = min(x_lvl + w_lvl, lp.width), min(y_lvl + h_lvl, lp.height)
+        if x0 >= x1 or y0 >= y1:
+            out.fill(BACKGROUND)
+            return out
+        if (x0, y0, x1, y1) != (x_lvl, y_lvl, x_lvl + w_lvl, y_lvl + h_lvl):
+            out.fill(BACKGROUND)  # part of the region lies outside the level
+        ty0, ty1 = y0 // lp.tile_h, (y1 - 1) // lp.tile_h
+        tx0, tx1 = x0 // lp.tile_w, (x1 - 1) // lp.tile_w
+        self._evict_rows_above(level, ty0)
+        for ty in range(ty0, ty1 + 1):
+            ty_top = ty * lp.tile_h
+            sy0, sy1 = max(y0, ty_top), min(y1, ty_top + lp.tile_h)
+            for tx in range(tx0, tx1 + 1):
+                tx_left = tx * lp.tile_w
+                sx0, sx1 = max(x0, tx_left), min(x1, tx_left + lp.tile_w)
+                tile = self._tile(lp, level, ty, tx)
+                dst = out[sy0 - y_lvl:sy1 - y_lvl, sx0 - x_lvl:sx1 - x_lvl]
+                if tile is None:
+                    dst.fill(BACKGROUND)
+                else:
+                    dst[...] = tile[sy0 - ty_top:sy1 - ty_top, sx0 - tx_left:sx1 - tx_left]
+        return out
+
+    def read_region(self, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        x_lvl, y_lvl = x_l0 / ds, y_l0 / ds  # the division OpenSlide does
+        if not (x_lvl.is_integer() and y_lvl.is_integer()):
+            self.delegated_regions += 1
+            return self._reference().read_region(level, x_l0, y_l0, w_lvl, h_lvl)
+        if not self.fallback:
+            return self.read_native(level, x_lvl, y_lvl, w_lvl, h_lvl)
+        try:
+            return self._decode_region(level, int(x_lvl), int(y_lvl), int(w_lvl), int(h_lvl))
+        except Exception:  # noqa: BLE001 - a damaged tile: this region comes from OpenSlide (which may fail too)
+            self.fallback_regions += 1
+            return self._reference().read_region(level, x_l0, y_l0, w_lvl, h_lvl)
+
+    def _reference(self) -> OpenSlideReader:
+        if self._openslide is None:
+            self._openslide = OpenSlideReader(self.path)
+        return self._openslide
+
+    def close(self) -> None:
+        if self._openslide is not None:
+            self._openslide.close()
+            self._openslide = None
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._cache.clear()
+        self._cache_bytes = 0
+
+
+# --- choosing and opening -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReaderChoice:
+    """The reader a slide's tasks use (plain data: it travels to workers with the tasks)."""
+
+    kind: str                                   # "openslide" or "tiff"
+    requested: str                              # "auto", "openslide" or "tiff"
+    reason: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+
+    @property
+    def fallback(self) -> bool:
+        return self.requested == "auto"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "requested": self.requested, "reason": self.reason,
+                "level_dimensions": [list(d) for d in self.level_dimensions],
+                "level_downsamples": list(self.level_downsamples)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReaderChoice":
+        return cls(kind=data["kind"], requested=data["requested"], reason=data.get("reason", ""),
+                   level_dimensions=tuple(tuple(int(v) for v in d) for d in data["level_dimensions"]),
+                   level_downsamples=tuple(float(d) for d in data["level_downsamples"]))
+
+
+def direct_read_problem(info: SlideInfo) -> str | None:
+    """Why this slide cannot use the direct TIFF reader (None when it can)."""
+    if info.backend != "openslide":
+        return f"read through the {info.backend} fallback, not a tiled TIFF"
+    if info.vendor not in DIRECT_VENDORS:
+        return f"OpenSlide vendor '{info.vendor}' is not one of {sorted(DIRECT_VENDORS)}"
+    try:
+        TiffTileReader(info.path, info.level_dimensions, info.level_downsamples).close()
+    except DirectReadUnsupportedError as err:
+        return err.detail
+    return None
+
+
+def _probe_regions(reader: TiffTileReader) -> list[tuple[int, int, int, int, int]]:
+    """(level, x_l0, y_l0, w, h) regions compared between readers before ``auto`` trusts the direct one: a native
+    tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample)."""
+    lp = reader._levels[0]
+    tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
+    regions = [(0, tx * lp.tile_w, ty * lp.tile_h, min(lp.tile_w, lp.width - tx * lp.tile_w),
+                min(lp.tile_h, lp.height - ty * lp.tile_h))]
+    for level in range(1, reader.level_count):
+        w, h = reader.level_dimensions[level]
+        regions.append((level, 0, 0, min(w, reader._levels[level].tile_w), min(h, reader._levels[level].tile_h)))
+    return regions
+
+
+def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None) -> ReaderChoice:
+    """The reader for one slide: ``openslide``, ``tiff`` (the slide must qualify), or ``auto``.
+
+    ``auto`` uses the direct reader when the slide qualifies, the tiles are read from a level the direct reader
+    decodes itself (``read_level`` has a whole-number downsample) and its probe regions decode to exactly OpenSlide's
+    pixels; else OpenSlide. ``reason`` says why. Runs where the slide is prepared (a worker).
+    """
+    if requested not in READER_KINDS:
+        raise ValueError(f"unknown reader {requested!r}; expected one of {READER_KINDS}")
+
+    def choice(kind: str, reason: str) -> ReaderChoice:
+        return ReaderChoice(kind, requested, reason, info.level_dimensions, info.level_downsamples)
+
+    if requested == "openslide":
+        return choice("openslide", "requested")
+    problem = direct_read_problem(info)
+    if problem is not None:
+        if requested == "tiff":
+            raise DirectReadUnsupportedError(f"the direct TIFF reader cannot read it: {problem}", path=info.path)
+        return choice("openslide", problem)
+    if requested == "tiff":
+        return choice("tiff", "requested")
+    if read_level is not None and not float(info.level_downsamples[read_level]).is_integer():
+        return choice("openslide", f"tiles are read from level {read_level}, whose downsample "
+                                   f"{info.level_downsamples[read_level]:.6g} is fractional: OpenSlide interpolates "
+                                   "sub-pixel positions there, which only OpenSlide reproduces")
+    try:
+        with TiffTileReader(info.path, info.level_dimensions, info.level_downsamples) as direct, \
+                OpenSlideReader(info.path) as reference:
+            for region in _probe_regions(direct):
+                if not np.array_equal(direct.read_region(*region), reference.read_region(*region)):
+                    return choice("openslide", f"direct decode differs from OpenSlide at level {region[0]} "
+                                               f"({region[1]}, {region[2]})")
+    except (DirectReadUnsupportedError, TileReadError) as err:
+        return choice("openslide", f"direct probe failed: {err.detail}")
+    return choice("tiff", "qualified: tiled TIFF pages, probe tiles identical to OpenSlide")
+
+
+def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> TileReader:
+    """Open the chosen reader for one task (use as a context manager); ``None`` = OpenSlide."""
+    if isinstance(choice, dict):
+        choice = ReaderChoice.from_dict(choice)
+    if choice is None or choice.kind == "openslide":
+        return OpenSlideReader(path)
+    return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback)

@@ -1,0 +1,330 @@
+"""Stage 3: fine-tune InceptionV3 on the feature maps for slide-level classes, then evaluate on held-out slides.
+
+``train(out_dir, labels_csv, config)``:
+
+1. reads and checks the labels file against the slides in ``OUT`` (every problem is a ``LabelsError`` before any
+   model is built), loads the ``feature_map`` of each labelled slide;
+2. splits train/validation/test (stratified, grouped by patient, or the file's split column) or k folds;
+3. per split: builds the model (``pipeline.model``), phase ``head`` (base frozen) then phase ``finetune`` (blocks
+   from ``train.unfreeze_from`` up, lower learning rate), each with early stopping on the validation loss and a best
+   checkpoint; fine-tuning is kept only if it beats the best validation loss of the head phase; balanced class
+   weights as sample weights;
+4. writes ``OUT/model/``: ``model.keras`` (``fold_<k>.keras`` per fold in k-fold; ``predict`` averages them),
+   ``labels.json`` (the label mapping), ``model_info.json`` (config and its hash, splits, history, versions) and
+   ``reducer/`` (a copy of ``OUT/reducer/``, so ``predict`` maps new slides the same way);
+5. evaluates on the test slides (out-of-fold in k-fold): ``OUT/metrics.json``, ``OUT/predictions.csv``, plots.
+
+A rerun with the same labels, maps and train settings finds ``model_info.json`` current and skips training
+(``force=True`` retrains). Training runs in this process (on its GPU when there is one): one model at a time
+saturates a device, so the cluster is not used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import PipelineConfig, TrainConfig
+from .evaluate import (LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, read_feature_maps, write_evaluation,
+                       store_ids)
+from .labels import LabelTable, Split, check_slides, class_weights, fold_splits, holdout_split, read_labels
+from .outputs import Manifest, atomic_write_json, output_lock
+from .store import array_attrs, package_versions, read_attrs, store_path
+
+log = logging.getLogger("pipeline")
+
+CHECKPOINT_DIR = ".checkpoints"
+
+
+@dataclass
+class FoldResult:
+    model: Any
+    history: dict
+    test_proba: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- one model -----------------------------------------------------------------------------------------------------
+
+
+def _epoch_logger(phase: str, fold: int | None):
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float))
+            log.info("train%s %s epoch %d: %s", f" fold {fold}" if fold else "", phase, epoch + 1, shown)
+
+    return EpochLog()
+
+
+def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_classes: int, cfg: TrainConfig,
+              checkpoint_dir: Path, verbose: int = 0) -> FoldResult:
+    """Build and train one model on ``split.train`` (validated on ``split.val``); predict ``split.test``."""
+    import keras
+
+    from .model import (MapBatches, adapt_head_norm, batchnorm_trains, build_model, compile_model, predict_proba,
+                        set_phase)
+
+    t0 = time.monotonic()
+    seed = cfg.seed + (split.fold or 0)
+    keras.utils.set_random_seed(seed)
+    model = build_model(num_classes, cfg)
+    weights = class_weights(y[split.train], num_classes) if cfg.class_weights else np.ones(num_classes, np.float32)
+    pick = lambda idx: [maps[i] for i in idx]  # noqa: E731
+    train_data = MapBatches(pick(split.train), cfg, y[split.train], weights[y[split.train]], augment=cfg.augment,
+                            shuffle=True, seed=seed)
+    val_data = (MapBatches(pick(split.val), cfg, y[split.val], weights[y[split.val]], seed=seed)
+                if len(split.val) else None)
+    adapt_head_norm(model, MapBatches(pick(split.train), cfg, seed=seed))
+    monitor = "val_loss" if val_data is not None else "loss"
+    history: dict[str, list] = {"phase": []}
+    notes: list[str] = []
+    best_head: tuple[float, list] | None = None
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for phase, epochs, lr in (("head", cfg.head_epochs, cfg.head_learning_rate),
+                              ("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate)):
+        if epochs <= 0:
+            continue
+        set_phase(model, phase, cfg.unfreeze_from, batchnorm_trains(cfg))
+        compile_model(model, lr)
+        ckpt = checkpoint_dir / f"{'fold%d-' % split.fold if split.fold else ''}{phase}.weights.h5"
+        callbacks = [
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(str(ckpt), monitor=monitor, save_best_only=True, save_weights_only=True),
+            _epoch_logger(phase, split.fold),
+        ]
+        fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        history["phase"].extend([phase] * len(fitted.history[monitor]))
+        best = float(np.min(fitted.history[monitor]))
+        if phase == "head":
+            best_head = (best, model.get_weights())
+        elif best_head is not None and best >= best_head[0]:
+            # Fine-tuning must earn its place on the validation loss; otherwise the head-phase model is kept.
+            model.set_weights(best_head[1])
+            where = f"fold {split.fold}: " if split.fold else ""
+            notes.append(f"{where}fine-tuning did not improve {monitor} ({best:.4f} >= {best_head[0]:.4f}): "
+                         "kept the head-phase weights")
+    set_phase(model, "head", cfg.unfreeze_from)  # saved frozen: a reloaded model is ready for inference/Grad-CAM
+    # A fresh, unused optimizer: the saved file then carries no optimizer state (half the size after fine-tuning).
+    compile_model(model, cfg.head_learning_rate)
+    test_proba = predict_proba(model, pick(split.test), cfg)
+    history["fold"] = split.fold
+    history["monitor"] = monitor
+    return FoldResult(model, history, test_proba, notes, round(time.monotonic() - t0, 2))
+
+
+# --- the runner ----------------------------------------------------------------------------------------------------
+
+
+def _describe_config(out_dir: Path, slide_ids: Sequence[str]) -> tuple[dict, list[str]]:
+    """The describe settings of the training slides (predict describes new slides the same way)."""
+    configs, hashes = {}, set()
+    for slide_id in slide_ids:
+        attrs = read_attrs(store_path(out_dir, slide_id)) or {}
+        hashes.add(attrs.get("config_hash"))
+        configs.setdefault(attrs.get("config_hash"), attrs.get("config") or {})
+    notes = []
+    if len(hashes) > 1:
+        notes.append(f"training slides were described with {len(hashes)} different settings")
+    return next(iter(configs.values())) if configs else {}, notes
+
+
+def _map_hashes(out_dir: Path, slide_ids: Sequence[str]) -> list[str]:
+    hashes = set()
+    for slide_id in slide_ids:
+        attrs = array_attrs(store_path(out_dir, slide_id), "feature_map") or {}
+        hashes.add(str(attrs.get("reducer_hash") or attrs.get("config_hash") or ""))
+    return sorted(hashes)
+
+
+def model_hash(cfg: TrainConfig, table: LabelTable, map_hashes: Sequence[str]) -> str:
+    """What the trained model depends on: train settings, the labels file and the maps' reducer."""
+    payload = {"train": cfg.model_dump(mode="json"), "labels": table.sha256, "maps": list(map_hashes)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _current(model_dir: Path, digest: str) -> dict | None:
+    path = model_dir / MODEL_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("model_hash") != digest or not all((model_dir / m).is_file() for m in info.get("models", [])):
+        return None
+    return info
+
+
+def _backend_info() -> dict:
+    import keras
+
+    from .model import gpu_count
+
+    return {"backend": keras.backend.backend(), "keras": keras.__version__, "gpus": gpu_count()}
+
+
+def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | None = None, *,
+          folds: int | None = None, force: bool = False, verbose: int = 0) -> dict:
+    """Train (or k-fold cross-validate) and evaluate; returns a summary with the headline metrics.
+
+    ``folds`` overrides ``config.train.folds``. ``verbose`` is Keras' fit verbosity (0 silent, 2 one line/epoch).
+    """
+    config = config or PipelineConfig()
+    if folds is not None:
+        config = config.with_overrides(train__folds=folds)
+    cfg = config.train
+    out_dir = Path(out_dir)
+    t0 = time.monotonic()
+    with output_lock(out_dir, command="train"):
+        # --- everything that can be wrong with the inputs, before any model is built --------------------------
+        table = read_labels(labels_csv, cfg.label_kind)
+        available = store_ids(out_dir)
+        check_slides(table, available)
+        unlabelled = sorted(available - set(table.slide_ids))
+        if unlabelled:
+            log.info("train: %d slide(s) in %s have no label and are not used: %s", len(unlabelled), out_dir,
+                     ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""))
+        maps = read_feature_maps(out_dir, table.slide_ids)
+        from .model import resolve_weights, select_channels
+
+        if resolve_weights(cfg.weights) is None:
+            log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
+                        "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune")
+        select_channels(maps[0], cfg.adapter, cfg.component)  # adapter fits the maps' components
+        splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
+                  else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
+        map_hashes = _map_hashes(out_dir, table.slide_ids)
+        digest = model_hash(cfg, table, map_hashes)
+        model_dir = out_dir / MODEL_DIR
+        info = None if force else _current(model_dir, digest)
+        if info is not None and (out_dir / "metrics.json").is_file():
+            log.info("train: model in %s is current (hash %s): skipped", model_dir, digest)
+            metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+            return _summary(info, metrics, skipped=True, seconds=time.monotonic() - t0)
+
+        # --- training ---------------------------------------------------------------------------------------
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / MODEL_INFO).unlink(missing_ok=True)  # the model dir is complete only once this is rewritten
+        y = table.y
+        k = table.mapping.num_classes
+        results: list[FoldResult] = []
+        for split in splits:
+            log.info("train%s: %d train, %d validation, %d test slides", f" fold {split.fold}" if split.fold else "",
+                     len(split.train), len(split.val), len(split.test))
+            for note in split.notes:
+                log.warning("train: %s", note)
+            results.append(fit_model(maps, y, split, k, cfg, model_dir / CHECKPOINT_DIR, verbose=verbose))
+        model_names = _save_models(model_dir, results, bool(cfg.folds))
+        shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # the saved models hold the best weights
+        reducer_copied = _copy_reducer(out_dir, model_dir)
+        describe_cfg, notes = _describe_config(out_dir, table.slide_ids)
+        if not reducer_copied:
+            notes.append(f"no {REDUCER_DIR}/ in {out_dir}: `predict` on new slides will not work with this model")
+        for split, result in zip(splits, results):
+            notes.extend(split.notes + result.notes)
+        atomic_write_json(model_dir / LABELS_JSON, table.mapping.to_dict())
+        info = {
+            "format": 1,
+            "models": model_names,
+            "folds": cfg.folds,
+            "model_hash": digest,
+            "config_hash": config.stage_hash("train"),
+            "config": config.model_dump(mode="json", exclude={"cluster"}),
+            "describe_config": describe_cfg,
+            "map_hashes": map_hashes,
+            "labels": table.mapping.to_dict(),
+            "labels_file": str(Path(labels_csv).resolve()),
+            "labels_sha256": table.sha256,
+            "truth": dict(zip(table.slide_ids, table.labels)),
+            "splits": [{"fold": s.fold, **s.ids(table)} for s in splits],
+            "history": [r.history for r in results],
+            "input": {"adapter": cfg.adapter, "component": cfg.component, "size_strategy": cfg.size_strategy,
+                      "input_px": None if cfg.size_strategy == "native" else cfg.input_px},
+            "notes": notes,
+            "seconds": [r.seconds for r in results],
+            "created": time.time(),
+            "versions": {**package_versions(), **_backend_info()},
+        }
+        atomic_write_json(model_dir / MODEL_INFO, info)
+
+        # --- evaluation on held-out slides --------------------------------------------------------------------
+        ids, y_test, proba, fold_col = [], [], [], []
+        for split, result in zip(splits, results):
+            ids.extend(table.slide_ids[i] for i in split.test)
+            y_test.extend(y[split.test].tolist())
+            proba.append(result.test_proba)
+            fold_col.extend([split.fold] * len(split.test))
+        proba_arr = np.concatenate(proba) if proba else np.zeros((0, k), np.float32)
+        metrics = write_evaluation(out_dir, ids, np.asarray(y_test, dtype=np.int64), proba_arr, table.mapping,
+                                   folds=fold_col if cfg.folds else None, histories=info["history"],
+                                   extra_notes=notes)
+        _record_manifest(out_dir, table, splits, digest)
+        summary = _summary(info, metrics, skipped=False, seconds=time.monotonic() - t0)
+        manifest = Manifest(out_dir)
+        manifest.data["runs"].append({"command": "train", "finished": time.time(), **summary})
+        manifest.save()
+        return summary
+
+
+def _save_models(model_dir: Path, results: Sequence[FoldResult], kfold: bool) -> list[str]:
+    from .model import save_model
+
+    names = []
+    for result in results:
+        name = f"fold_{result.history['fold']}.keras" if kfold else "model.keras"
+        save_model(result.model, model_dir / name)
+        names.append(name)
+    for stale in model_dir.glob("*.keras"):  # models of an earlier run with another fold count
+        if stale.name not in names:
+            stale.unlink()
+    return names
+
+
+def _copy_reducer(out_dir: Path, model_dir: Path) -> bool:
+    source = out_dir / REDUCER_DIR
+    target = model_dir / REDUCER_DIR
+    if not source.is_dir():
+        log.warning("train: no %s to copy into the model directory", source)
+        return False
+    tmp = model_dir / f".{REDUCER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return True
+
+
+def _record_manifest(out_dir: Path, table: LabelTable, splits: Sequence[Split], digest: str) -> None:
+    """Each labelled slide's role: its set (train/val/test), or in k-fold the fold it was tested in."""
+    records: dict[str, dict] = {}
+    for split in splits:
+        for name in ("train", "val", "test"):
+            for i in getattr(split, name):
+                record = records.setdefault(table.slide_ids[i], {"status": "done", "label": table.labels[i],
+                                                                 "model_hash": digest})
+                if split.fold is None:
+                    record["split"] = name
+                elif name == "test":
+                    record["test_fold"] = split.fold
+    manifest = Manifest(out_dir)
+    for slide_id, record in records.items():
+        manifest.slides.setdefault(slide_id, {}).setdefault("stages", {})["train"] = record
+    manifest.save()  # once, not per slide
+
+
+def _summary(info: dict, metrics: dict, skipped: bool, seconds: float) -> dict:
+    headline = {k: metrics.get(k) for k in ("accuracy", "f1_macro", "roc_auc", "mae", "quadratic_weighted_kappa")
+                if metrics.get(k) is not None}
+    return {"slides": len(info.get("truth", {})), "folds": info.get("folds"), "test_slides": metrics.get("n_slides"),
+            "skipped": skipped, **{k: round(v, 4) for k, v in headline.items()}, "seconds": round(seconds, 2)}

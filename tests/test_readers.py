@@ -1,0 +1,163 @@
+"""The direct TIFF tile reader returns exactly OpenSlide's pixels (real Aperio, boxes.tiff, synthetic odd sizes), and
+describe gives the same descriptors with either reader."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import PipelineConfig, TilingConfig
+from pipeline.describe import describe_slide
+from pipeline.errors import DirectReadUnsupportedError, TileReadError
+from pipeline.readers import OpenSlideReader, TiffTileReader, choose_reader, open_reader
+from pipeline.slides import read_slide_info
+from pipeline.store import read_array, read_attrs
+from pipeline.tiling import read_tile_row, tile_grid
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides(tmp_path_factory) -> dict:
+    """Odd sizes, so level edges cut native tiles: an Aperio-style slide whose level 1 has a fractional downsample
+    (3001 / 750, 2003 / 500) and a generic pyramidal TIFF whose levels are exactly 2x and 4x (but not tile multiples)."""
+    from pipeline.synthetic import SyntheticTissue, write_slide
+
+    out = tmp_path_factory.mktemp("reader-slides")
+    return {
+        "odd_aperio": write_slide(out / "odd.svs", SyntheticTissue(3001, 2003, seed=3, tissue_fraction=0.6), mpp=0.25),
+        "generic": write_slide(out / "generic.tif", SyntheticTissue(3000, 2004, seed=4, tissue_fraction=0.6),
+                               mpp=0.25, levels=(1, 2, 4), style="generic"),
+    }
+
+
+def _slide(name, cmu_slide, fixtures_dir, synthetic_slides):
+    if name == "cmu":
+        return cmu_slide
+    if name == "boxes":
+        return fixtures_dir / "boxes.tiff"
+    return synthetic_slides[name]
+
+
+def _regions(level_w: int, level_h: int, ds: float, rng) -> list[tuple[int, int, int, int]]:
+    """(x_l0, y_l0, w, h): corners, edges running off the level, fully outside, 1 px, random interior."""
+    regions = [(0, 0, min(level_w, 300), min(level_h, 300)),
+               (0, 0, level_w, level_h),
+               (int((level_w - 37) * ds), int((level_h - 23) * ds), 90, 60),   # crosses the right and bottom edges
+               (int(level_w * ds) + 50, 0, 20, 20),                            # entirely outside
+               (int(level_w // 2 * ds), int(level_h // 2 * ds), 1, 1)]
+    for _ in range(6):
+        w, h = int(rng.integers(1, min(level_w, 400) + 1)), int(rng.integers(1, min(level_h, 400) + 1))
+        regions.append((int(rng.integers(0, level_w) * ds), int(rng.integers(0, level_h) * ds), w, h))
+    return regions
+
+
+@pytest.mark.parametrize("name", ["cmu", "boxes", "odd_aperio", "generic"])
+def test_direct_reader_returns_openslides_pixels(name, cmu_slide, fixtures_dir, synthetic_slides):
+    path = _slide(name, cmu_slide, fixtures_dir, synthetic_slides)
+    info = read_slide_info(path)
+    rng = np.random.default_rng(7)
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as direct, OpenSlideReader(path) as ref:
+        for level, (w, h) in enumerate(info.level_dimensions):
+            ds = info.level_downsamples[level]
+            for region in _regions(w, h, ds, rng):
+                np.testing.assert_array_equal(direct.read_region(level, *region), ref.read_region(level, *region),
+                                              err_msg=f"{name} level {level} region {region}")
+            # level-pixel positions as the tile grid asks for them
+            for _ in range(4):
+                x, y = int(rng.integers(-5, w)), int(rng.integers(-5, h))
+                np.testing.assert_array_equal(direct.read_level(level, x, y, 70, 50), ref.read_level(level, x, y, 70, 50))
+        # level 0 (and whole-number downsamples) are decoded natively, not handed to OpenSlide
+        assert direct.tiles_decoded > 0
+        whole = [lvl for lvl, ds in enumerate(info.level_downsamples) if float(ds).is_integer()]
+        before = direct.delegated_regions
+        for level in whole:
+            direct.read_region(level, int(3 * info.level_downsamples[level]), 0, 64, 64)
+        assert direct.delegated_regions == before
+
+
+def test_each_native_tile_decoded_once_per_task(synthetic_slides):
+    path = synthetic_slides["odd_aperio"]
+    info = read_slide_info(path)
+    width, height = info.level_dimensions[0]
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as direct, OpenSlideReader(path) as ref:
+        # strips of 100 rows: most native 256-px tile rows are cut by two or three strips
+        strips = [direct.read_level(0, 0, y, width, min(100, height - y)) for y in range(0, height, 100)]
+        native_tiles = -(-width // 256) * -(-height // 256)
+        assert direct.tiles_decoded == native_tiles
+        np.testing.assert_array_equal(np.concatenate(strips), ref.read_region(0, 0, 0, width, height))
+
+
+def test_missing_tile_is_background_and_damaged_tile_falls_back(synthetic_slides):
+    path = synthetic_slides["generic"]
+    info = read_slide_info(path)
+    with OpenSlideReader(path) as ref:
+        expected = ref.read_region(0, 200, 200, 400, 300)
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as direct:
+        direct._levels[0].bytecounts[1] = 0  # native tile (0, 1) left out of the file: x 256-511, y 0-255
+        region = direct.read_region(0, 200, 200, 400, 300)
+        assert (region[:56, 56:312] == 255).all()
+        np.testing.assert_array_equal(region[56:], expected[56:])
+    for fallback in (False, True):
+        with TiffTileReader(path, info.level_dimensions, info.level_downsamples, fallback=fallback) as direct:
+            direct._levels[0].offsets[1] = direct._levels[0].offsets[1] + 7  # tile 1 now starts mid-stream
+            if not fallback:
+                with pytest.raises(TileReadError, match="level 0"):
+                    direct.read_region(0, 200, 200, 400, 300)
+            else:
+                np.testing.assert_array_equal(direct.read_region(0, 200, 200, 400, 300), expected)
+                assert direct.fallback_regions == 1
+
+
+def test_choose_reader(cmu_slide, fixtures_dir, synthetic_slides):
+    auto = choose_reader(read_slide_info(cmu_slide), "auto", read_level=0)
+    assert auto.kind == "tiff" and auto.fallback
+    small = choose_reader(read_slide_info(fixtures_dir / "small.svs"), "auto")  # thumbnail page of the same size
+    assert small.kind == "tiff"
+    png = read_slide_info(fixtures_dir / "boxes.png")
+    assert choose_reader(png, "auto").kind == "openslide" and "image fallback" in choose_reader(png, "auto").reason
+    dicom = choose_reader(read_slide_info(fixtures_dir / "boxes_0.dcm"), "auto")
+    assert dicom.kind == "openslide" and "dicom" in dicom.reason
+    with pytest.raises(DirectReadUnsupportedError) as err:
+        choose_reader(png, "tiff")
+    assert "boxes.png" in str(err.value) and "--reader" in str(err.value)
+    odd = read_slide_info(synthetic_slides["odd_aperio"])
+    fractional = choose_reader(odd, "auto", read_level=1)
+    assert fractional.kind == "openslide" and "fractional" in fractional.reason
+    assert choose_reader(odd, "auto", read_level=0).kind == "tiff"
+    assert choose_reader(odd, "openslide").kind == "openslide"
+
+
+def test_forced_direct_reader_at_fractional_level_still_matches(synthetic_slides):
+    """Level 1 of the odd slide is 4.0037x: rows at sub-pixel positions come from OpenSlide, so tiles stay equal."""
+    path = synthetic_slides["odd_aperio"]
+    info = read_slide_info(path)
+    grid = tile_grid(info, TilingConfig(mpp=1.3, tile_px=64))
+    assert grid.read_level == 1 and not float(grid.read_downsample).is_integer()
+    cols = np.arange(grid.cols)
+    with open_reader(path, choose_reader(info, "tiff")) as direct, OpenSlideReader(path) as ref:
+        for row in (0, 3, grid.rows - 1):
+            np.testing.assert_array_equal(read_tile_row(direct, grid, row, cols), read_tile_row(ref, grid, row, cols))
+        assert direct.delegated_regions >= 2  # rows 3 and the last start at fractional level positions
+
+
+@pytest.mark.parametrize("name,mpp,tile_px,read_level", [
+    ("cmu", 1.0, 128, 0),          # real Aperio JPEG (YCbCr 4:2:0, JPEG tables), 240-px native tiles, 0.499 µm/px
+    ("odd_aperio", 0.5, 256, 0),   # tiles cross the right/bottom edge tiles of a 3001 x 2003 slide
+    ("generic", 1.3, 64, 2),       # level 2 at exactly 4x, 750 x 501 px
+])
+def test_describe_same_descriptors_with_both_readers(name, mpp, tile_px, read_level, cmu_slide, fixtures_dir,
+                                                     synthetic_slides, tmp_path):
+    path = _slide(name, cmu_slide, fixtures_dir, synthetic_slides)
+    results = {}
+    for kind in ("openslide", "tiff"):
+        config = PipelineConfig().with_overrides(reader__kind=kind, tiling__mpp=mpp, tiling__tile_px=tile_px,
+                                                 tissue__fraction_min=0.2)
+        store = describe_slide(path, tmp_path / kind, config)
+        attrs = read_attrs(store)
+        assert attrs["reader"] == kind and attrs["tile_grid"]["read_level"] == read_level
+        record = json.loads((tmp_path / kind / "manifest.json").read_text())["slides"][store.stem]
+        assert record["reader"] == kind and record["reader_fallback_regions"] == 0
+        results[kind] = (read_array(store, "descriptors"), read_array(store, "tissue_mask"))
+    (d_os, m_os), (d_tiff, m_tiff) = results["openslide"], results["tiff"]
+    np.testing.assert_array_equal(m_os, m_tiff)
+    assert np.isfinite(d_os[..., 0]).sum() >= 10
+    np.testing.assert_allclose(d_tiff, d_os, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -1,0 +1,305 @@
+"""Reduce stage: cohort-fitted PCA / autoencoder reducers and the feature maps they write.
+
+Descriptor stores come from the real describe stage run once (module fixture) on small generated slides; each test
+that writes maps works on its own copy of that output directory.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import reduce as R
+from pipeline.cli import main
+from pipeline.config import PipelineConfig, ReduceConfig
+from pipeline.describe import describe_slides
+from pipeline.errors import ReducerError, ReducerMismatchError
+from pipeline.parallel import LocalRunner
+from pipeline.pictures import display_factor
+from pipeline.store import array_attrs, list_stores, read_array, read_attrs, store_path
+from pipeline.synthetic import SyntheticTissue, write_slide
+from pipeline.tiling import TileGrid
+
+# 0.25 µm/px slides, 64-px tiles at 0.5 µm/px: a 2048 x 1536 slide is a 12 x 16 grid.
+SLIDES = {
+    "lesion": dict(width_px=2048, height_px=1536, seed=1, lesion=True, lesion_fraction=0.3),
+    "plain": dict(width_px=2048, height_px=1536, seed=2),
+    "big": dict(width_px=5120, height_px=3840, seed=3),  # 30 x 40 grid, ~6x the tiles
+    "sparse": dict(width_px=2048, height_px=1536, seed=4, tissue_fraction=0.02),  # a few tissue tiles
+}
+SAMPLE_PER_SLIDE = 150
+CONFIG = PipelineConfig().with_overrides(
+    tiling__tile_px=64, tissue__min_object_um2=2000.0, tissue__min_hole_um2=2000.0,
+    reduce__sample_tiles_per_slide=SAMPLE_PER_SLIDE, cluster__workers=2, cluster__dashboard=False)
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory):
+    """OUT directory with the four slides described (stores only, no maps), and their SyntheticTissue."""
+    root = tmp_path_factory.mktemp("reduce_cohort")
+    tissues = {name: SyntheticTissue(**kw) for name, kw in SLIDES.items()}
+    for name, tissue in tissues.items():
+        write_slide(root / "slides" / f"{name}.svs", tissue)
+    out = root / "out"
+    summary = describe_slides([root / "slides"], out, CONFIG, runner=LocalRunner(), progress=False)
+    assert summary["done"] == len(SLIDES), summary
+    return out, tissues
+
+
+def fresh_copy(described, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(described[0], out)
+    return out
+
+
+def tissue_count(out, slide_id) -> int:
+    return int(read_array(store_path(out, slide_id), "tissue_mask").sum())
+
+
+@pytest.fixture(scope="module")
+def reduced(described, tmp_path_factory):
+    """The described cohort mapped once with PCA, K = 3 (read-only for the tests that use it)."""
+    out = fresh_copy(described, tmp_path_factory.mktemp("reduced"))
+    summary = R.reduce_slides(out, CONFIG, runner=LocalRunner(), progress=False)
+    return out, summary
+
+
+# --- fitting -------------------------------------------------------------------------------------------------------
+
+
+def test_fit_sample_is_bounded_per_slide_and_pca_matches_sklearn(described):
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    out, _ = described
+    stores = list_stores(out)
+    sample, descriptor, info = R.collect_sample(stores, CONFIG)
+    assert tissue_count(out, "big") > 3 * SAMPLE_PER_SLIDE
+    assert info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE  # the big slide does not dominate
+    assert info["sample_tiles"]["sparse"] == tissue_count(out, "sparse") < 20
+    assert descriptor == R.descriptor_signature(read_attrs(stores[0]))
+
+    reducer = R.fit_reducer(stores, CONFIG)
+    assert reducer.fit_info["sample_rows"] == len(sample)
+    z = StandardScaler().fit_transform(sample.astype(np.float64))
+    sk = PCA(n_components=3).fit(z)
+    ours, theirs = reducer.project(sample), sk.transform(z)
+    signs = np.sign((ours * theirs).sum(axis=0))
+    np.testing.assert_allclose(ours, theirs * signs, atol=1e-6)
+    np.testing.assert_allclose(reducer.explained_variance_ratio[:3], sk.explained_variance_ratio_, rtol=1e-6)
+
+    # scaling: the cohort's 1st / 99th percentiles go to 0 / 1, values are clipped into [0, 1]
+    scaled = reducer.transform(sample)
+    assert scaled.dtype == np.float32 and scaled.min() == 0 and scaled.max() == 1
+    for k in range(3):
+        assert 0.003 < np.mean(scaled[:, k] == 0) < 0.03 and 0.003 < np.mean(scaled[:, k] == 1) < 0.03
+    np.testing.assert_allclose(np.median(scaled, axis=0),
+                               (np.median(ours, axis=0) - reducer.low) / (reducer.high - reducer.low), atol=1e-6)
+
+
+def test_incremental_pca_agrees_with_exact_pca(monkeypatch):
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    x = ((rng.normal(size=(3000, 12)) * [6, 4, 2.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]) @ basis.T + 10).astype(np.float32)
+    exact = R.fit_pca_on_sample(x, ReduceConfig(components=3))
+    monkeypatch.setattr(R, "IPCA_BATCH_BYTES", 8 * 12 * 400)  # 400-row batches
+    inc = R.fit_pca_on_sample(x, ReduceConfig(components=3, incremental_above_mb=0.01))
+    assert exact.fit_info["solver"].startswith("PCA") and inc.fit_info["solver"].startswith("IncrementalPCA")
+    np.testing.assert_allclose(inc.components_matrix, exact.components_matrix, atol=2e-3)
+    assert np.abs(inc.transform(x) - exact.transform(x)).max() < 0.01
+
+
+def test_autoencoder_reconstructs_a_curve_better_than_one_pca_component(tmp_path):
+    rng = np.random.default_rng(0)
+    embed, _ = np.linalg.qr(rng.normal(size=(8, 3)))
+
+    def curve(n):  # points on a bent 1-D curve in 8-D, a little noise
+        t = rng.uniform(-1, 1, n)
+        return (np.c_[t, t ** 2, np.sin(np.pi * t)] @ embed.T + rng.normal(0, 0.01, (n, 8))).astype(np.float32)
+
+    train, test = curve(1500), curve(500)
+    cfg = ReduceConfig(method="autoencoder", components=1, ae_hidden_units=32, ae_epochs=100, ae_batch_size=128,
+                       ae_learning_rate=1e-2, ae_patience=10)
+    ae = R.fit_on_sample(train, cfg)
+    pca = R.fit_on_sample(train, ReduceConfig(method="pca", components=1))
+    ae_err = np.mean((ae.reconstruct(test) - test) ** 2)
+    pca_err = np.mean((pca.reconstruct(test) - test) ** 2)
+    assert ae_err < 0.5 * pca_err, (ae_err, pca_err)
+    assert ae.fit_info["training"]["epochs_run"] <= 100
+
+    ae.save(tmp_path / "ae")
+    assert {p.name for p in (tmp_path / "ae").iterdir()} == {R.REDUCER_JSON, R.REDUCER_ARRAYS, R.AUTOENCODER_FILE}
+    loaded = R.load_reducer(tmp_path / "ae")
+    assert isinstance(loaded, R.AutoencoderReducer) and loaded.hash == ae.hash
+    np.testing.assert_array_equal(loaded.transform(test), ae.transform(test))
+
+
+# --- the stage -----------------------------------------------------------------------------------------------------
+
+
+def test_reduce_writes_contract_maps_for_all_sizes(reduced):
+    out, summary = reduced
+    assert summary["done"] == len(SLIDES) and summary["failed"] == 0 and summary["reducer"] == "fitted"
+    reducer = R.load_reducer(out / R.REDUCER_DIR)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for slide_id in SLIDES:
+        store = store_path(out, slide_id)
+        grid = read_attrs(store)["tile_grid"]
+        fmap = read_array(store, R.FEATURE_MAP)
+        mask = read_array(store, "tissue_mask")
+        assert fmap.shape == (grid["rows"], grid["cols"], 3) and fmap.dtype == np.float32
+        assert (fmap[~mask] == R.FEATURE_MAP_FILL).all()
+        assert ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
+        attrs = array_attrs(store, R.FEATURE_MAP)
+        assert {k: attrs[k] for k in ("method", "components", "reducer_hash", "fill_value")} == {
+            "method": "pca", "components": 3, "reducer_hash": reducer.hash, "fill_value": -1.0}
+        assert attrs["config_hash"] == R.reduce_settings_hash(CONFIG.reduce)
+        picture = Image.open(out / R.MAPS_DIR / f"{slide_id}.png")
+        f = display_factor(grid["rows"], grid["cols"])
+        assert picture.size == (grid["cols"] * f, grid["rows"] * f)
+        record = manifest["slides"][slide_id]["stages"]["reduce"]
+        assert record["status"] == "done" and record["tissue_cells"] == int(mask.sum())
+    assert read_array(store_path(out, "big"), R.FEATURE_MAP).shape[:2] == (30, 40)
+    assert 0 < tissue_count(out, "sparse") < 20
+    assert (out / R.MAPS_DIR / R.EXPLAINED_VARIANCE_PNG).is_file()
+
+
+def test_planted_lesion_separates_in_the_map(reduced, described):
+    from sklearn.metrics import roc_auc_score
+
+    out, _ = reduced
+    tissue = described[1]["lesion"]
+    store = store_path(out, "lesion")
+    fmap = read_array(store, R.FEATURE_MAP)
+    boxes = TileGrid.from_dict(read_attrs(store)["tile_grid"]).tile_boxes_l0()
+    offsets = (np.arange(8) + 0.5) / 8  # 8 x 8 points per tile
+    xs = boxes[..., 0, None, None] + offsets[None, :] * boxes[..., 2, None, None]
+    ys = boxes[..., 1, None, None] + offsets[:, None] * boxes[..., 3, None, None]
+    lesion_fraction = tissue.lesion_at(*np.broadcast_arrays(xs, ys)).mean(axis=(-2, -1))
+    mask = read_array(store, "tissue_mask")
+    inside, outside = mask & (lesion_fraction >= 0.75), mask & (lesion_fraction == 0)
+    assert inside.sum() >= 8 and outside.sum() >= 30
+    truth = np.r_[np.ones(inside.sum()), np.zeros(outside.sum())]
+    aucs = [roc_auc_score(truth, np.r_[fmap[inside][:, k], fmap[outside][:, k]]) for k in range(3)]
+    assert max(max(a, 1 - a) for a in aucs) > 0.9, aucs
+
+
+def test_saved_reducer_gives_identical_maps_and_maps_new_output_without_refit(reduced, described, tmp_path):
+    out, _ = reduced
+    saved = out / R.REDUCER_DIR
+    with np.load(saved / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
+        assert all(npz[k].dtype != object for k in npz.files)
+    loaded = R.load_reducer(saved)
+    store = store_path(out, "lesion")
+    stored = read_array(store, R.FEATURE_MAP)
+    assert loaded.hash == array_attrs(store, R.FEATURE_MAP)["reducer_hash"]
+    np.testing.assert_array_equal(R.compute_feature_map(store, loaded), stored)
+
+    # a new output directory mapped with --reducer: no fit, the reducer's K wins over the config's
+    new_out = fresh_copy(described, tmp_path)
+    summary = R.reduce_slides(new_out, CONFIG.with_overrides(reduce__components=1), reducer_path=saved,
+                              runner=LocalRunner(), progress=False)
+    assert summary["reducer"] == "loaded" and summary["reducer_hash"] == loaded.hash and summary["done"] == 4
+    copied = json.loads((new_out / R.REDUCER_DIR / R.REDUCER_JSON).read_text())
+    assert copied["fit"] == json.loads((saved / R.REDUCER_JSON).read_text())["fit"]
+    for slide_id in SLIDES:
+        np.testing.assert_array_equal(read_array(store_path(new_out, slide_id), R.FEATURE_MAP),
+                                      read_array(store_path(out, slide_id), R.FEATURE_MAP))
+    # the Python API: map_slide with a directory path (as predict does)
+    again = R.map_slide(store_path(new_out, "big"), new_out)  # an output directory holding reducer/
+    np.testing.assert_array_equal(again, read_array(store_path(out, "big"), R.FEATURE_MAP))
+
+
+def test_damaged_or_mismatched_reducers_are_typed_errors(reduced, tmp_path):
+    out, _ = reduced
+    bad = tmp_path / "bad"
+    shutil.copytree(out / R.REDUCER_DIR, bad)
+    with np.load(bad / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["low"] = arrays["low"] + 1.0
+    np.savez(bad / R.REDUCER_ARRAYS, **arrays)
+    with pytest.raises(ReducerError, match="content hash"):
+        R.load_reducer(bad)
+    with pytest.raises(ReducerError, match="no reducer.json"):
+        R.load_reducer(tmp_path / "nowhere")
+
+    renamed = {"name": "stats", "dims": 25, "feature_names": [f"f{i}" for i in range(25)]}
+    other = R.fit_on_sample(np.random.default_rng(0).normal(size=(60, 25)), ReduceConfig(), renamed)
+    with pytest.raises(ReducerMismatchError, match="other feature names") as err:
+        R.map_slide(store_path(out, "plain"), other)
+    assert err.value.code == "reducer_mismatch" and "plain.zarr" in str(err.value)
+    narrow = R.fit_on_sample(np.random.default_rng(0).normal(size=(60, 5)), ReduceConfig())
+    with pytest.raises(ReducerMismatchError, match="5 'array' descriptors"):
+        R.map_slide(store_path(out, "plain"), narrow)
+
+
+def test_rerun_skips_unchanged_slides_and_redoes_stale_ones(described, tmp_path):
+    out = fresh_copy(described, tmp_path)
+
+    def run(config=CONFIG):
+        return R.reduce_slides(out, config, runner=LocalRunner(), progress=False)
+
+    def map_stamps():
+        return {s: (store_path(out, s) / R.FEATURE_MAP / "zarr.json").stat().st_mtime_ns for s in SLIDES}
+
+    first = run()
+    stamps = map_stamps()
+    second = run()
+    assert (second["reducer"], second["done"], second["skipped"]) == ("reused", 0, 4)
+    assert map_stamps() == stamps and second["reducer_hash"] == first["reducer_hash"]
+
+    # one slide described again (new fingerprint), one picture deleted: only those two are redone; the refit on
+    # the same descriptors gives the same reducer, so the other maps stay
+    import zarr
+
+    zarr.open_group(str(store_path(out, "plain")), mode="r+").attrs["fingerprint"] = "re-described"
+    (out / R.MAPS_DIR / "big.png").unlink()
+    third = run()
+    assert third["reducer"] == "fitted" and third["reducer_hash"] == first["reducer_hash"]
+    assert (third["done"], third["skipped"]) == (2, 2)
+    now = map_stamps()
+    assert now["lesion"] == stamps["lesion"] and now["plain"] != stamps["plain"]
+
+    fourth = run(CONFIG.with_overrides(reduce__components=2))  # other settings: new reducer, every map redone
+    assert fourth["reducer"] == "fitted" and fourth["done"] == 4
+    assert read_array(store_path(out, "sparse"), R.FEATURE_MAP).shape[-1] == 2
+
+
+def test_autoencoder_stage_saves_and_reloads_identical_maps(described, tmp_path):
+    out = fresh_copy(described, tmp_path)
+    cfg = CONFIG.with_overrides(reduce__method="autoencoder", reduce__components=2, reduce__ae_epochs=5,
+                                reduce__ae_hidden_units=16)
+    summary = R.reduce_slides(out, cfg, runner=LocalRunner(), progress=False)
+    assert summary["done"] == 4 and summary["method"] == "autoencoder"
+    assert (out / R.REDUCER_DIR / R.AUTOENCODER_FILE).is_file()
+    assert not (out / R.MAPS_DIR / R.EXPLAINED_VARIANCE_PNG).exists()
+    loaded = R.load_reducer(out / R.REDUCER_DIR)
+    for slide_id in ("lesion", "sparse"):
+        store = store_path(out, slide_id)
+        fmap = read_array(store, R.FEATURE_MAP)
+        mask = read_array(store, "tissue_mask")
+        assert fmap.shape[-1] == 2 and (fmap[~mask] == -1).all() and ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
+        np.testing.assert_array_equal(R.compute_feature_map(store, loaded), fmap)
+
+
+def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
+    out = fresh_copy(described, tmp_path)
+    # no --config: the settings describe saved in OUT/config.yaml (2 workers), K from the command line
+    assert main(["reduce", "--out", str(out), "--components", "1", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "reduce: slides 4, done 4, skipped 0, failed 0, method pca, components 1, reducer fitted" in printed
+    loaded = R.load_reducer(out / R.REDUCER_DIR)
+    assert loaded.components == 1 and loaded.fit_info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE
+    for slide_id in SLIDES:  # computed on the workers, identical to an in-process transform
+        store = store_path(out, slide_id)
+        np.testing.assert_array_equal(read_array(store, R.FEATURE_MAP), R.compute_feature_map(store, loaded))
+
+    assert main(["reduce", "--out", str(out), "--reducer", str(out / "reducer"), "--method", "autoencoder"]) == 2
+    assert "--method autoencoder (the reducer has pca) conflicts" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["reduce", "--out", str(empty)]) == 1
+    assert "no described slides" in capsys.readouterr().err
