@@ -10,7 +10,12 @@ Heavy dependencies (TensorFlow/Keras, Dask) are imported only by the stages that
 
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# TensorFlow's C++ start-up banners (CPU instruction sets, absl) say nothing a user can act on; errors still show.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .config import PipelineConfig, load_config  # noqa: E402
 from .describe import describe_slide, describe_slides  # noqa: E402
@@ -25,3 +30,7 @@ __all__ += ["predict_slide"]
 from .reduce import load_reducer, map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
 
 __all__ += ["map_slide", "load_reducer"]
+
+from .api import cam_slide, model_describe_config  # noqa: E402  (Grad-CAM of one slide, a model's describe settings)
+
+__all__ += ["cam_slide", "model_describe_config"]

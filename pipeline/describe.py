@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .config import PipelineConfig
+from .config import PipelineConfig, dump_config, load_config
 from .descriptors import compute_descriptors, descriptor_names
 from .errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
-from .config import dump_config, load_config
 from .outputs import Manifest, atomic_write_text, output_lock
-from .parallel import LocalRunner, task_runner
+from .parallel import LocalRunner, runner_for
 from .progress import Progress
 from .readers import choose_reader, open_reader
 from .slides import find_slides, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
@@ -167,11 +165,8 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
     """
     config = config or PipelineConfig()
     out_dir = Path(out_dir)
-    with output_lock(out_dir, command="describe"):
-        if runner is not None:
-            return _describe(inputs, out_dir, config, runner, progress, errors)
-        with task_runner(config.cluster) as own_runner:
-            return _describe(inputs, out_dir, config, own_runner, progress, errors)
+    with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:
+        return _describe(inputs, out_dir, config, active, progress, errors)
 
 
 def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: bool | None,
@@ -184,9 +179,14 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     paths, ignored = find_slides(inputs)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
+    collision_keys: set[str] = set()
     for path, slide_id, other in collisions:
         err = DuplicateSlideIdError(f"its slide id '{slide_id}' is already used by {other}", path=path)
         key = f"{slide_id}@{Path(path).name}"
+        if key in collision_keys:
+            # the same file name in several folders (e.g. DICOM instances): each needs its own manifest record
+            key = f"{slide_id}@{path}"
+        collision_keys.add(key)
         errors[key] = err
         manifest.slides[key] = {"status": "failed", "error": err.to_record(), "path": str(path), "mpp": None,
                                 "mpp_source": None, "tiles": 0, "seconds": 0.0}

@@ -65,12 +65,81 @@ def _pyramid_levels(width: int, height: int, tile_px: int, factor: int = 4) -> l
     return levels
 
 
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of the runs of equal values in a 1-D array."""
+    starts = np.flatnonzero(np.diff(idx)) + 1
+    starts = np.concatenate(([0], starts))
+    lengths = np.diff(np.concatenate((starts, [len(idx)])))
+    return idx[starts], lengths
+
+
+class _LevelRenderer:
+    """The tiles of one pyramid level, each expanded from the colours of the few grid cells it shows.
+
+    Equal to ``colorize(render_scores(...))`` tile by tile (the same cell per pixel, the same colours): the cell
+    colours are computed once, each tile is the cells' colours repeated over their pixel runs. ``key`` identifies a
+    tile's content (its colours and run lengths) so that identical tiles are encoded once.
+    """
+
+    def __init__(self, scores: np.ndarray, grid: TileGrid, lut: np.ndarray, width: int, height: int, ds: int,
+                 tile_px: int, background=(255, 255, 255)):
+        self.tile_px = tile_px
+        lw, lh = math.ceil(width / ds), math.ceil(height / ds)
+        self.nx, self.ny = math.ceil(lw / tile_px), math.ceil(lh / tile_px)
+        # cell of every pixel column / row of the level (tiles past the level's edge included), -1 -> the extra
+        # background cell at index rows / cols
+        xs = (np.arange(self.nx * tile_px) + 0.5) * ds
+        ys = (np.arange(self.ny * tile_px) + 0.5) * ds
+        cols = cell_index(xs, grid.stride_l0_px, grid.tile_l0_px, grid.cols)
+        rows = cell_index(ys, grid.stride_l0_px, grid.tile_l0_px, grid.rows)
+        self.cols = np.where(cols < 0, grid.cols, cols)
+        self.rows = np.where(rows < 0, grid.rows, rows)
+        colours = np.empty((grid.rows + 1, grid.cols + 1, 3), dtype=np.uint8)
+        colours[:] = background
+        colours[:-1, :-1] = colorize(np.asarray(scores).astype(np.float32), lut, background)
+        self.colours = colours
+
+    def tiles(self) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
+        """(key, cell colours (nr, nc, 3), row run lengths, column run lengths) of each tile, row-major."""
+        t = self.tile_px
+        col_runs = [_runs(self.cols[tx * t:(tx + 1) * t]) for tx in range(self.nx)]
+        for ty in range(self.ny):
+            ur, nr = _runs(self.rows[ty * t:(ty + 1) * t])
+            band = self.colours[ur]
+            for uc, nc in col_runs:
+                sub = band[:, uc]
+                yield sub.tobytes() + nr.tobytes() + nc.tobytes() + np.int64(len(ur)).tobytes(), sub, nr, nc
+
+    @staticmethod
+    def expand(sub: np.ndarray, nr: np.ndarray, nc: np.ndarray) -> np.ndarray:
+        if sub.shape[0] == 1 and sub.shape[1] == 1:
+            tile = np.empty((int(nr[0]), int(nc[0]), 3), dtype=np.uint8)
+            tile[:] = sub[0, 0]
+            return tile
+        return np.repeat(np.repeat(sub, nr, axis=0), nc, axis=1)
+
+
 def _level_tiles(scores, grid, lut, width, height, ds, tile_px) -> Iterator[np.ndarray]:
-    lw, lh = math.ceil(width / ds), math.ceil(height / ds)
-    for ty in range(0, lh, tile_px):
-        for tx in range(0, lw, tile_px):
-            tile_scores = render_scores(scores, grid, tx, ty, tile_px, tile_px, ds)
-            yield colorize(tile_scores, lut)
+    """The RGB tiles of one level, row-major (each tile_px x tile_px, past the level's edge too)."""
+    level = _LevelRenderer(scores, grid, lut, width, height, ds, tile_px)
+    for _, sub, nr, nc in level.tiles():
+        yield level.expand(sub, nr, nc)
+
+
+def _encoded_level_tiles(scores, grid, lut, width, height, ds, tile_px, encode,
+                         cache_entries: int = 2048) -> Iterator[bytes]:
+    """The tiles of one level, encoded; a tile equal to a recent one reuses its bytes (most heatmap tiles are
+    one flat colour, a few hundred distinct ones per slide)."""
+    level = _LevelRenderer(scores, grid, lut, width, height, ds, tile_px)
+    cache: dict[bytes, bytes] = {}
+    for key, sub, nr, nc in level.tiles():
+        data = cache.get(key)
+        if data is None:
+            data = encode(level.expand(sub, nr, nc))
+            if len(cache) >= cache_entries:
+                cache.clear()
+            cache[key] = data
+        yield data
 
 
 def write_heatmap_tiff(path: str | Path, scores: np.ndarray, grid: TileGrid, *, tile_px: int = 256,
@@ -78,22 +147,32 @@ def write_heatmap_tiff(path: str | Path, scores: np.ndarray, grid: TileGrid, *, 
     """A pyramidal, tiled, JPEG-compressed RGB TIFF of the heatmap with the slide's level-0 size and mpp.
 
     OpenSlide reads it as a generic TIFF (levels at downsamples 1, 4, 16, ...), QuPath/ASAP can overlay it on the
-    slide. Rendered and written tile by tile: memory stays at a few tiles whatever the slide's size.
+    slide. Rendered, encoded and written tile by tile: memory stays at a few tiles whatever the slide's size (the
+    tiles are encoded here, one at a time, and handed to tifffile as bytes, so tifffile's multi-threaded encoder,
+    which buffers up to 512 MB of raw tiles on machines with 4+ cores, is never used). Tiles equal to a recent one
+    (the flat-coloured tiles inside one grid cell, most of level 0) are encoded once.
     """
     import tifffile
 
     width, height = grid.slide_width_px, grid.slide_height_px
     lut = colormap_lut(cmap)
     res_per_cm = 1e4 / grid.slide_mpp
+    # exactly what tifffile does for compression="jpeg" on RGB tiles: YCbCr with 2x2 chroma subsampling
+    jpeg_encode = tifffile.TIFF.COMPRESSORS[7]
+
+    def encode(tile: np.ndarray) -> bytes:
+        return jpeg_encode(tile, level=quality, subsampling=(2, 2), colorspace="RGB", outcolorspace="YCBCR")
+
     with atomic_output_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             for i, ds in enumerate(_pyramid_levels(width, height, tile_px)):
                 lw, lh = math.ceil(width / ds), math.ceil(height / ds)
                 tif.write(
-                    _level_tiles(scores, grid, lut, width, height, ds, tile_px),
+                    _encoded_level_tiles(scores, grid, lut, width, height, ds, tile_px, encode),
                     shape=(lh, lw, 3), dtype=np.uint8, tile=(tile_px, tile_px), compression="jpeg",
-                    compressionargs={"level": quality}, photometric="rgb", subfiletype=1 if i else 0,
-                    resolution=(res_per_cm / ds, res_per_cm / ds), resolutionunit="CENTIMETER", metadata=None,
+                    compressionargs={"level": quality}, subsampling=(2, 2), photometric="rgb",
+                    subfiletype=1 if i else 0, resolution=(res_per_cm / ds, res_per_cm / ds),
+                    resolutionunit="CENTIMETER", metadata=None,
                 )
     return Path(path)
 
@@ -168,7 +247,11 @@ def save_overlay_png(path: str | Path, thumbnail: np.ndarray, scores: np.ndarray
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
     ax.imshow(thumbnail)
     masked = np.ma.masked_invalid(on_thumb)
-    im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
+    # interpolation_stage="data": the scores are resampled to the figure's pixels before the colormap. With
+    # "nearest" this draws the same pixels as colouring first, without the float64 RGBA copies of the whole
+    # thumbnail-sized layer that matplotlib makes when it colours first (~200 MB for a 4-gigapixel slide).
+    im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="nearest",
+                   interpolation_stage="data")
     ax.set_title(title, fontsize=10)
     ax.set_axis_off()
     bar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)

@@ -169,3 +169,13 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:
         yield DaskRunner(client, cluster.retries, dashboard=cluster.dashboard)
+
+
+@contextlib.contextmanager
+def runner_for(runner, cluster: ClusterConfig | None) -> Iterator[LocalRunner | DaskRunner]:
+    """The given runner, or one made from ``cluster`` for the duration of the block."""
+    if runner is not None:
+        yield runner
+        return
+    with task_runner(cluster) as own:
+        yield own

@@ -44,7 +44,7 @@ import zarr
 from .config import PipelineConfig, ReduceConfig
 from .errors import MissingInputError, ReducerError, ReducerMismatchError, SlideError, error_record
 from .outputs import Manifest, output_lock
-from .parallel import LocalRunner, task_runner
+from .parallel import LocalRunner, runner_for
 from .progress import Progress
 from .store import array_attrs, list_stores, package_versions, read_array, read_attrs, slides_dir, write_array
 
@@ -771,11 +771,8 @@ def reduce_slides(out_dir: str | Path, config: PipelineConfig | None = None, red
     """
     config = config or PipelineConfig()
     out_dir = Path(out_dir)
-    with output_lock(out_dir, command="reduce"):
-        if runner is not None:
-            return _reduce(out_dir, config, reducer_path, runner, progress, errors)
-        with task_runner(config.cluster) as own_runner:
-            return _reduce(out_dir, config, reducer_path, own_runner, progress, errors)
+    with output_lock(out_dir, command="reduce"), runner_for(runner, config.cluster) as active:
+        return _reduce(out_dir, config, reducer_path, active, progress, errors)
 
 
 def _obtain_reducer(out_dir: Path, stores: list[Path], config: PipelineConfig, reducer_path, runner

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
