@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
     import dask
     import distributed
 
+    from pipeline.parallel import WORKER_ENV
+
+    # what the workers get: Dask's defaults plus the pipeline's own (pipeline.parallel.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update({key.rsplit(".", 1)[1]: value for key, value in WORKER_ENV.items()})
     if args.malloc_mmap_threshold:
         environ["MALLOC_MMAP_THRESHOLD_"] = args.malloc_mmap_threshold
     result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}

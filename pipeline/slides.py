@@ -330,6 +330,12 @@ def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
             continue
         if pil is None:
             pil = Image.fromarray(image)
+        factor = bw / out_w
+        if factor == bh / out_h and factor >= 2 and factor.is_integer() and all(float(v).is_integer() for v in box):
+            # Whole-factor shrink of a pixel-aligned box (e.g. 0.25 -> 0.5 µm/px): PIL's reduce() is the same area
+            # average, 3x faster than resize(BOX); rounding may differ by 1 grey level.
+            out.append(np.asarray(pil.crop(tuple(int(v) for v in box)).reduce(int(factor))))
+            continue
         shrinking = bw >= out_w and bh >= out_h
         method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
         out.append(np.asarray(pil.resize((out_w, out_h), method, box=box)))

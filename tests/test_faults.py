@@ -39,19 +39,22 @@ CONFIG = config_from_dict({"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 
 
 SLOW_BLOCKS = """
 # Dask worker preload for tests/test_faults.py: each describe block waits {delay} s before its real work.
+# Dask may run a preload more than once in a process: wrap the real function, never an earlier wrapper.
 import time
 
 import pipeline.describe as _describe
 
-_real_describe_block = _describe.describe_block
+
+def _install(real):
+    def slow_describe_block(*args, **kwargs):
+        time.sleep({delay})
+        return real(*args, **kwargs)
+
+    slow_describe_block.__wrapped__ = real
+    _describe.describe_block = slow_describe_block
 
 
-def _slow_describe_block(*args, **kwargs):
-    time.sleep({delay})
-    return _real_describe_block(*args, **kwargs)
-
-
-_describe.describe_block = _slow_describe_block
+_install(getattr(_describe.describe_block, "__wrapped__", _describe.describe_block))
 """
 
 
@@ -143,17 +146,21 @@ def test_worker_killed_mid_slide_is_rescheduled_and_the_run_completes(big_slides
     slides = [big_slides / "big-0.svs", big_slides / "big-1.svs"]
     slide_ids = ["big-0", "big-1"]
     out = tmp_path / "out"
-    with dask.config.set({"distributed.worker.preload": [str(slow_preload)]}), task_runner(CONFIG.cluster) as runner:
-        client = runner.client
-        pids = client.run(os.getpid)
-        assert len(pids) == 2
-        with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
+        with dask.config.set({"distributed.worker.preload": [str(slow_preload)]}), \
+                task_runner(CONFIG.cluster) as runner:
+            client = runner.client
+            pids = client.run(os.getpid)
+            assert len(pids) == 2
             run = pool.submit(describe_slides, slides, out, CONFIG, runner=runner, progress=False)
             victim = wait_for(lambda: _busy_worker(client, out, slide_ids), 60, "blocks written and a busy worker")
             done_at_kill = {s: len(markers(out, s)) for s in slide_ids}
             os.kill(pids[victim], signal.SIGKILL)
             summary = run.result(timeout=120)
-        after = client.run(os.getpid)
+            after = client.run(os.getpid)
+    finally:
+        pool.shutdown(wait=False)  # on failure, closing the cluster above has already ended the run's thread
     assert pids[victim] not in after.values()  # the killed process is gone; the nanny started a new one
     assert all(n < tissue_blocks(store_path(out, s)) for s, n in done_at_kill.items())  # it was mid-slide
     assert summary["done"] == 2 and summary["failed"] == 0
@@ -203,7 +210,7 @@ def test_run_killed_with_sigkill_resumes_only_the_missing_work(big_slides, slow_
         written = markers(out, slide_id)
         stamps[slide_id] = {m: chunk_file(partial, m).stat().st_mtime_ns for m in written}
         unfinished[slide_id] = tissue_blocks(partial) - len(written)
-    assert any(stamps.values()) and all(n > 0 for n in unfinished.values())
+    assert any(stamps.values()) and any(n > 0 for n in unfinished.values())  # killed part-way through a slide
     finished_stamps = {s: (store_path(out, s) / "zarr.json").stat().st_mtime_ns for s in done_before}
     killed_ns = time.time_ns()
 
