@@ -3,14 +3,14 @@
 Builds (cached in ``--work-dir``, default ``/tmp/wsi-bench-cam``) a fake slide store for a 4-gigapixel slide without
 any slide file: 80000 x 50000 level-0 px at 0.25 µm/px, a tile grid at 0.5 µm/px with 256-px tiles (512 level-0 px,
 156 x 97 cells), a ``cam`` grid with a few smooth hot blobs on an elliptical "tissue" region and NaN elsewhere, and a
-thumbnail at ``mask_downsample`` 32 (2500 x 1562 x 3). Then runs ``pipeline.cam.render_slide_outputs`` on it, as the
+thumbnail at ``mask_downsample`` 32 (2500 x 1562 x 3). Then runs ``pipeline.heatmaps.render_slide_outputs`` on it, as the
 ``cam`` command's workers do, in a fresh child process (its own interpreter) and reports:
 
 * ``peak_rss_mb``: the child's peak resident memory (``VmHWM``; it is reset before each of the three outputs, via
   ``/proc/self/clear_refs``, so that ``phases`` gives each output's own peak, and ``peak_rss_mb`` is the highest of
   them and of what came before). It includes the interpreter and every import of the task: ``import_rss_mb`` is
-  the part taken before any output is written (``pipeline.cam`` imports ``pipeline.model``, which imports
-  Keras/TensorFlow: ~480 MB of it; ``--without-keras`` is the what-if without it). ``sampled_rss_mb`` (psutil from
+  the part taken before any output is written. The task lives in ``pipeline.heatmaps`` and imports no Keras;
+  ``--with-keras`` is the what-if of a process that also imported ``pipeline.cam`` (Keras/TensorFlow, ~480 MB). ``sampled_rss_mb`` (psutil from
   the parent every 20 ms) is an independent cross-check;
 * ``seconds`` (wall time of ``render_slide_outputs``), ``cpu_seconds``, and a per-output breakdown;
 * ``tiff_mb``, ``png_kb``, ``geojson_kb``; the TIFF is opened with OpenSlide: ``dims_ok`` (level 0 is the slide's
@@ -23,7 +23,7 @@ target is met and every check passed.
     python benchmarks/cam_outputs_memory.py                  # 80000 x 50000 (4.0 gigapixels)
     python benchmarks/cam_outputs_memory.py --quick          # 40000 x 25000 (1.0 gigapixel)
     python benchmarks/cam_outputs_memory.py --width 120000 --height 90000
-    python benchmarks/cam_outputs_memory.py --without-keras  # what-if: pipeline.cam without Keras/TensorFlow
+    python benchmarks/cam_outputs_memory.py --with-keras     # what-if: Keras/TensorFlow imported too
 
 Prints one JSON object.
 """
@@ -157,16 +157,12 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(store: str, out_dir: str, slide_id: str, without_keras: bool = False) -> None:
+def child(store: str, out_dir: str, slide_id: str, with_keras: bool = False) -> None:
     """Run ``render_slide_outputs`` once in this (fresh) process; print one JSON line about it."""
-    if without_keras:
-        # what-if: pipeline.cam without pipeline.model (which imports Keras/TensorFlow at module level);
-        # render_slide_outputs does not use it
-        import types
-
-        sys.modules["pipeline.model"] = types.ModuleType("pipeline.model")
-
-    import pipeline.cam as cam_mod
+    if with_keras:
+        # what-if: a process that also ran Grad-CAM holds: Keras/TensorFlow imported (workers of `cam` do not import it:
+        # the render task lives in pipeline.heatmaps)
+        import pipeline.cam  # noqa: F401
     import pipeline.heatmaps as heatmaps
 
     # everything the task imports, before it runs: the interpreter's baseline for this work
@@ -202,8 +198,9 @@ def child(store: str, out_dir: str, slide_id: str, without_keras: bool = False) 
 
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    paths = cam_mod.render_slide_outputs(store, out_dir, slide_id, THRESHOLD, TIFF_TILE_PX,
-                                         f"{slide_id}: true tumor / predicted tumor (p=0.90)")
+    targets = {ext: Path(out_dir) / "cam" / f"{slide_id}.{ext}" for ext in ("png", "tiff", "geojson")}
+    paths = heatmaps.render_slide_outputs(store, targets, THRESHOLD, TIFF_TILE_PX,
+                                          f"{slide_id}: true tumor / predicted tumor (p=0.90)")
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak["kb"] = max(peak["kb"], _vm_kb("VmHWM"))
@@ -237,10 +234,10 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def run_child(store: Path, out_dir: Path, slide_id: str, without_keras: bool = False) -> dict:
+def run_child(store: Path, out_dir: Path, slide_id: str, with_keras: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(store), str(out_dir), slide_id]
-    if without_keras:
-        cmd.append("--without-keras")
+    if with_keras:
+        cmd.append("--with-keras")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     sampler = None
     try:
@@ -316,9 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help=f"a {QUICK_SIZE[0]}x{QUICK_SIZE[1]} (1-gigapixel) slide")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wsi-bench-cam"),
                         help="where the fake store is cached and the outputs are written")
-    parser.add_argument("--without-keras", action="store_true",
-                        help="what-if: the child imports pipeline.cam without pipeline.model, so without "
-                             "Keras/TensorFlow (see benchmarks/README.md)")
+    parser.add_argument("--with-keras", action="store_true",
+                        help="what-if: the child also imports pipeline.cam (Keras/TensorFlow), as a process that "
+                             "ran Grad-CAM itself would")
     args = parser.parse_args(argv)
     width, height = QUICK_SIZE if args.quick else FULL_SIZE
     width, height = args.width or width, args.height or height
@@ -331,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
 
-    res = run_child(store, out_dir, slide_id, args.without_keras)
+    res = run_child(store, out_dir, slide_id, args.with_keras)
     paths = {k: Path(v) for k, v in res["paths"].items()}
     checks = check_tiff(paths["tiff"], store, width, height)
     geo = json.loads(paths["geojson"].read_text())
@@ -363,6 +360,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 5 and sys.argv[1] == "--child":
-        child(*sys.argv[2:5], without_keras="--without-keras" in sys.argv[5:])
+        child(*sys.argv[2:5], with_keras="--with-keras" in sys.argv[5:])
     else:
         sys.exit(0 if main()["ok"] else 1)

@@ -74,24 +74,6 @@ def _ensure_feature_map(store: Path, model_dir: Path) -> None:
                                     "`wsi-pipeline train` after `reduce` (it carries reducer/).")
 
 
-def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
-    """Grad-CAM of one map with one or several (k-fold) split models: CAMs and probabilities averaged over them.
-
-    Returns (cam (rows, cols) float32, NaN off tissue; mean probabilities; the class explained).
-    """
-    from .cam import slide_cam
-
-    cams, probs_list = [], []
-    for cam_model in cam_models:
-        cam, probs, _ = slide_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap)
-        cams.append(cam)
-        probs_list.append(probs)
-    probs = np.mean(probs_list, axis=0)
-    cls = int(probs.argmax()) if cam_cfg.class_index is None else int(cam_cfg.class_index)
-    cam = np.nanmean(np.stack(cams), axis=0) if len(cams) > 1 else cams[0]
-    return cam.astype(np.float32), probs, cls
-
-
 def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str | Path | None = None,
               config: PipelineConfig | None = None) -> dict:
     """Grad-CAM of one slide with a saved model, in this process.
@@ -107,10 +89,11 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
     {label: p}, "cam": (rows, cols) float32 array in [0, 1] (NaN off tissue), "png", "tiff", "geojson",
     "skipped": True when the CAM and its files were already current}. Raises the slide's typed error.
     """
-    from .cam import _entry, cam_hash, default_cam_layer, render_slide_outputs, slide_outputs, split_model
+    from .cam import _entry, default_cam_layer, slide_outputs, split_model, update_store_cam
+    from .heatmaps import render_slide_outputs
     from .evaluate import TrainedModel
     from .outputs import Manifest, output_lock
-    from .store import array_attrs, read_array, read_attrs, write_array
+    from .store import read_attrs
 
     config = config or PipelineConfig()
     model_dir = Path(model_dir)
@@ -131,24 +114,13 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
         slide_id = (read_attrs(store) or {}).get("slide_id") or store.name[: -len(".zarr")]
         tcfg = trained.train_config
         layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
-        digest = cam_hash(trained.info, config.cam, layer, array_attrs(store, "feature_map"))
         paths = slide_outputs(out_dir, slide_id)
-        old = array_attrs(store, "cam")
-        skipped = bool(old and old.get("cam_hash") == digest and all(p.exists() for p in paths.values()))
-        if skipped:
-            cam = read_array(store, "cam")
-            probs, cls = np.asarray(old["probabilities"], dtype=np.float32), int(old["class_index"])
-        else:
-            cam_models = [split_model(m, layer) for m in trained.models]
-            cam, probs, cls = slide_cam_with_models(cam_models, read_array(store, "feature_map"), tcfg, config.cam)
-            write_array(store, "cam", cam, attrs={
-                "cam_hash": digest, "layer": layer, "class_index": cls,
-                "class_label": str(trained.mapping.values[cls]), "probabilities": [float(p) for p in probs],
-                "fill_value": "NaN where no tissue"})
+        cam_models = [split_model(m, layer) for m in trained.models]
+        cam, probs, cls, skipped = update_store_cam(store, trained, cam_models, layer, config.cam, paths)
+        if not skipped:
             truth = {k: str(v) for k, v in (trained.info.get("truth") or {}).items()}
             entry = _entry(slide_id, paths, probs, cls, trained, truth, None)
-            render_slide_outputs(str(store), str(out_dir), slide_id, config.cam.hot_threshold,
-                                 config.cam.tiff_tile_px, entry["title"])
+            render_slide_outputs(str(store), paths, config.cam.hot_threshold, config.cam.tiff_tile_px, entry["title"])
             Manifest(home).update_stage(slide_id, "cam", status="done", layer=layer, class_index=cls,
                                         files={k: str(v) for k, v in paths.items()})
     predicted = trained.mapping.values[int(np.argmax(probs))]

@@ -267,22 +267,38 @@ def slide_outputs(out_dir, slide_id: str) -> dict:
     return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
 
 
-def render_slide_outputs(store: str, out_dir: str, slide_id: str, threshold: float, tiff_tile_px: int,
-                         title: str) -> dict:
-    """Worker task: the CAM of one slide (already in its store) -> overlay PNG, pyramidal TIFF, GeoJSON."""
-    from .heatmaps import save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson
-    from .store import read_array, read_attrs
-    from .tiling import TileGrid
+def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
+    """Grad-CAM of one map with one or several (k-fold) split models: CAMs and probabilities averaged over them.
 
-    attrs = read_attrs(store)
-    grid = TileGrid.from_dict(attrs["tile_grid"])
-    cam = read_array(store, "cam")
-    thumbnail = read_array(store, "thumbnail")
-    paths = slide_outputs(out_dir, slide_id)
-    save_overlay_png(paths["png"], thumbnail, cam, grid, float(attrs["mask_downsample"]), title)
-    write_heatmap_tiff(paths["tiff"], cam, grid, tile_px=tiff_tile_px)
-    write_hot_regions_geojson(paths["geojson"], cam, grid, threshold, slide_id)
-    return {k: str(v) for k, v in paths.items()}
+    Returns (cam (rows, cols) float32, NaN off tissue; mean probabilities; the class explained).
+    """
+    cams, probs_list = [], []
+    for cam_model in cam_models:
+        cam, probs, _ = slide_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap)
+        cams.append(cam)
+        probs_list.append(probs)
+    probs = np.mean(probs_list, axis=0)
+    cls = int(probs.argmax()) if cam_cfg.class_index is None else int(cam_cfg.class_index)
+    cam = np.nanmean(np.stack(cams), axis=0) if len(cams) > 1 else cams[0]
+    return cam.astype(np.float32), probs, cls
+
+
+def update_store_cam(store, trained, cam_models, layer: str, cam_cfg, paths: dict):
+    """The ``cam`` array of one store, recomputed only when stale (model, CAM settings, layer, map) or when one of
+    the slide's CAM files is missing. Returns (cam, mean probabilities, class explained, skipped)."""
+    from .store import array_attrs, read_array, write_array
+
+    digest = cam_hash(trained.info, cam_cfg, layer, array_attrs(store, "feature_map"))
+    old = array_attrs(store, "cam")
+    if old and old.get("cam_hash") == digest and all(p.exists() for p in paths.values()):
+        return (read_array(store, "cam"), np.asarray(old["probabilities"], dtype=np.float32),
+                int(old["class_index"]), True)
+    cam, probs, cls = slide_cam_with_models(cam_models, read_array(store, "feature_map"), trained.train_config,
+                                            cam_cfg)
+    write_array(store, "cam", cam, attrs={
+        "cam_hash": digest, "layer": layer, "class_index": cls, "class_label": str(trained.mapping.values[cls]),
+        "probabilities": [float(p) for p in probs], "fill_value": "NaN where no tissue"})
+    return cam, probs, cls, False
 
 
 def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict | None = None,
@@ -301,11 +317,11 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
     from .config import PipelineConfig
     from .evaluate import MODEL_DIR, TrainedModel
     from .errors import PipelineError, error_record
-    from .heatmaps import save_contact_sheet
+    from .heatmaps import render_slide_outputs, save_contact_sheet
     from .outputs import Manifest, output_lock
     from .parallel import LocalRunner
     from .progress import Progress
-    from .store import array_attrs, list_stores, read_array, write_array
+    from .store import list_stores
 
     log = logging.getLogger("pipeline")
     config = config or PipelineConfig()
@@ -330,38 +346,21 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         pending = {}
         for store in stores:
             slide_id = store.name[: -len(".zarr")]
-            map_attrs = array_attrs(store, "feature_map")
-            digest = cam_hash(trained.info, config.cam, layer, map_attrs)
             paths = slide_outputs(out_dir, slide_id)
-            old = array_attrs(store, "cam")
-            if old and old.get("cam_hash") == digest and all(p.exists() for p in paths.values()):
-                skipped += 1
-                bar.slide_done()
-                probs = np.asarray(old["probabilities"], dtype=np.float32)
-                entries.append(_entry(slide_id, paths, probs, int(old["class_index"]), trained, labels,
-                                      split_of.get(slide_id)))
-                continue
-            cams, probs_list = [], []
             try:
-                fmap = read_array(store, "feature_map")
-                for cm in cam_models:  # k-fold: the CAMs of the fold models are averaged
-                    cam, probs, cls = slide_cam(cm, fmap, tcfg, config.cam.class_index, config.cam.window_overlap)
-                    cams.append(cam)
-                    probs_list.append(probs)
-                probs = np.mean(probs_list, axis=0)
-                cls = int(probs.argmax()) if config.cam.class_index is None else int(config.cam.class_index)
-                cam = np.nanmean(np.stack(cams), axis=0) if len(cams) > 1 else cams[0]
-                write_array(store, "cam", cam.astype(np.float32), attrs={
-                    "cam_hash": digest, "layer": layer, "class_index": cls,
-                    "class_label": str(trained.mapping.values[cls]), "probabilities": [float(p) for p in probs],
-                    "fill_value": "NaN where no tissue"})
+                _, probs, cls, current = update_store_cam(store, trained, cam_models, layer, config.cam, paths)
             except PipelineError as err:
                 failed += 1
                 manifest.update_stage(slide_id, "cam", status="failed", error=error_record(err))
                 bar.slide_done(failed=True)
                 continue
+            if current:
+                skipped += 1
+                bar.slide_done()
+                entries.append(_entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id)))
+                continue
             entry = _entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id))
-            runner.submit(render_slide_outputs, str(store), str(out_dir), slide_id, config.cam.hot_threshold,
+            runner.submit(render_slide_outputs, str(store), paths, config.cam.hot_threshold,
                           config.cam.tiff_tile_px, entry["title"], tag=slide_id)
             pending[slide_id] = entry
         while pending and runner.pending():

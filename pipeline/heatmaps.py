@@ -284,3 +284,20 @@ def save_contact_sheet(path: str | Path, entries: list[dict], columns: int = 4, 
     with atomic_output_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return Path(path)
+
+
+def render_slide_outputs(store: str, paths: dict, threshold: float, tiff_tile_px: int, title: str) -> dict:
+    """Worker task: the CAM of one slide (already in its store) -> overlay PNG, pyramidal TIFF, GeoJSON.
+
+    ``paths``: {"png", "tiff", "geojson"} targets. Lives here, not in ``pipeline.cam``, so a worker rendering
+    files never imports Keras (two thirds of its memory otherwise; benchmarks/README.md).
+    """
+    from .store import read_array, read_attrs
+
+    attrs = read_attrs(store)
+    grid = TileGrid.from_dict(attrs["tile_grid"])
+    cam = read_array(store, "cam")
+    save_overlay_png(paths["png"], read_array(store, "thumbnail"), cam, grid, float(attrs["mask_downsample"]), title)
+    write_heatmap_tiff(paths["tiff"], cam, grid, tile_px=tiff_tile_px)
+    write_hot_regions_geojson(paths["geojson"], cam, grid, threshold, attrs.get("slide_id") or Path(store).stem)
+    return {k: str(v) for k, v in paths.items()}
