@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from _common import cpu_model  # benchmarks/ is on sys.path when a script here is run
+
 FULL_SIZE = (80000, 50000)   # 4.0 gigapixels at level 0
 QUICK_SIZE = (40000, 25000)  # 1.0 gigapixel
 SLIDE_MPP = 0.25
@@ -58,6 +60,7 @@ TARGET_RSS_MB = 1024
 
 
 # --- the fake slide store -------------------------------------------------------------------------------------------
+
 
 
 def bench_grid(width: int, height: int):
@@ -294,16 +297,6 @@ def check_tiff(path: Path, store: Path, width: int, height: int) -> dict:
         "background_rgb": bg.tolist(),
         "colour_ok": hot_err < 12 and low_err < 24 and int(np.abs(bg - 255).max()) < 12,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:

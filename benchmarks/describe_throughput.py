@@ -42,11 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from _common import cpu_model  # benchmarks/ is on sys.path when a script here is run
+
 FULL_SIZE = (40000, 25000)   # 1.0 gigapixel at level 0
 QUICK_SIZE = (8000, 6000)
 
 
 # --- the slide ------------------------------------------------------------------------------------------------------
+
 
 
 def bench_slide(work_dir: Path, quick: bool, seed: int = 0) -> Path:
@@ -170,16 +173,6 @@ def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float
         raise RuntimeError(f"describe failed: {Manifest(out_dir).slides}")
     record = next(iter(Manifest(out_dir).slides.values()))
     return seconds, record
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
