@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # what the workers get: Dask's defaults plus the pipeline's own (pipeline.parallel.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    environ.update({key.rsplit(".", 1)[1]: value for key, value in WORKER_ENV.items()})
+    environ.update(WORKER_ENV)
     if args.malloc_mmap_threshold:
         environ["MALLOC_MMAP_THRESHOLD_"] = args.malloc_mmap_threshold
     result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}

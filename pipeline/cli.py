@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ def setup_logging(out_dir: Path | None, command: str, verbose: bool = False) -> 
         return None
     log_dir = Path(out_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log"
-    handler = logging.FileHandler(log_path, encoding="utf-8")
+    log_path = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+    # delay: a run refused by the output lock logs nothing and leaves no empty file behind
+    handler = logging.FileHandler(log_path, encoding="utf-8", delay=True)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)

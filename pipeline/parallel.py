@@ -116,7 +116,13 @@ class DaskRunner:
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which switches off glibc's adaptive mmap threshold: every
 # temporary array above 128 KiB then becomes a fresh mapping with page faults, and describe runs 2-3x slower on
 # workers (benchmarks/README.md). A fixed 32 MiB threshold restores the fast path for tile-sized temporaries.
-WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024)}
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024)}
+
+
+def _worker_env_config() -> dict:
+    """Dask's pre-spawn environment with WORKER_ENV added (set as one whole key: no dotted-key inserts to undo)."""
+    current = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    return {"distributed.nanny.pre-spawn-environ": {**current, **WORKER_ENV}}
 
 
 def default_worker_count() -> int:
@@ -165,7 +171,7 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
         return
     workers = cluster.workers or default_worker_count()
     dashboard = ":0" if cluster.dashboard else None
-    with dask.config.set(WORKER_ENV), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
+    with dask.config.set(_worker_env_config()), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:
         yield DaskRunner(client, cluster.retries, dashboard=cluster.dashboard)

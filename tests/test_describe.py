@@ -54,7 +54,7 @@ def test_cli_end_to_end(small_slides, tmp_path):
         assert np.isfinite(arrays["descriptors"][tissue]).all()
         assert np.isnan(arrays["descriptors"][~tissue]).all()
         assert (arrays["tissue_fraction"][tissue] >= 0.5).all()
-    assert list((out / "logs").glob("*-describe.log"))
+    assert list((out / "logs").glob("*-describe-*.log"))
     assert not list((out / "slides").glob("*.partial"))
 
 

@@ -222,7 +222,7 @@ def test_run_killed_with_sigkill_resumes_only_the_missing_work(big_slides, slow_
     manifest = json.loads((out / "manifest.json").read_text())
     assert {r["status"] for r in manifest["slides"].values()} == {"done"} and len(manifest["slides"]) == 3
     assert manifest["runs"][-1]["skipped"] == len(done_before)
-    rerun_log = sorted((out / "logs").glob("*-describe.log"))[-1].read_text()
+    rerun_log = max((out / "logs").glob("*-describe-*.log"), key=lambda p: p.stat().st_mtime_ns).read_text()
     for slide_id in ("big-0", "big-1", "big-2"):
         assert (f"slide {slide_id} done" in rerun_log) == (slide_id not in done_before)
     # finished slides untouched; chunks finished before the kill kept, the missing ones computed now
