@@ -17,8 +17,13 @@ the input (``crop``) are covered by overlapping windows whose per-cell CAMs are 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -116,32 +121,37 @@ def class_score_gradients(tail, activations: np.ndarray, class_index: int) -> tu
                      fix="Set KERAS_BACKEND=tensorflow or jax.")
 
 
-def gradcam(cam_model: CamModel, inputs: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM of a batch (n, h, w, 3) at the layer's resolution, upsampled to (n, h, w); also the probabilities.
-
-    ``class_index`` None: each input's predicted class. Values are >= 0 and not normalised (normalise per slide).
-    """
+def activations_and_probs(cam_model: CamModel, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass: the layer's activations and the class probabilities of a batch."""
     import keras
 
     activations = np.asarray(keras.ops.convert_to_numpy(cam_model.features(inputs, training=False)), dtype=np.float32)
     probs = np.asarray(keras.ops.convert_to_numpy(cam_model.tail(activations, training=False)), dtype=np.float32)
-    classes = probs.argmax(axis=1) if class_index is None else np.full(len(inputs), class_index)
-    cams = np.empty((len(inputs),) + inputs.shape[1:3], dtype=np.float32)
+    return activations, probs
+
+
+def gradcam_from_activations(cam_model: CamModel, activations: np.ndarray, classes: np.ndarray,
+                             out_hw: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM of each input for its class in ``classes``, upsampled to ``out_hw``; >= 0, not normalised."""
+    cams = np.empty((len(activations),) + tuple(out_hw), dtype=np.float32)
     for c in np.unique(classes):
         sel = np.flatnonzero(classes == c)
         grads, _ = class_score_gradients(cam_model.tail, activations[sel], int(c))
         weights = grads.mean(axis=(1, 2), keepdims=True)  # per channel
         low = np.maximum((weights * activations[sel]).sum(axis=-1), 0.0)
         for i, cam in zip(sel, low):
-            cams[i] = upsample_bilinear(cam, inputs.shape[1], inputs.shape[2])
-    return cams, probs
+            cams[i] = upsample_bilinear(cam, *out_hw)
+    return cams
 
 
-def predict_probs(cam_model: CamModel, batch: np.ndarray) -> np.ndarray:
-    import keras
+def gradcam(cam_model: CamModel, inputs: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of a batch (n, h, w, 3) at the layer's resolution, upsampled to (n, h, w); also the probabilities.
 
-    acts = cam_model.features(batch, training=False)
-    return np.asarray(keras.ops.convert_to_numpy(cam_model.tail(acts, training=False)), dtype=np.float32)
+    ``class_index`` None: each input's predicted class. Values are >= 0 and not normalised (normalise per slide).
+    """
+    activations, probs = activations_and_probs(cam_model, inputs)
+    classes = probs.argmax(axis=1) if class_index is None else np.full(len(inputs), class_index)
+    return gradcam_from_activations(cam_model, activations, classes, inputs.shape[1:3]), probs
 
 
 def upsample_bilinear(cam: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -216,14 +226,16 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
     for i, x in enumerate(inputs):
         groups.setdefault(x.shape, []).append(i)
     batches = [(sel, np.stack([inputs[i] for i in sel])) for sel in groups.values()]
+    # One forward pass per batch serves both the class choice and the gradients.
+    passes = [(sel, batch, *activations_and_probs(cam_model, batch)) for sel, batch in batches]
     if class_index is None:
         # explain the class predicted for the whole slide (mean over its windows), the same for every window
-        window_probs = np.concatenate([predict_probs(cam_model, batch) for _, batch in batches])
-        class_index = int(window_probs.mean(axis=0).argmax())
+        class_index = int(np.concatenate([p for *_, p in passes]).mean(axis=0).argmax())
     cams: list = [None] * len(inputs)
     probs: list = [None] * len(inputs)
-    for sel, batch in batches:
-        batch_cams, batch_probs = gradcam(cam_model, batch, class_index)
+    for sel, batch, activations, batch_probs in passes:
+        batch_cams = gradcam_from_activations(cam_model, activations, np.full(len(sel), class_index),
+                                              batch.shape[1:3])
         for i, cam, p in zip(sel, batch_cams, batch_probs):
             cams[i], probs[i] = cam, p
     mean_probs = np.mean(probs, axis=0)
@@ -251,8 +263,6 @@ CAM_DIR = "cam"
 
 def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
     """What a slide's CAM depends on: the model, the CAM settings and layer, and the feature map."""
-    import hashlib
-    import json
 
     payload = {"model": model_info.get("hash") or model_info.get("model_hash") or model_info.get("models"),
                "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
@@ -261,7 +271,6 @@ def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> s
 
 
 def slide_outputs(out_dir, slide_id: str) -> dict:
-    from pathlib import Path
 
     base = Path(out_dir) / CAM_DIR
     return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
@@ -310,9 +319,6 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
     The model runs in this process (one load; on the GPU when there is one); the heavy file rendering is spread over
     the ``runner`` (one task per slide).
     """
-    import logging
-    import time
-    from pathlib import Path
 
     from .config import PipelineConfig
     from .evaluate import MODEL_DIR, TrainedModel
