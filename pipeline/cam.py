@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -310,22 +311,70 @@ def update_store_cam(store, trained, cam_models, layer: str, cam_cfg, paths: dic
     return cam, probs, cls, False
 
 
+def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = None) -> Iterator[dict]:
+    """The model half of the CAM stage: loads the model once and brings each store's ``cam`` array up to date.
+
+    Yields one record per store: ``slide_id``, ``layer``, ``current`` (nothing recomputed) and either ``entry``
+    (caption data) or ``error`` (a typed error's record). Keras runs here; the file rendering is the caller's.
+    """
+    from .errors import PipelineError, error_record
+    from .evaluate import TrainedModel
+    from .parallel import where_am_i
+
+    trained = TrainedModel(model_dir)
+    tcfg = trained.train_config
+    layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
+    cam_models = [split_model(m, layer) for m in trained.models]
+    where = where_am_i()
+    logging.getLogger("pipeline").info("cam: %d model(s) from %s, Grad-CAM at %s, on %s", len(cam_models), model_dir,
+                                       layer, where["worker"] or f"pid {where['pid']}")
+    # true labels: given, else those the model was trained with; and which split each slide was in
+    labels = {**{k: str(v) for k, v in (trained.info.get("truth") or {}).items()}, **(labels or {})}
+    splits = trained.info.get("splits") or []
+    split_of = {sid: name for split in splits for name in ("train", "val", "test")
+                for sid in split.get(name) or [] if len(splits) == 1}
+    for store in stores:
+        store = Path(store)
+        slide_id = store.name[: -len(".zarr")]
+        record = {"slide_id": slide_id, "store": str(store), "layer": layer, "current": False, "computed_on": where}
+        try:
+            _, probs, cls, record["current"] = update_store_cam(store, trained, cam_models, layer, config.cam,
+                                                                slide_outputs(out_dir, slide_id))
+        except PipelineError as err:
+            record["error"] = error_record(err)
+        else:
+            record["entry"] = _entry(slide_id, slide_outputs(out_dir, slide_id), probs, cls, trained, labels,
+                                     split_of.get(slide_id))
+        yield record
+
+
+def store_cams_task(out_dir: str, model_dir: str, config_json: dict, stores: list[str],
+                    labels: dict | None) -> list[dict]:
+    """Dask task: :func:`iter_store_cams` for a list of stores on the (GPU) worker it was placed on."""
+    from .config import PipelineConfig
+    from .outputs import log_file
+
+    with log_file(out_dir, "cam-worker"):
+        return list(iter_store_cams(out_dir, model_dir, PipelineConfig.model_validate(config_json), stores, labels))
+
+
 def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict | None = None,
                progress: bool | None = None) -> dict:
     """Grad-CAM for every slide with a feature map: ``cam`` array in its store, and OUT/cam/<id>.png/.tiff/.geojson,
     plus the cohort contact sheet OUT/mosaic.png. Resumable: a slide is redone only when the model, the CAM
     settings or its map changed, or one of its files is missing.
 
-    The model runs in this process (one load; on the GPU when there is one); the heavy file rendering is spread over
-    the ``runner`` (one task per slide).
+    The model runs once for the cohort: as one task on a GPU worker when the cluster has one
+    (``cluster.gpu_placement``), else in this process (on its GPU when there is one); the heavy file rendering is
+    spread over the ``runner`` (one task per slide, Keras-free).
     """
 
     from .config import PipelineConfig
-    from .evaluate import MODEL_DIR, TrainedModel
-    from .errors import PipelineError, error_record
+    from .errors import error_record
+    from .evaluate import MODEL_DIR
     from .heatmaps import render_slide_outputs, save_contact_sheet
     from .outputs import Manifest, output_lock
-    from .parallel import LocalRunner
+    from .parallel import GPU_RESOURCES, LocalRunner, gpu_placement
     from .progress import Progress
     from .store import list_stores
 
@@ -335,40 +384,35 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
     model_dir = Path(model_dir) if model_dir else out_dir / MODEL_DIR
     t0 = time.monotonic()
     with output_lock(out_dir, command="cam"):
-        trained = TrainedModel(model_dir)
-        tcfg = trained.train_config
-        layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
-        cam_models = [split_model(m, layer) for m in trained.models]
-        # true labels: given, else those the model was trained with; and which split each slide was in
-        labels = {**{k: str(v) for k, v in (trained.info.get("truth") or {}).items()}, **(labels or {})}
-        split_of = {sid: name for split in trained.info.get("splits") or [] for name in ("train", "val", "test")
-                    for sid in split.get(name) or [] if len(trained.info.get("splits")) == 1}
         manifest = Manifest(out_dir)
         runner = runner or LocalRunner()
         stores = [s for s in list_stores(out_dir) if (s / "feature_map" / "zarr.json").exists()]
+        if stores and gpu_placement(runner, config.cluster):
+            records = runner.run_one(store_cams_task, str(out_dir), str(model_dir), config.model_dump(mode="json"),
+                                     [str(s) for s in stores], labels, resources=GPU_RESOURCES)
+        else:  # lazily: renders of finished slides start while the next CAMs are computed
+            records = iter_store_cams(out_dir, model_dir, config, stores, labels)
         bar = Progress(total_slides=len(stores), enabled=progress)
         done = skipped = failed = 0
+        layer = config.cam.layer
         entries = []
         pending = {}
-        for store in stores:
-            slide_id = store.name[: -len(".zarr")]
-            paths = slide_outputs(out_dir, slide_id)
-            try:
-                _, probs, cls, current = update_store_cam(store, trained, cam_models, layer, config.cam, paths)
-            except PipelineError as err:
+        for record in records:
+            slide_id, layer = record["slide_id"], record["layer"]
+            if "error" in record:
                 failed += 1
-                manifest.update_stage(slide_id, "cam", status="failed", error=error_record(err))
+                manifest.update_stage(slide_id, "cam", status="failed", error=record["error"])
                 bar.slide_done(failed=True)
                 continue
-            if current:
+            entry = record["entry"]
+            if record["current"]:
                 skipped += 1
                 bar.slide_done()
-                entries.append(_entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id)))
+                entries.append(entry)
                 continue
-            entry = _entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id))
-            runner.submit(render_slide_outputs, str(store), paths, config.cam.hot_threshold,
-                          config.cam.tiff_tile_px, entry["title"], tag=slide_id)
-            pending[slide_id] = entry
+            runner.submit(render_slide_outputs, record["store"], slide_outputs(out_dir, slide_id),
+                          config.cam.hot_threshold, config.cam.tiff_tile_px, entry["title"], tag=slide_id)
+            pending[slide_id] = {**entry, "computed_on": record["computed_on"]}
         while pending and runner.pending():
             result = runner.next_done()
             entry = pending.pop(result.tag)
@@ -380,7 +424,7 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
                 continue
             done += 1
             manifest.update_stage(result.tag, "cam", status="done", layer=layer, class_index=entry["class_index"],
-                                  files=result.result)
+                                  files=result.result, computed_on=entry["computed_on"])
             entries.append(entry)
             bar.slide_done()
         bar.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
 from .config import PipelineConfig, load_config
 from .errors import ConfigError, LabelsError, OutputLockedError, PipelineError
+from .outputs import log_file_handler
 
 log = logging.getLogger("pipeline")
 
@@ -32,13 +31,7 @@ def setup_logging(out_dir: Path | None, command: str, verbose: bool = False) -> 
     root.addHandler(console)
     if out_dir is None:
         return None
-    log_dir = Path(out_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
-    # delay: a run refused by the output lock logs nothing and leaves no empty file behind
-    handler = logging.FileHandler(log_path, encoding="utf-8", delay=True)
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler, log_path = log_file_handler(out_dir, command)
     root.addHandler(handler)
     return log_path
 
@@ -222,6 +215,8 @@ def _add_model_parsers(sub) -> None:
     p.add_argument("--folds", type=int, help="k-fold cross-validation with K folds (overrides train.folds)")
     p.add_argument("--force", action="store_true", help="retrain even when the saved model is current")
     p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
+    p.add_argument("--scheduler", help="Dask scheduler address: training runs on one of its GPU workers "
+                                       "(cluster.gpu_placement)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (one line per epoch) to the console")
 
     p = sub.add_parser("evaluate", help="test metrics, predictions and plots of a trained model")
@@ -253,11 +248,19 @@ def _print_metrics(metrics: dict, out: Path) -> None:
 def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
     import json as _json
 
+    from .parallel import task_runner
     from .train import train
 
     log_path = setup_logging(args.out, "train", args.verbose)
-    summary = train(args.out, args.labels, config, folds=args.folds, force=args.force, verbose=2 if args.verbose else 0)
+    # A cluster is joined only when training may go to its GPU workers; a local one would just sit idle.
+    remote = config.cluster.kind != "local" and config.cluster.gpu_placement != "client"
+    with task_runner(config.cluster, in_process=not remote) as runner:
+        summary = train(args.out, args.labels, config, folds=args.folds, force=args.force,
+                        verbose=2 if args.verbose else 0, runner=runner)
     state = "model is current, training skipped" if summary["skipped"] else f"trained in {summary['seconds']:.1f} s"
+    where = summary.get("trained_on") or {}
+    if not summary["skipped"] and where.get("worker"):
+        state += f" on worker {where['worker']} ({where.get('gpus', 0)} GPU)"
     print(f"train: {summary['slides']} labelled slides, {state} -> {args.out / 'model'}")
     _print_metrics(_json.loads((args.out / "metrics.json").read_text(encoding="utf-8")), args.out)
     if log_path:

@@ -83,11 +83,20 @@ class ClusterConfig(_Section):
     slurm: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of dask_jobqueue.SLURMCluster")
     slurm_jobs: int = Field(2, ge=1)
     dashboard: bool = True
+    gpu_placement: Literal["auto", "client", "gpu_worker"] = Field(
+        "auto", description="where the model stages (train, Grad-CAM) run: 'auto' = as one task on a worker that "
+                            "advertises a GPU resource when the cluster has one, else in this process; 'client' = "
+                            "always in this process; 'gpu_worker' = on a GPU worker or fail")
+    gpu_wait_s: float = Field(300.0, ge=0, description="how long to wait for a GPU worker to join when one is "
+                                                       "expected (gpu_placement 'gpu_worker', SLURM gpus_per_job)")
 
     @model_validator(mode="after")
     def _address_given(self):
         if self.kind == "address" and not self.address:
             raise ValueError("cluster.kind 'address' needs cluster.address")
+        if self.kind == "local" and self.gpu_placement == "gpu_worker":
+            raise ValueError("cluster.gpu_placement 'gpu_worker' needs a cluster with GPU workers (kind 'address' or "
+                             "'slurm' with slurm.gpus_per_job); a local cluster's workers advertise no GPU")
         return self
 
 

@@ -8,6 +8,7 @@ worker) writes the manifest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -156,3 +157,33 @@ def output_lock(out_dir: str | Path, command: str = "") -> Iterator[Path]:
         holder = _lock_holder(lock_path)
         if holder and holder.get("pid") == me["pid"]:
             lock_path.unlink(missing_ok=True)
+
+
+def log_file_handler(out_dir: str | Path, command: str) -> tuple[logging.Handler, Path]:
+    """A file handler for ``OUT/logs/<time>-<command>-<pid>.log`` (opened on the first record: a run refused by
+    the output lock leaves no empty file; the pid keeps same-second runs apart)."""
+    log_dir = Path(out_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler, path
+
+
+@contextmanager
+def log_file(out_dir: str | Path, command: str) -> Iterator[Path]:
+    """The ``pipeline`` logger also writes to its own log file for the block (a task on a worker, whose log records
+    would otherwise stay in the worker's console)."""
+    logger = logging.getLogger("pipeline")
+    handler, path = log_file_handler(out_dir, command)
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(old_level)

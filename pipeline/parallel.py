@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
+import time
 
 import dask
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -100,6 +101,28 @@ class DaskRunner:
     def pending(self) -> int:
         return self._ac.count()
 
+    def run_one(self, fn: Callable, *args: Any, resources: dict | None = None, **kwargs: Any) -> Any:
+        """Run one task to completion outside the ``next_done`` queue; a typed pipeline error is raised here."""
+        future = self.client.submit(call_task, fn, *args, pure=False, retries=self.retries, resources=resources,
+                                    **kwargs)
+        try:
+            result = future.result()
+        finally:
+            future.release()
+        if isinstance(result, TaskFailure):
+            raise result.error
+        return result
+
+    def gpu_workers(self, wait_s: float = 0.0) -> list[str]:
+        """Addresses of the workers that advertise a ``GPU`` resource, waiting up to ``wait_s`` for one to join."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+            found = sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
     def next_done(self) -> Done:
         future = next(self._ac)
         tag = self._tags.pop(future.key)
@@ -149,6 +172,46 @@ def make_slurm_cluster(cluster: ClusterConfig):
     kwargs.setdefault("memory", "16GB")
     kwargs.setdefault("processes", kwargs["cores"])
     return SLURMCluster(**kwargs)
+
+
+GPU_RESOURCES = {"GPU": 1}
+
+
+def gpu_placement(runner, cluster: ClusterConfig | None) -> list[str]:
+    """The GPU workers a model stage (train, Grad-CAM) should run on, or [] to run it in this process.
+
+    Dask only starts a task that asks for ``resources={"GPU": 1}`` on a worker advertising that resource and would
+    wait forever without one, so this looks first: in a mixed cluster (CPU workers for describe, GPU workers started
+    with ``--resources GPU=1`` or SLURM ``gpus_per_job``) the model stages go to the GPU workers.
+    """
+    mode = cluster.gpu_placement if cluster is not None else "client"
+    if mode == "client" or not isinstance(runner, DaskRunner):
+        return []
+    expected = mode == "gpu_worker" or (cluster.kind == "slurm" and int(cluster.slurm.get("gpus_per_job") or 0) > 0)
+    found = runner.gpu_workers(wait_s=cluster.gpu_wait_s if expected else 0.0)
+    if not found and mode == "gpu_worker":
+        raise ConfigError(
+            f"cluster.gpu_placement is 'gpu_worker' but no worker advertised a GPU resource within "
+            f"{cluster.gpu_wait_s:g} s",
+            fix="start GPU workers with `dask worker SCHEDULER --resources GPU=1` (SLURM: set slurm.gpus_per_job), "
+                "or set cluster.gpu_placement: client to run the model stages in this process.")
+    if found:
+        log.info("model stage placed on GPU worker(s): %s", ", ".join(found))
+    return found
+
+
+def where_am_i() -> dict:
+    """Host, pid and (on a Dask worker) the worker address: recorded with model-stage outputs."""
+    import socket
+
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "worker": None}
+    try:
+        from distributed import get_worker
+
+        here["worker"] = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return here
 
 
 @contextlib.contextmanager

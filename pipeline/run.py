@@ -70,7 +70,7 @@ def run_all(slides: list[str | Path], labels_csv: str | Path, out_dir: str | Pat
         if dropped:
             log.warning("run: %d labelled slide(s) failed earlier and are left out of training: %s",
                         len(dropped), ", ".join(dropped[:10]))
-        summary["train"] = train(out_dir, used_labels, config)
+        summary["train"] = train(out_dir, used_labels, config, runner=runner)
         labels = {sid: str(lab) for sid, lab in zip(table.slide_ids, table.labels)}
         summary["cam"] = cam_slides(out_dir, config, runner=runner, labels=labels, progress=progress)
         report = build_report(out_dir)

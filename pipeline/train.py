@@ -15,8 +15,9 @@
 5. evaluates on the test slides (out-of-fold in k-fold): ``OUT/metrics.json``, ``OUT/predictions.csv``, plots.
 
 A rerun with the same labels, maps and train settings finds ``model_info.json`` current and skips training
-(``force=True`` retrains). Training runs in this process (on its GPU when there is one): one model at a time
-saturates a device, so the cluster is not used here.
+(``force=True`` retrains). Training runs as one task, not spread over workers (one model at a time saturates a
+device): in this process, or on a worker advertising a ``GPU`` resource when the cluster has one
+(``cluster.gpu_placement``), so a mixed cluster trains on its GPU nodes.
 """
 
 from __future__ import annotations
@@ -174,107 +175,152 @@ def _backend_info() -> dict:
     return {"backend": keras.backend.backend(), "keras": keras.__version__, "gpus": gpu_count()}
 
 
+@dataclass
+class TrainPlan:
+    """Everything checked and decided before a model is built."""
+
+    table: LabelTable
+    maps: list
+    splits: list
+    map_hashes: list
+    digest: str
+
+
+def _plan(out_dir: Path, labels_csv: str | Path, config: PipelineConfig) -> TrainPlan:
+    """Every problem with the inputs, before any model is built; the splits and the model hash."""
+    cfg = config.train
+    table = read_labels(labels_csv, cfg.label_kind)
+    available = store_ids(out_dir)
+    check_slides(table, available)
+    unlabelled = sorted(available - set(table.slide_ids))
+    if unlabelled:
+        log.info("train: %d slide(s) in %s have no label and are not used: %s", len(unlabelled), out_dir,
+                 ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""))
+    maps = read_feature_maps(out_dir, table.slide_ids)
+    from .model import select_channels
+
+    select_channels(maps[0], cfg.adapter, cfg.component)  # adapter fits the maps' components
+    splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
+              else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
+    map_hashes = _map_hashes(out_dir, table.slide_ids)
+    return TrainPlan(table, maps, splits, map_hashes, model_hash(cfg, table, map_hashes))
+
+
 def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | None = None, *,
-          folds: int | None = None, force: bool = False, verbose: int = 0) -> dict:
+          folds: int | None = None, force: bool = False, verbose: int = 0, runner=None) -> dict:
     """Train (or k-fold cross-validate) and evaluate; returns a summary with the headline metrics.
 
     ``folds`` overrides ``config.train.folds``. ``verbose`` is Keras' fit verbosity (0 silent, 2 one line/epoch).
+    With a Dask ``runner`` whose cluster has GPU workers (``cluster.gpu_placement``), the training runs as one task
+    on a GPU worker (outputs go to ``out_dir`` on the shared file system); otherwise in this process.
     """
+    from .parallel import GPU_RESOURCES, gpu_placement
+
     config = config or PipelineConfig()
     if folds is not None:
         config = config.with_overrides(train__folds=folds)
-    cfg = config.train
     out_dir = Path(out_dir)
     t0 = time.monotonic()
     with output_lock(out_dir, command="train"):
-        # --- everything that can be wrong with the inputs, before any model is built --------------------------
-        table = read_labels(labels_csv, cfg.label_kind)
-        available = store_ids(out_dir)
-        check_slides(table, available)
-        unlabelled = sorted(available - set(table.slide_ids))
-        if unlabelled:
-            log.info("train: %d slide(s) in %s have no label and are not used: %s", len(unlabelled), out_dir,
-                     ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""))
-        maps = read_feature_maps(out_dir, table.slide_ids)
-        from .model import resolve_weights, select_channels
-
-        if resolve_weights(cfg.weights) is None:
-            log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
-                        "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune")
-        select_channels(maps[0], cfg.adapter, cfg.component)  # adapter fits the maps' components
-        splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
-                  else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
-        map_hashes = _map_hashes(out_dir, table.slide_ids)
-        digest = model_hash(cfg, table, map_hashes)
+        plan = _plan(out_dir, labels_csv, config)
         model_dir = out_dir / MODEL_DIR
-        info = None if force else _current(model_dir, digest)
+        info = None if force else _current(model_dir, plan.digest)
         if info is not None and (out_dir / "metrics.json").is_file():
-            log.info("train: model in %s is current (hash %s): skipped", model_dir, digest)
+            log.info("train: model in %s is current (hash %s): skipped", model_dir, plan.digest)
             metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
             return _summary(info, metrics, skipped=True, seconds=time.monotonic() - t0)
+        if gpu_placement(runner, config.cluster):
+            # The client keeps the output lock; the worker writes OUT/model and the metrics on the shared disk.
+            log.info("train: submitted to a GPU worker")
+            return runner.run_one(train_task, str(out_dir), str(labels_csv), config.model_dump(mode="json"),
+                                  verbose, resources=GPU_RESOURCES)
+        return _fit_and_evaluate(out_dir, labels_csv, config, plan, verbose, t0)
 
-        # --- training ---------------------------------------------------------------------------------------
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / MODEL_INFO).unlink(missing_ok=True)  # the model dir is complete only once this is rewritten
-        y = table.y
-        k = table.mapping.num_classes
-        results: list[FoldResult] = []
-        for split in splits:
-            log.info("train%s: %d train, %d validation, %d test slides", f" fold {split.fold}" if split.fold else "",
-                     len(split.train), len(split.val), len(split.test))
-            for note in split.notes:
-                log.warning("train: %s", note)
-            results.append(fit_model(maps, y, split, k, cfg, model_dir / CHECKPOINT_DIR, verbose=verbose))
-        model_names = _save_models(model_dir, results, bool(cfg.folds))
-        shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # the saved models hold the best weights
-        reducer_copied = _copy_reducer(out_dir, model_dir)
-        describe_cfg, notes = _describe_config(out_dir, table.slide_ids)
-        if not reducer_copied:
-            notes.append(f"no {REDUCER_DIR}/ in {out_dir}: `predict` on new slides will not work with this model")
-        for split, result in zip(splits, results):
-            notes.extend(split.notes + result.notes)
-        atomic_write_json(model_dir / LABELS_JSON, table.mapping.to_dict())
-        info = {
-            "format": 1,
-            "models": model_names,
-            "folds": cfg.folds,
-            "model_hash": digest,
-            "config_hash": config.stage_hash("train"),
-            "config": config.model_dump(mode="json", exclude={"cluster"}),
-            "describe_config": describe_cfg,
-            "map_hashes": map_hashes,
-            "labels": table.mapping.to_dict(),
-            "labels_file": str(Path(labels_csv).resolve()),
-            "labels_sha256": table.sha256,
-            "truth": dict(zip(table.slide_ids, table.labels)),
-            "splits": [{"fold": s.fold, **s.ids(table)} for s in splits],
-            "history": [r.history for r in results],
-            "input": {"adapter": cfg.adapter, "component": cfg.component, "size_strategy": cfg.size_strategy,
-                      "input_px": None if cfg.size_strategy == "native" else cfg.input_px},
-            "notes": notes,
-            "seconds": [r.seconds for r in results],
-            "created": time.time(),
-            "versions": {**package_versions(), **_backend_info()},
-        }
-        atomic_write_json(model_dir / MODEL_INFO, info)
 
-        # --- evaluation on held-out slides --------------------------------------------------------------------
-        ids, y_test, proba, fold_col = [], [], [], []
-        for split, result in zip(splits, results):
-            ids.extend(table.slide_ids[i] for i in split.test)
-            y_test.extend(y[split.test].tolist())
-            proba.append(result.test_proba)
-            fold_col.extend([split.fold] * len(split.test))
-        proba_arr = np.concatenate(proba) if proba else np.zeros((0, k), np.float32)
-        metrics = write_evaluation(out_dir, ids, np.asarray(y_test, dtype=np.int64), proba_arr, table.mapping,
-                                   folds=fold_col if cfg.folds else None, histories=info["history"],
-                                   extra_notes=notes)
-        _record_manifest(out_dir, table, splits, digest)
-        summary = _summary(info, metrics, skipped=False, seconds=time.monotonic() - t0)
-        manifest = Manifest(out_dir)
-        manifest.data["runs"].append({"command": "train", "finished": time.time(), **summary})
-        manifest.save()
-        return summary
+def train_task(out_dir: str, labels_csv: str, config_json: dict, verbose: int = 0) -> dict:
+    """Dask task: training on the (GPU) worker it was placed on, logged to its own file in ``OUT/logs``."""
+    from .outputs import log_file
+
+    config = PipelineConfig.model_validate(config_json)
+    with log_file(out_dir, "train-worker"):
+        t0 = time.monotonic()
+        plan = _plan(Path(out_dir), labels_csv, config)
+        return _fit_and_evaluate(Path(out_dir), labels_csv, config, plan, verbose, t0)
+
+
+def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineConfig, plan: TrainPlan, verbose: int,
+                      t0: float) -> dict:
+    from .model import resolve_weights
+    from .parallel import where_am_i
+
+    cfg = config.train
+    table, maps, splits = plan.table, plan.maps, plan.splits
+    if resolve_weights(cfg.weights) is None:
+        log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
+                    "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune")
+    model_dir = out_dir / MODEL_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / MODEL_INFO).unlink(missing_ok=True)  # the model dir is complete only once this is rewritten
+    y = table.y
+    k = table.mapping.num_classes
+    results: list[FoldResult] = []
+    for split in splits:
+        log.info("train%s: %d train, %d validation, %d test slides", f" fold {split.fold}" if split.fold else "",
+                 len(split.train), len(split.val), len(split.test))
+        for note in split.notes:
+            log.warning("train: %s", note)
+        results.append(fit_model(maps, y, split, k, cfg, model_dir / CHECKPOINT_DIR, verbose=verbose))
+    model_names = _save_models(model_dir, results, bool(cfg.folds))
+    shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # the saved models hold the best weights
+    reducer_copied = _copy_reducer(out_dir, model_dir)
+    describe_cfg, notes = _describe_config(out_dir, table.slide_ids)
+    if not reducer_copied:
+        notes.append(f"no {REDUCER_DIR}/ in {out_dir}: `predict` on new slides will not work with this model")
+    for split, result in zip(splits, results):
+        notes.extend(split.notes + result.notes)
+    atomic_write_json(model_dir / LABELS_JSON, table.mapping.to_dict())
+    info = {
+        "format": 1,
+        "models": model_names,
+        "folds": cfg.folds,
+        "model_hash": plan.digest,
+        "config_hash": config.stage_hash("train"),
+        "config": config.model_dump(mode="json", exclude={"cluster"}),
+        "describe_config": describe_cfg,
+        "map_hashes": plan.map_hashes,
+        "labels": table.mapping.to_dict(),
+        "labels_file": str(Path(labels_csv).resolve()),
+        "labels_sha256": table.sha256,
+        "truth": dict(zip(table.slide_ids, table.labels)),
+        "splits": [{"fold": s.fold, **s.ids(table)} for s in splits],
+        "history": [r.history for r in results],
+        "input": {"adapter": cfg.adapter, "component": cfg.component, "size_strategy": cfg.size_strategy,
+                  "input_px": None if cfg.size_strategy == "native" else cfg.input_px},
+        "notes": notes,
+        "seconds": [r.seconds for r in results],
+        "trained_on": {**where_am_i(), **_backend_info()},
+        "created": time.time(),
+        "versions": {**package_versions(), **_backend_info()},
+    }
+    atomic_write_json(model_dir / MODEL_INFO, info)
+
+    # --- evaluation on held-out slides ------------------------------------------------------------------------
+    ids, y_test, proba, fold_col = [], [], [], []
+    for split, result in zip(splits, results):
+        ids.extend(table.slide_ids[i] for i in split.test)
+        y_test.extend(y[split.test].tolist())
+        proba.append(result.test_proba)
+        fold_col.extend([split.fold] * len(split.test))
+    proba_arr = np.concatenate(proba) if proba else np.zeros((0, k), np.float32)
+    metrics = write_evaluation(out_dir, ids, np.asarray(y_test, dtype=np.int64), proba_arr, table.mapping,
+                               folds=fold_col if cfg.folds else None, histories=info["history"],
+                               extra_notes=notes)
+    _record_manifest(out_dir, table, splits, plan.digest)
+    summary = _summary(info, metrics, skipped=False, seconds=time.monotonic() - t0)
+    manifest = Manifest(out_dir)
+    manifest.data["runs"].append({"command": "train", "finished": time.time(), **summary})
+    manifest.save()
+    return summary
 
 
 def _save_models(model_dir: Path, results: Sequence[FoldResult], kfold: bool) -> list[str]:
@@ -327,4 +373,5 @@ def _summary(info: dict, metrics: dict, skipped: bool, seconds: float) -> dict:
     headline = {k: metrics.get(k) for k in ("accuracy", "f1_macro", "roc_auc", "mae", "quadratic_weighted_kappa")
                 if metrics.get(k) is not None}
     return {"slides": len(info.get("truth", {})), "folds": info.get("folds"), "test_slides": metrics.get("n_slides"),
-            "skipped": skipped, **{k: round(v, 4) for k, v in headline.items()}, "seconds": round(seconds, 2)}
+            "skipped": skipped, **{k: round(v, 4) for k, v in headline.items()}, "seconds": round(seconds, 2),
+            "trained_on": info.get("trained_on")}

@@ -1,5 +1,6 @@
 """The Dask side: SLURM job scripts, and a real scheduler + worker processes on loopback giving the local result."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -52,9 +53,9 @@ def test_slurm_gpu_jobs_advertise_gpu_resource():
     assert "--resources GPU=1" in script
 
 
-@pytest.fixture
-def dask_cluster(tmp_path):
-    """A real `dask scheduler` and two `dask worker` processes on loopback."""
+@contextlib.contextmanager
+def loopback_cluster(tmp_path, workers: list[list[str]]):
+    """A real `dask scheduler` and one `dask worker` process per entry of ``workers`` (its extra arguments)."""
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -65,15 +66,16 @@ def dask_cluster(tmp_path):
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(sched_file.read_text())["address"]
-        for _ in range(2):
+        for extra in workers:
             procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1",
-                                           "--no-dashboard", "--name", f"w{len(procs)}"],
+                                           "--no-dashboard", "--name", f"w{len(procs)}", *extra],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         from distributed import Client
 
         with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
+            client.wait_for_workers(len(workers), timeout=60)
+            resources = {w["name"]: w.get("resources") or {} for w in client.scheduler_info()["workers"].values()}
+        yield address, resources
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -82,6 +84,13 @@ def dask_cluster(tmp_path):
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """Two plain workers."""
+    with loopback_cluster(tmp_path, [[], []]) as (address, _):
+        yield address
 
 
 def test_external_scheduler_equals_in_process(dask_cluster, cmu_slide, fixtures_dir, tmp_path):
@@ -103,3 +112,69 @@ def test_external_scheduler_equals_in_process(dask_cluster, cmu_slide, fixtures_
     b = read_array(local, "descriptors")
     assert a.shape == b.shape and np.isfinite(a).sum() > 50
     np.testing.assert_array_equal(a, b)  # NaN positions and values identical
+
+
+# --- model stages on the GPU workers of a mixed cluster ----------------------------------------------------------
+
+TINY_TRAIN = """
+train: {input_px: 80, batch_size: 8, head_epochs: 2, finetune_epochs: 1, val_fraction: 0.25, test_fraction: 0.25}
+"""
+
+
+def test_model_stages_land_on_the_gpu_worker_of_a_mixed_cluster(tmp_path):
+    """One CPU worker and one advertising GPU=1 (as `dask worker --resources GPU=1` or SLURM gpus_per_job make):
+    training and the Grad-CAM model pass run on the GPU worker; the CAM file rendering may use either."""
+    from .conftest import make_map_cohort
+
+    out = tmp_path / "out"
+    labels = make_map_cohort(out, n_per_class=6, seed=3, size_range=(12, 16))
+    config = tmp_path / "train.yaml"
+    config.write_text(TINY_TRAIN)
+    with loopback_cluster(tmp_path, [[], ["--resources", "GPU=1"]]) as (address, resources):
+        gpu_worker = next(name for name, res in resources.items() if res.get("GPU"))
+        train_run = subprocess.run([str(BIN / "wsi-pipeline"), "train", "--out", str(out), "--labels", str(labels),
+                                    "--config", str(config), "--scheduler", address],
+                                   capture_output=True, text=True, timeout=600)
+        assert train_run.returncode == 0, train_run.stderr[-3000:]
+        cam_run = subprocess.run([str(BIN / "wsi-pipeline"), "cam", "--out", str(out), "--config", str(config),
+                                  "--scheduler", address], capture_output=True, text=True, timeout=600)
+        assert cam_run.returncode == 0, cam_run.stderr[-3000:]
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+    info = json.loads((out / "model" / "model_info.json").read_text())
+    where = info["trained_on"]
+    assert names[where["worker"]] == gpu_worker and where["pid"] != os.getpid()
+    assert f"on worker {where['worker']}" in train_run.stdout
+    assert json.loads((out / "metrics.json").read_text())["n_slides"] == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(rec["stages"]["cam"]["status"] == "done" for rec in manifest["slides"].values())
+    assert {names[rec["stages"]["cam"]["computed_on"]["worker"]] for rec in manifest["slides"].values()} == {gpu_worker}
+    assert len(list((out / "cam").glob("*.tiff"))) == 12
+    # each model stage left its own log on the shared output directory, written by the worker
+    train_log = next((out / "logs").glob("*-train-worker-*.log")).read_text()
+    assert "train: 6 train, 3 validation, 3 test slides" in train_log
+    assert "Grad-CAM at mixed" in next((out / "logs").glob("*-cam-worker-*.log")).read_text()
+
+
+def test_gpu_placement_decisions(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.parallel import DaskRunner, gpu_placement
+
+    local = config_from_dict({}).cluster
+    assert gpu_placement(LocalRunner(), local) == []  # in-process: nothing to place
+    with pytest.raises(ConfigError, match="gpu_worker"):
+        config_from_dict({"cluster": {"gpu_placement": "gpu_worker"}})  # a local cluster has no GPU workers
+    strict = config_from_dict({"cluster": {"kind": "address", "address": "tcp://x:1", "gpu_placement": "gpu_worker",
+                                           "gpu_wait_s": 0.5}}).cluster
+    with loopback_cluster(tmp_path, [[]]) as (address, _):
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            runner = DaskRunner(client)
+            assert gpu_placement(runner, local) == []  # auto: no GPU worker, so this process
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError, match="no worker advertised a GPU") as err:
+                gpu_placement(runner, strict)
+            assert time.monotonic() - t0 >= 0.5 and "--resources GPU=1" in err.value.fix
