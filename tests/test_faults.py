@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
+import distributed  # noqa: F401 - its config defaults must be loaded before dask.config.set below, whose undo
+# would otherwise delete the whole "distributed" section it did not see (later clusters then fail with KeyError)
 import numpy as np
 import psutil
 import pytest
