@@ -4,7 +4,8 @@ from PIL import Image
 from skimage.color import rgb2hed
 
 from pipeline.config import DescriptorConfig
-from pipeline.descriptors import STATS_FEATURE_NAMES, compute_descriptors, stats_descriptors
+from pipeline.descriptors import (STATS_FEATURE_NAMES, compute_descriptors, stats_descriptors,
+                                  stats_descriptors_numpy)
 from tests.conftest import shared_file
 
 IDX = {name: i for i, name in enumerate(STATS_FEATURE_NAMES)}
@@ -38,6 +39,36 @@ def test_values_match_direct_numpy(he_tiles):
         np.testing.assert_allclose(d[i, IDX["gray_p50"]], np.quantile(gray, 0.5), atol=1e-3)
         od = -np.log10(np.maximum(px, 1) / 255).sum(1).mean()
         assert d[i, IDX["od_sum_mean"]] == pytest.approx(od, rel=1e-4)
+
+
+def _numpy_reference(tiles):
+    out = np.empty((tiles.shape[0], len(STATS_FEATURE_NAMES)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats_descriptors_numpy(tiles, out)
+    return out.astype(np.float32)
+
+
+def test_compiled_kernel_equals_the_numpy_reference(he_tiles):
+    """The numba kernel (one pass, bucket-select percentiles) against the plain numpy definitions, on real tiles and
+    on the shapes that stress it: odd sizes, 1-2 px edges, flat tiles, a mostly-white tile, skewed values."""
+    import pipeline.descriptors as D
+
+    assert D._stats_kernel is not None  # numba is a dependency: the fast path must be the one in use
+    rng = np.random.default_rng(0)
+    white = np.full((2, 64, 64, 3), 242, np.uint8)
+    white[:, 20:30, 10:50] = rng.integers(60, 200, (2, 10, 40, 3), dtype=np.uint8)
+    skewed = (rng.random((2, 48, 40, 3)) ** 6 * 255).astype(np.uint8)
+    cases = [he_tiles, rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8), np.full((2, 32, 32, 3), 77, np.uint8),
+             rng.integers(0, 256, (2, 2, 2, 3), dtype=np.uint8), rng.integers(0, 256, (2, 1, 5, 3), dtype=np.uint8),
+             white, skewed]
+    for tiles in cases:
+        fast = stats_descriptors(tiles)
+        reference = _numpy_reference(tiles)
+        np.testing.assert_array_equal(np.isnan(fast), np.isnan(reference))
+        np.testing.assert_allclose(fast, reference, rtol=2e-6, atol=1e-6, err_msg=str(tiles.shape))
+        # percentiles are exact selections, not approximations
+        pct = [IDX[k] for k in ("hed_p90_h", "gray_p10", "gray_p50", "gray_p90", "grad_p90")]
+        np.testing.assert_array_equal(fast[:, pct], reference[:, pct])
 
 
 def test_flat_tile_has_no_texture():
