@@ -67,10 +67,13 @@ def bench_slide(work_dir: Path, quick: bool, seed: int = 0) -> Path:
     return path
 
 
-def _load_descriptor_kernel() -> None:
+def _load_kernels() -> None:
     from pipeline.descriptors import stats_descriptors
+    from pipeline.slides import reduce_box
 
     stats_descriptors(np.zeros((1, 8, 8, 3), np.uint8))
+    for factor in (2, 3):
+        reduce_box(np.zeros((8, 8, 3), np.uint8), 0, 0, factor, 2, 2)
 
 
 def warm_page_cache(path: Path) -> None:
@@ -255,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         pids = list(runner.client.run(os.getpid).values())
         # workers import the pipeline (and its codecs) before the clock starts
         runner.client.run(lambda: __import__("pipeline.describe") and None)
-        # ... and load the compiled descriptor kernel (numba's disk cache; compiled once per machine, ~6 s)
-        runner.client.run(_load_descriptor_kernel)
+        # ... and load the compiled kernels (numba's disk cache; compiled once per machine, seconds)
+        runner.client.run(_load_kernels)
         phases = [
             ("a", "openslide_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["openslide"]), {})),
             ("b", "tiff_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["tiff"]), {})),

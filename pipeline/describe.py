@@ -2,12 +2,13 @@
 
 Two task functions run on workers (each opens its own slide handle):
 
-* ``prepare_slide``: metadata, tile grid, tissue mask and thumbnail of one slide (small arrays come back);
+* ``plan_slide``: metadata, tile grid, tissue mask and thumbnail of one slide (``prepare_slide``), and its partial
+  store created there (the thumbnail is written by the worker; small arrays come back);
 * ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
   straight into that block's own Zarr chunk.
 
-``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight, creates
-and finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
+``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
+finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def prepare_slide(path: str, config: PipelineConfig) -> dict:
     }
 
 
+def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str) -> dict:
+    """``prepare_slide`` plus the slide's partial store (thumbnail, tissue mask, empty descriptor array), made on the
+    worker: the thumbnail never travels to the client, and the slide's blocks can start as soon as this returns.
+
+    Returns the plan without the thumbnail, with ``store`` and ``already`` (chunk origins an interrupted run wrote).
+    """
+    plan = prepare_slide(path, config)
+    grid = plan["grid"]
+    store, already = create_partial_store(
+        out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
+        len(plan["descriptor_names"]), config.tiling.chunk_tiles, plan["tissue_fraction"], plan["tissue_tiles"],
+        plan.pop("thumbnail"))
+    return {**plan, "store": str(store), "already": sorted(already)}
+
+
 def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
                    block: tuple[int, int, int, int], block_tiles: np.ndarray, config: PipelineConfig,
                    dims: int, reader: dict | None = None) -> dict:
@@ -124,13 +140,13 @@ def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Pat
     return ids, collisions
 
 
-def _store_attrs(job: _SlideJob, plan: dict, config: PipelineConfig) -> dict:
+def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config: PipelineConfig) -> dict:
     info = plan["info"]
     return {
         "stage": "describe",
-        "slide_id": job.slide_id,
-        "slide_path": str(Path(job.path).resolve()),
-        "fingerprint": job.fingerprint,
+        "slide_id": slide_id,
+        "slide_path": str(Path(path).resolve()),
+        "fingerprint": fingerprint,
         "mpp": info["mpp"],
         "mpp_source": info["mpp_source"],
         "slide_info": info,
@@ -261,7 +277,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         while in_flight < max_in_flight and pending and len(jobs) < max_slides_open:
             job = pending.pop()
             jobs[job.slide_id] = job
-            runner.submit(prepare_slide, job.path, config, tag=("prepare", job.slide_id))
+            runner.submit(plan_slide, job.path, config, str(out_dir), job.slide_id, job.fingerprint,
+                          tag=("prepare", job.slide_id))
             in_flight += 1
         if not in_flight:
             continue
@@ -276,28 +293,25 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             continue
         if kind == "prepare":
             job.plan = done.result
-            try:
-                attrs = _store_attrs(job, job.plan, config)
-                grid = job.plan["grid"]
-                path, already = create_partial_store(
-                    out_dir, slide_id, attrs, (grid["rows"], grid["cols"]), len(job.plan["descriptor_names"]),
-                    config.tiling.chunk_tiles, job.plan["tissue_fraction"], job.plan["tissue_tiles"],
-                    job.plan["thumbnail"])
-            except Exception as err:  # noqa: BLE001 - e.g. disk full: this slide fails, others go on
-                fail(job, err)
-                continue
-            job.store = str(path)
+            job.store = job.plan["store"]
+            already = {tuple(origin) for origin in job.plan["already"]}
+            grid = job.plan["grid"]
             tissue = job.plan["tissue_tiles"]
             blocks = [b for b in TileGrid.from_dict(grid).chunks(config.tiling.chunk_tiles)
                       if tissue[b[0]:b[1], b[2]:b[3]].any()]
             total_tiles = int(tissue.sum())
             bar.add_tiles(total_tiles)
+            todo_blocks = []
             for b in blocks:
                 n = int(tissue[b[0]:b[1], b[2]:b[3]].sum())
                 if (b[0], b[2]) in already:
                     job.tiles += n
                     bar.tiles_done(n)
                     continue
+                todo_blocks.append((n, b))
+            # Largest blocks are submitted first (the queue pops from its end): the last tasks of a slide are then
+            # the small ones, so workers run out of work at nearly the same time.
+            for n, b in sorted(todo_blocks, key=lambda nb: nb[0]):
                 block_queue.append((slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
                 job.blocks_left += 1
             if job.blocks_left == 0:

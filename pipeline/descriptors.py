@@ -19,6 +19,7 @@ import numpy as np
 from skimage.color import hed_from_rgb
 
 from .config import DescriptorConfig
+from .jit import njit
 
 STATS_FEATURE_NAMES: tuple[str, ...] = (
     "rgb_mean_r", "rgb_mean_g", "rgb_mean_b", "rgb_std_r", "rgb_std_g", "rgb_std_b",
@@ -157,47 +158,35 @@ def stats_descriptors_numpy(tiles: np.ndarray, out: np.ndarray) -> None:
 # E[x^2] - E[x]^2 in float64, within 1e-6 relative of numpy's two-pass float32 ones); percentiles exact (numpy's
 # 'linear' method) by bucket counting instead of sorting. cache=True: compiled once (~6 s) and reused from disk.
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the numpy path keeps a broken install working
-    numba = None
-
-
-def _njit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else None
-
-
 
 
 _SORT_MAX = 2048
 _BUCKETS = 4096
+# an upper bound of the H stain value (LUT values are in [0, 1]): only sizes the percentile buckets
+_H_BOUND = float(np.maximum(_HED_MATRIX[:, 0], 0).sum() * _HED_LOG_LUT.max()) + 1e-3
 
 
-@_njit
-def _kth_values(values, n, vmin, vmax, ranks, counts, scratch, result):
-    """result[j] = the ranks[j]-th smallest of values[:n] (ranks ascending), exactly, in two passes over the data.
+@njit
+def _kth_from_buckets(values, buckets, n, ranks, counts, scratch, result):
+    """result[j] = the ranks[j]-th smallest of values[:n] (ranks ascending), exactly.
 
-    Pass 1 counts the values into len(counts) equal-width buckets over [vmin, vmax]; pass 2 gathers the values of
-    the buckets holding a wanted rank into ``scratch``, whose sort then gives each rank (buckets keep their order).
+    ``buckets[i]`` is the bucket of values[i] and ``counts`` the bucket sizes, for buckets that are monotonic in the
+    value (filled while the values were computed). One pass gathers the values of the buckets holding a wanted rank;
+    sorting those few gives each rank (buckets keep their order). Crowded buckets are narrowed down instead.
     """
     nb = counts.size
-    counts[:] = 0
-    if not vmax > vmin:
-        result[:] = vmin
-        return
-    scale = nb / (np.float64(vmax) - vmin)
-    for i in range(n):
-        bi = int((values[i] - vmin) * scale)
-        counts[min(bi, nb - 1)] += 1
     wanted = np.zeros(nb, np.bool_)
     bucket_of = np.empty(ranks.size, np.int64)
     start_of = np.empty(ranks.size, np.int64)
-    count_of = np.empty(ranks.size, np.int64)  # kept apart: a nested call reuses ``counts``
+    count_of = np.empty(ranks.size, np.int64)
     j = 0
     start = 0
+    union = 0
     for bi in range(nb):
         c = counts[bi]
         while j < ranks.size and ranks[j] < start + c:
+            if not wanted[bi]:
+                union += c
             wanted[bi] = True
             bucket_of[j] = bi
             start_of[j] = start
@@ -206,13 +195,12 @@ def _kth_values(values, n, vmin, vmax, ranks, counts, scratch, result):
         start += c
         if j >= ranks.size:
             break
-    m = 0
-    for i in range(n):
-        bi = min(int((values[i] - vmin) * scale), nb - 1)
-        if wanted[bi]:
-            scratch[m] = values[i]
-            m += 1
-    if m <= _SORT_MAX:
+    if union <= _SORT_MAX:
+        m = 0
+        for i in range(n):
+            if wanted[buckets[i]]:
+                scratch[m] = values[i]
+                m += 1
         part = np.sort(scratch[:m])
         # a rank's place in the sorted union: the counts of the wanted buckets below its own, plus its place there
         offset = 0
@@ -228,15 +216,14 @@ def _kth_values(values, n, vmin, vmax, ranks, counts, scratch, result):
                 break
         return
     # many values in a few buckets (flat background, skewed values): narrow down inside each wanted bucket
-    union = scratch[:m].copy()
     j = 0
     while j < ranks.size:
         bi = bucket_of[j]
-        inside = np.empty(count_of[j], scratch.dtype)
+        inside = np.empty(count_of[j], values.dtype)
         c = 0
-        for i in range(m):
-            if min(int((union[i] - vmin) * scale), nb - 1) == bi:
-                inside[c] = union[i]
+        for i in range(n):
+            if buckets[i] == bi:
+                inside[c] = values[i]
                 c += 1
         j_end = j
         while j_end < ranks.size and bucket_of[j_end] == bi:
@@ -245,7 +232,7 @@ def _kth_values(values, n, vmin, vmax, ranks, counts, scratch, result):
         j = j_end
 
 
-@_njit
+@njit
 def _kth_narrowing(values, k, counts):
     """The k-th smallest of ``values`` (not modified): bucket counts narrow the range until few values are left."""
     nb = counts.size
@@ -275,9 +262,20 @@ def _kth_narrowing(values, k, counts):
     return np.sort(src)[k]
 
 
-@_njit
-def _quantiles_exact(values, n, vmin, vmax, qs, counts, scratch, out, first):
-    """numpy's 'linear' quantiles ``qs`` of values[:n] into out[first:first+len(qs)]."""
+@njit
+def _fill_buckets(values, n, scale, buckets, counts):
+    """buckets[i] = bucket of values[i] (value * scale, clipped to the last), and the bucket sizes in ``counts``."""
+    nb = counts.size
+    counts[:] = 0
+    for i in range(n):
+        b = min(int(values[i] * scale), nb - 1)
+        buckets[i] = b
+        counts[b] += 1
+
+
+@njit
+def _quantiles_exact(values, buckets, n, counts, qs, scratch, out, first):
+    """numpy's 'linear' quantiles ``qs`` of values[:n] into out[first:first+len(qs)] (see _kth_from_buckets)."""
     nq = qs.size
     ranks = np.empty(2 * nq, np.int64)
     pos = np.empty(nq)
@@ -287,7 +285,7 @@ def _quantiles_exact(values, n, vmin, vmax, qs, counts, scratch, out, first):
         ranks[2 * j] = k
         ranks[2 * j + 1] = min(k + 1, n - 1)
     vals = np.empty(2 * nq, values.dtype)
-    _kth_values(values, n, vmin, vmax, ranks, counts, scratch, vals)
+    _kth_from_buckets(values, buckets, n, ranks, counts, scratch, vals)
     for j in range(nq):
         a = np.float64(vals[2 * j])
         b = np.float64(vals[2 * j + 1])
@@ -295,14 +293,13 @@ def _quantiles_exact(values, n, vmin, vmax, qs, counts, scratch, out, first):
         out[first + j] = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
-@_njit
+@njit
 def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, luma_b, nuclear_thr, entropy_bins):
     """The 25 statistics of each (h, w, 3) uint8 tile of ``tiles`` into ``out`` (n, 25) float64."""
     n, h, w, _ = tiles.shape
     npx = h * w
     h_values = np.empty(npx, np.float32)
     gray = np.empty((h, w), np.float32)
-    gray_flat = np.empty(npx, np.float32)
     n_grad = (h - 1) * (w - 1)
     grad = np.empty(max(n_grad, 1), np.float32)
     eps = np.float32(1e-6)
@@ -312,12 +309,21 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
     m00, m01, m02 = hed_matrix[0, 0], hed_matrix[0, 1], hed_matrix[0, 2]
     m10, m11, m12 = hed_matrix[1, 0], hed_matrix[1, 1], hed_matrix[1, 2]
     m20, m21, m22 = hed_matrix[2, 0], hed_matrix[2, 1], hed_matrix[2, 2]
-    counts = np.zeros(_BUCKETS, np.int64)
+    nb = _BUCKETS
     scratch = np.empty(npx, np.float32)
+    # percentile buckets, filled as the values are made: value * scale, monotonic (upper bounds need not be tight)
+    gray_scale = np.float32(nb / 256.0)
+    h_scale = np.float32(nb / _H_BOUND)
+    grad_scale = np.float32(nb / 362.0)
+    gray_buckets = np.empty(npx, np.uint16)
+    h_buckets = np.empty(npx, np.uint16)
+    grad_buckets = np.empty(max(n_grad, 1), np.uint16)
+    gray_counts = np.empty(nb, np.int64)
+    h_counts = np.empty(nb, np.int64)
+    grad_counts = np.empty(nb, np.int64)
     q90 = np.array([0.9])
     q_gray = np.array([0.1, 0.5, 0.9])
     for t in range(n):
-        h_max = np.float32(0.0)
         hist = np.zeros((3, 256), np.int64)
         ent = np.zeros(entropy_bins, np.int64)
         sh = se = sd = qh = qe = qd = 0.0
@@ -349,8 +355,6 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
                 h_values[p] = vh
                 if vh > nuclear_thr:
                     nuclear += 1
-                if vh > h_max:
-                    h_max = vh
                 cmax = np.float32(max(r, g, b))
                 cmin = np.float32(min(r, g, b))
                 s = (cmax - cmin) / max(cmax, eps)
@@ -358,7 +362,6 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
                 sat_sq += np.float64(s) * s
                 gv = luma_r[r] + luma_g[g] + luma_b[b]
                 gray[y, x] = gv
-                gray_flat[p] = gv
                 bi = int(gv * bin_scale)
                 if bi > entropy_bins - 1:
                     bi = entropy_bins - 1
@@ -384,7 +387,8 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
             o[6 + i] = m
             o[9 + i] = math.sqrt(max(q_i / npx - m * m, 0.0))
         o[13] = nuclear / npx
-        _quantiles_exact(h_values, npx, np.float32(0.0), h_max, q90, counts, scratch, o, 12)
+        _fill_buckets(h_values, npx, h_scale, h_buckets, h_counts)
+        _quantiles_exact(h_values, h_buckets, npx, h_counts, q90, scratch, o, 12)
         m = sat_sum / npx
         o[14] = m
         o[15] = math.sqrt(max(sat_sq / npx - m * m, 0.0))
@@ -398,15 +402,12 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
         gs = 0.0
         gq = 0.0
         k = 0
-        g_max = np.float32(0.0)
         for y in range(h - 1):
             for x in range(w - 1):
                 gx = gray[y, x + 1] - gray[y, x]
                 gy = gray[y + 1, x] - gray[y, x]
                 gv = np.sqrt(gx * gx + gy * gy)
                 grad[k] = gv
-                if gv > g_max:
-                    g_max = gv
                 gs += gv
                 gq += np.float64(gv) * gv
                 k += 1
@@ -414,7 +415,8 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
             m = gs / n_grad
             o[20] = m
             o[21] = math.sqrt(max(gq / n_grad - m * m, 0.0))
-            _quantiles_exact(grad, n_grad, np.float32(0.0), g_max, q90, counts, scratch, o, 22)
+            _fill_buckets(grad, n_grad, grad_scale, grad_buckets, grad_counts)
+            _quantiles_exact(grad, grad_buckets, n_grad, grad_counts, q90, scratch, o, 22)
         else:
             o[20] = np.nan
             o[21] = np.nan
@@ -427,7 +429,8 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
         n_lap = (h - 2) * (w - 2)
         o[23] = ls / n_lap if n_lap > 0 else np.nan
         o[24] = od / npx
-        _quantiles_exact(gray_flat, npx, np.float32(0.0), np.float32(256.0), q_gray, counts, scratch, o, 16)
+        _fill_buckets(gray.reshape(npx), npx, gray_scale, gray_buckets, gray_counts)
+        _quantiles_exact(gray.reshape(npx), gray_buckets, npx, gray_counts, q_gray, scratch, o, 16)
 
 
 @functools.lru_cache(maxsize=2)

@@ -20,6 +20,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from .jit import njit
 from .errors import CorruptSlideError, MissingMppError, TileReadError, UnsupportedFormatError
 
 Image.MAX_IMAGE_PIXELS = None  # flat images are read through ImageSlide; size is checked by the caller
@@ -311,16 +312,71 @@ def resample(image: np.ndarray, out_w: int, out_h: int, box: tuple[float, float,
     return resample_boxes(image, out_w, out_h, [box])[0]
 
 
+def reduce_box(image: np.ndarray, x0: int, y0: int, factor: int, out_w: int, out_h: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """The box (x0, y0, out_w * factor, out_h * factor) of an (h, w, 3) uint8 image shrunk ``factor`` times by
+    area averaging, with exactly PIL's ``Image.reduce`` arithmetic (its fixed-point rounding), into ``out``."""
+    n = factor * factor
+    multiplier = int(np.float32(4294967296.0) / np.float32(256 * n))  # Pillow's division_UINT32(n, 8)
+    if out is None:
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    if _reduce_box_kernel is None:
+        box = image[y0:y0 + out_h * factor, x0:x0 + out_w * factor].astype(np.uint64)
+        sums = box.reshape(out_h, factor, out_w, factor, 3).sum(axis=(1, 3))
+        out[...] = ((sums + n // 2) * multiplier) >> 24
+    elif factor == 2 and image.flags.c_contiguous:
+        _reduce_2x2_kernel(image, x0, y0, out)  # the common 0.25 -> 0.5 µm/px case: (sum + 2) >> 2, as PIL
+    else:
+        _reduce_box_kernel(image, x0, y0, factor, multiplier, out)
+    return out
+
+
+@njit
+def _reduce_box_kernel(image, x0, y0, factor, multiplier, out):
+    out_h, out_w, _ = out.shape
+    amend = (factor * factor) // 2
+    for oy in range(out_h):
+        ys = y0 + oy * factor
+        for ox in range(out_w):
+            xs = x0 + ox * factor
+            s0 = s1 = s2 = amend
+            for y in range(ys, ys + factor):
+                for x in range(xs, xs + factor):
+                    s0 += image[y, x, 0]
+                    s1 += image[y, x, 1]
+                    s2 += image[y, x, 2]
+            out[oy, ox, 0] = (s0 * multiplier) >> 24
+            out[oy, ox, 1] = (s1 * multiplier) >> 24
+            out[oy, ox, 2] = (s2 * multiplier) >> 24
+
+
+@njit
+def _reduce_2x2_kernel(image, x0, y0, out):
+    # rows as flat RGB byte vectors: unit-stride loads, no per-pixel channel loop
+    out_h, out_w, _ = out.shape
+    rows = image.reshape(image.shape[0], image.shape[1] * 3)
+    for oy in range(out_h):
+        a = rows[y0 + 2 * oy]
+        b = rows[y0 + 2 * oy + 1]
+        o = out[oy]
+        for ox in range(out_w):
+            p = 3 * x0 + 6 * ox
+            for c in range(3):
+                o[ox, c] = (np.uint32(a[p + c]) + a[p + 3 + c] + b[p + c] + b[p + 3 + c] + 2) >> 2
+
+
 def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
-                   boxes: list[tuple[float, float, float, float] | None]) -> list[np.ndarray]:
+                   boxes: list[tuple[float, float, float, float] | None],
+                   dest: np.ndarray | None = None) -> list[np.ndarray]:
     """``resample`` of several boxes of one image, converting the image to PIL once (not once per box).
 
-    Identical to calling ``resample`` per box: the same PIL call on the same image and box.
+    Identical to calling ``resample`` per box. ``dest`` (len(boxes), out_h, out_w, 3): whole-factor shrinks are
+    written straight into it (the returned arrays are then its rows; others are returned and not copied).
     """
     src_h, src_w = image.shape[:2]
     pil = None
     out = []
-    for box in boxes:
+    for i, box in enumerate(boxes):
         if box is None:
             box = (0.0, 0.0, float(src_w), float(src_h))
         bw, bh = box[2] - box[0], box[3] - box[1]
@@ -328,14 +384,15 @@ def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
             x0, y0 = int(box[0]), int(box[1])
             out.append(image[y0:y0 + out_h, x0:x0 + out_w])
             continue
-        if pil is None:
-            pil = Image.fromarray(image)
         factor = bw / out_w
         if factor == bh / out_h and factor >= 2 and factor.is_integer() and all(float(v).is_integer() for v in box):
-            # Whole-factor shrink of a pixel-aligned box (e.g. 0.25 -> 0.5 µm/px): PIL's reduce() is the same area
-            # average, 3x faster than resize(BOX); rounding may differ by 1 grey level.
-            out.append(np.asarray(pil.crop(tuple(int(v) for v in box)).reduce(int(factor))))
+            # Whole-factor shrink of a pixel-aligned box (e.g. 0.25 -> 0.5 µm/px): PIL's reduce(), the same area
+            # average as resize(BOX) up to 1 grey level of rounding, 3x faster; compiled: another 3-5x, no copies.
+            out.append(reduce_box(image, int(box[0]), int(box[1]), int(factor), out_w, out_h,
+                                  out=None if dest is None else dest[i]))
             continue
+        if pil is None:
+            pil = Image.fromarray(image)
         shrinking = bw >= out_w and bh >= out_h
         method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
         out.append(np.asarray(pil.resize((out_w, out_h), method, box=box)))

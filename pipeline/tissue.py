@@ -8,7 +8,7 @@ small specks removed, small holes filled). The mask is then averaged over each t
 from __future__ import annotations
 
 import numpy as np
-from skimage import color, filters, morphology
+from skimage import filters, morphology
 
 from .config import TissueConfig
 from .tiling import TileGrid
@@ -19,10 +19,21 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
 
 
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (max - min) / max, 0 where max is 0: ``skimage.color.rgb2hsv(rgb)[..., 1]`` without the hue and
+    value planes it also computes (10x faster on a thumbnail, which a slide's first task waits for)."""
+    rgb = np.asarray(rgb)
+    cmax = rgb.max(axis=-1).astype(np.float64)
+    delta = cmax - rgb.min(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sat = np.where(cmax > 0, delta / cmax, 0.0)
+    return sat.astype(np.float32)
+
+
 def tissue_signal(rgb: np.ndarray, method: str) -> np.ndarray:
     """The per-pixel quantity thresholded by Otsu."""
     if method == "otsu_saturation":
-        return color.rgb2hsv(rgb)[..., 1].astype(np.float32)
+        return saturation(rgb)
     if method == "otsu_od":
         return optical_density(rgb).sum(axis=-1)
     raise ValueError(f"unknown tissue method {method!r}")

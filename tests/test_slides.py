@@ -149,3 +149,27 @@ def test_inspect_cli_table(fixtures_dir):
     header, row = out.stdout.strip().splitlines()
     assert header.split()[:3] == ["slide_id", "vendor", "width_px"]
     assert "generic-tiff" in row and "tiff_resolution" in row and "1,2,4.016,8.086" in row
+
+
+def test_reduce_box_equals_pil_reduce_for_every_factor():
+    """The compiled whole-factor shrink (and its numpy fallback) give exactly PIL's Image.reduce pixels."""
+    import pipeline.slides as slides_mod
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    for factor, (x0, y0, out_w, out_h) in [(2, (3, 5, 100, 90)), (3, (0, 1, 60, 70)), (4, (7, 0, 64, 50)),
+                                           (5, (1, 2, 33, 40)), (8, (0, 0, 40, 30))]:
+        box = (x0, y0, x0 + out_w * factor, y0 + out_h * factor)
+        expected = np.asarray(Image.fromarray(image).crop(box).reduce(factor))
+        np.testing.assert_array_equal(slides_mod.reduce_box(image, x0, y0, factor, out_w, out_h), expected)
+        kernels = slides_mod._reduce_box_kernel
+        try:
+            slides_mod._reduce_box_kernel = None  # the path used where numba is missing
+            np.testing.assert_array_equal(slides_mod.reduce_box(image, x0, y0, factor, out_w, out_h), expected)
+        finally:
+            slides_mod._reduce_box_kernel = kernels
+    dest = np.zeros((2, 50, 60, 3), np.uint8)
+    tiles = slides_mod.resample_boxes(image, 60, 50, [(0.0, 0.0, 120.0, 100.0), (10.0, 10.0, 70.0, 60.0)], dest=dest)
+    assert tiles[0].base is dest and np.array_equal(dest[0], np.asarray(Image.fromarray(image).crop((0, 0, 120, 100)).reduce(2)))
+    assert np.array_equal(tiles[1], image[10:60, 10:70])  # same size: a plain crop, not written into dest

@@ -85,3 +85,15 @@ def test_real_slide_mask_is_plausible(cmu_slide):
     assert 0.2 < mask.mean() < 0.8
     # the glass corner is background
     assert not mask[:5, -5:].any()
+
+
+def test_saturation_equals_scikit_image_hsv():
+    from skimage import color
+
+    from pipeline.tissue import saturation
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    rgb[:4] = 0  # black: max 0, saturation 0 (not NaN)
+    rgb[4:8] = 200  # grey: saturation 0
+    np.testing.assert_array_equal(saturation(rgb), color.rgb2hsv(rgb)[..., 1].astype(np.float32))
