@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     finetune_epochs: int = Field(10, ge=0, description="phase 2: blocks from unfreeze_from up trained too")
     finetune_learning_rate: float = Field(1e-5, gt=0)
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better validation loss")
+    min_epochs: int = Field(0, ge=0, description="warm-up epochs of each phase that neither count for early stopping "
+                                                 "nor can be the best epoch (a lucky early val_loss on a small "
+                                                 "validation set would otherwise end training before it converged)")
     class_weights: bool = True
     augment: bool = True
     crop_fraction: float = Field(0.85, gt=0, le=1, description="random crops keep at least this fraction of each side")

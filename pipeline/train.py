@@ -99,8 +99,10 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
         set_phase(model, phase, cfg.unfreeze_from, batchnorm_trains(cfg))
         compile_model(model, lr)
         ckpt = checkpoint_dir / f"{'fold%d-' % split.fold if split.fold else ''}{phase}.weights.h5"
+        warmup = min(cfg.min_epochs, epochs - 1)
         callbacks = [
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
+                                          start_from_epoch=warmup),
             keras.callbacks.ModelCheckpoint(str(ckpt), monitor=monitor, save_best_only=True, save_weights_only=True),
             _epoch_logger(phase, split.fold),
         ]
@@ -108,7 +110,7 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         history["phase"].extend([phase] * len(fitted.history[monitor]))
-        best = float(np.min(fitted.history[monitor]))
+        best = float(np.min(fitted.history[monitor][warmup:]))  # the epoch EarlyStopping restored
         if phase == "head":
             best_head = (best, model.get_weights())
         elif best_head is not None and best >= best_head[0]:

@@ -111,6 +111,17 @@ def test_bad_labels_stop_before_training(trained, tmp_path, capsys):
     assert (out / "model" / "model.keras").stat().st_mtime_ns == stamp
 
 
+def test_warm_up_epochs_do_not_count_for_early_stopping(tmp_path):
+    """patience 1 would stop after two epochs; min_epochs 4 keeps the head phase going and picks its best epoch
+    only from the epochs after the warm-up."""
+    labels = make_map_cohort(tmp_path, n_per_class=5, seed=2, size_range=(12, 14))
+    config = config_from_dict({"train": {"input_px": 75, "head_epochs": 5, "finetune_epochs": 0, "patience": 1,
+                                         "min_epochs": 4, "val_fraction": 0.3, "test_fraction": 0.2}})
+    summary = train(tmp_path, labels, config)
+    info = json.loads((tmp_path / "model" / "model_info.json").read_text())
+    assert info["history"][0]["phase"] == ["head"] * 5 and not summary["skipped"]
+
+
 def test_slide_without_feature_map(tmp_path):
     write_map_store(tmp_path, "a", planted_map(np.random.default_rng(0), False, 10, 10))
     write_map_store(tmp_path, "b", planted_map(np.random.default_rng(1), True, 10, 10))
