@@ -132,14 +132,21 @@ def activations_and_probs(cam_model: CamModel, inputs: np.ndarray) -> tuple[np.n
 
 
 def gradcam_from_activations(cam_model: CamModel, activations: np.ndarray, classes: np.ndarray,
-                             out_hw: tuple[int, int]) -> np.ndarray:
-    """Grad-CAM of each input for its class in ``classes``, upsampled to ``out_hw``; >= 0, not normalised."""
+                             out_hw: tuple[int, int], reference: np.ndarray | None = None) -> np.ndarray:
+    """Grad-CAM of each input for its class in ``classes``, upsampled to ``out_hw``; >= 0, not normalised.
+
+    With ``reference`` (activations of each input's reference map, same shape): ReLU(sum over channels of
+    gradient x (activation - reference)) at each position instead of the channel-mean-weighted activations.
+    """
     cams = np.empty((len(activations),) + tuple(out_hw), dtype=np.float32)
     for c in np.unique(classes):
         sel = np.flatnonzero(classes == c)
         grads, _ = class_score_gradients(cam_model.tail, activations[sel], int(c))
-        weights = grads.mean(axis=(1, 2), keepdims=True)  # per channel
-        low = np.maximum((weights * activations[sel]).sum(axis=-1), 0.0)
+        if reference is None:
+            weights = grads.mean(axis=(1, 2), keepdims=True)  # per channel
+            low = np.maximum((weights * activations[sel]).sum(axis=-1), 0.0)
+        else:
+            low = np.maximum((grads * (activations[sel] - reference[sel])).sum(axis=-1), 0.0)
         for i, cam in zip(sel, low):
             cams[i] = upsample_bilinear(cam, *out_hw)
     return cams
@@ -206,22 +213,39 @@ def map_windows(rows: int, cols: int, cfg: TrainConfig, overlap: float) -> list[
             for c0 in window_origins(cols, cfg.input_px, overlap)]
 
 
+def reference_map(channels: np.ndarray) -> np.ndarray:
+    """The slide's reference for ``reference`` CAMs: its tissue cells all at the per-channel median tissue value
+    (same outline, no texture); background stays background."""
+    tissue = (channels >= 0).all(axis=2)
+    ref = channels.copy()
+    if tissue.any():
+        ref[tissue] = np.median(channels[tissue], axis=0)
+    return ref
+
+
 def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_index: int | None = None,
-              overlap: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+              overlap: float = 0.5, reference: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Grad-CAM of one slide's feature map on its tile grid.
+
+    ``reference``: each position's evidence is gradient x (activation - activation of the reference map, see
+    :func:`reference_map`), summed over channels: a first-order account of how the slide's score differs from that
+    of the same outline filled with its typical tissue, so what the tissue outline alone excites cancels out.
 
     Returns (cam (rows, cols) in [0, 1] with NaN where no tissue or never seen, mean class probabilities over the
     windows, the class explained). The class is the predicted one of the whole slide unless given.
     """
     rows, cols = fmap.shape[:2]
     channels = model_lib.select_channels(fmap, cfg.adapter, cfg.component)
+    ref_channels = reference_map(channels) if reference else None
     index = cell_index_image(rows, cols)
     windows = map_windows(rows, cols, cfg, overlap)
-    inputs, indices = [], []
+    inputs, indices, refs = [], [], []
     for r0, r1, c0, c1 in windows:
         inputs.append(model_lib.to_input(model_lib.fit_size(channels[r0:r1, c0:c1], cfg)))
         # the same geometry applied to cell indices: padding gets the fill value -1
         indices.append(model_lib.fit_size(index[r0:r1, c0:c1], cfg))
+        if reference:
+            refs.append(model_lib.to_input(model_lib.fit_size(ref_channels[r0:r1, c0:c1], cfg)))
     # Same-size inputs go through the model as one batch; native windows of different sizes one by one.
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(inputs):
@@ -229,6 +253,11 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
     batches = [(sel, np.stack([inputs[i] for i in sel])) for sel in groups.values()]
     # One forward pass per batch serves both the class choice and the gradients.
     passes = [(sel, batch, *activations_and_probs(cam_model, batch)) for sel, batch in batches]
+    ref_acts = {}
+    if reference:
+        for sel, _ in batches:
+            acts, _ = activations_and_probs(cam_model, np.stack([refs[i] for i in sel]))
+            ref_acts[tuple(sel)] = acts
     if class_index is None:
         # explain the class predicted for the whole slide (mean over its windows), the same for every window
         class_index = int(np.concatenate([p for *_, p in passes]).mean(axis=0).argmax())
@@ -236,7 +265,7 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
     probs: list = [None] * len(inputs)
     for sel, batch, activations, batch_probs in passes:
         batch_cams = gradcam_from_activations(cam_model, activations, np.full(len(sel), class_index),
-                                              batch.shape[1:3])
+                                              batch.shape[1:3], ref_acts.get(tuple(sel)))
         for i, cam, p in zip(sel, batch_cams, batch_probs):
             cams[i], probs[i] = cam, p
     mean_probs = np.mean(probs, axis=0)
@@ -284,7 +313,8 @@ def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> t
     """
     cams, probs_list = [], []
     for cam_model in cam_models:
-        cam, probs, _ = slide_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap)
+        cam, probs, _ = slide_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap,
+                                  reference=cam_cfg.reference)
         cams.append(cam)
         probs_list.append(probs)
     probs = np.mean(probs_list, axis=0)

@@ -178,6 +178,8 @@ class CamConfig(_Section):
     layer: str | None = Field(None, description="layer for Grad-CAM; None = chosen for resolution")
     class_index: int | None = None
     window_overlap: float = Field(0.5, ge=0, lt=1)
+    reference: bool = Field(True, description="per position, gradient x (activation - activation of the slide's "
+                                              "outline filled with its median tissue) instead of plain Grad-CAM")
     hot_threshold: float = Field(0.6, gt=0, lt=1)
     tiff_tile_px: int = Field(256, ge=16)
 

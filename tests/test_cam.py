@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline import model as model_lib
-from pipeline.cam import (cell_index_image, cells_from_input, default_cam_layer, gradcam, map_windows, slide_cam,
-                          split_model, upsample_bilinear, window_origins)
+from pipeline.cam import (cell_index_image, cells_from_input, default_cam_layer, gradcam, map_windows,
+                          reference_map, slide_cam, split_model, upsample_bilinear, window_origins)
 from pipeline.config import TrainConfig
 
 
@@ -104,3 +104,22 @@ def test_slide_cam_on_large_map_blends_windows(small_model):
     assert cam.shape == (150, 110) and np.isfinite(cam).all()
     assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
     assert cls in (0, 1) and probs.sum() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_reference_map_keeps_the_outline_and_flattens_the_tissue():
+    ch = np.full((4, 5, 3), model_lib.MAP_FILL, dtype=np.float32)
+    ch[1:3, 1:4] = np.arange(18, dtype=np.float32).reshape(2, 3, 3) / 17
+    ref = reference_map(ch)
+    np.testing.assert_array_equal(ref[0], ch[0])  # background untouched
+    np.testing.assert_allclose(ref[1:3, 1:4], np.broadcast_to(np.median(ch[1:3, 1:4].reshape(-1, 3), axis=0), (2, 3, 3)))
+
+
+def test_reference_cam_is_zero_on_the_reference_itself(small_model):
+    """A map whose tissue is uniform equals its own reference: no position differs, so the CAM is all zero."""
+    model, _ = small_model
+    fmap = np.full((20, 24, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap[3:17, 4:20] = 0.4
+    cam, _, _ = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(size_strategy="resize", input_px=96),
+                          reference=True)
+    tissue = fmap[..., 0] >= 0
+    assert np.isnan(cam[~tissue]).all() and (cam[tissue] == 0).all()
