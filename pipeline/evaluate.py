@@ -311,18 +311,23 @@ class TrainedModel:
         return np.mean([predict_proba(m, maps, self.train_config) for m in chosen], axis=0)
 
 
-def read_feature_maps(out_dir: str | Path, slide_ids: Sequence[str]) -> list[np.ndarray]:
-    """``feature_map`` of each slide (in order); a slide without one is a ``MissingInputError``."""
-    from .store import read_array
-
-    maps = []
+def feature_map_stores(out_dir: str | Path, slide_ids: Sequence[str]) -> list[Path]:
+    """The store of each slide (in order); a slide without a ``feature_map`` is a ``MissingInputError``."""
+    paths = []
     for slide_id in slide_ids:
         path = store_path(out_dir, slide_id)
         if not (path / "feature_map" / "zarr.json").exists():
             raise MissingInputError(f"slide '{slide_id}' has no feature map", path=path,
                                     fix="Run `wsi-pipeline reduce --out OUT` first.")
-        maps.append(read_array(path, "feature_map"))
-    return maps
+        paths.append(path)
+    return paths
+
+
+def read_feature_maps(out_dir: str | Path, slide_ids: Sequence[str]) -> list[np.ndarray]:
+    """``feature_map`` of each slide (in order); a slide without one is a ``MissingInputError``."""
+    from .store import read_array
+
+    return [read_array(path, "feature_map") for path in feature_map_stores(out_dir, slide_ids)]
 
 
 def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_csv: str | Path | None = None) -> dict:

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import PipelineConfig, TrainConfig
-from .evaluate import (LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, read_feature_maps, write_evaluation,
-                       store_ids)
+from .evaluate import (LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, feature_map_stores, read_feature_maps,
+                       store_ids, write_evaluation)
 from .labels import LabelTable, Split, check_slides, class_weights, fold_splits, holdout_split, read_labels
 from .outputs import Manifest, atomic_write_json, output_lock
 from .store import array_attrs, package_versions, read_attrs, store_path
@@ -179,10 +179,9 @@ def _backend_info() -> dict:
 
 @dataclass
 class TrainPlan:
-    """Everything checked and decided before a model is built."""
+    """Everything checked and decided before a model is built (the maps themselves are read by the training)."""
 
     table: LabelTable
-    maps: list
     splits: list
     map_hashes: list
     digest: str
@@ -198,14 +197,15 @@ def _plan(out_dir: Path, labels_csv: str | Path, config: PipelineConfig) -> Trai
     if unlabelled:
         log.info("train: %d slide(s) in %s have no label and are not used: %s", len(unlabelled), out_dir,
                  ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""))
-    maps = read_feature_maps(out_dir, table.slide_ids)
     from .model import select_channels
+    from .store import read_array
 
-    select_channels(maps[0], cfg.adapter, cfg.component)  # adapter fits the maps' components
+    stores = feature_map_stores(out_dir, table.slide_ids)  # every labelled slide has a map
+    select_channels(read_array(stores[0], "feature_map"), cfg.adapter, cfg.component)  # the adapter fits them
     splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
               else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
     map_hashes = _map_hashes(out_dir, table.slide_ids)
-    return TrainPlan(table, maps, splits, map_hashes, model_hash(cfg, table, map_hashes))
+    return TrainPlan(table, splits, map_hashes, model_hash(cfg, table, map_hashes))
 
 
 def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | None = None, *,
@@ -256,7 +256,8 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     from .parallel import where_am_i
 
     cfg = config.train
-    table, maps, splits = plan.table, plan.maps, plan.splits
+    table, splits = plan.table, plan.splits
+    maps = read_feature_maps(out_dir, table.slide_ids)
     if resolve_weights(cfg.weights) is None:
         log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
                     "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune")
@@ -281,6 +282,7 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     for split, result in zip(splits, results):
         notes.extend(split.notes + result.notes)
     atomic_write_json(model_dir / LABELS_JSON, table.mapping.to_dict())
+    backend = _backend_info()
     info = {
         "format": 1,
         "models": model_names,
@@ -300,9 +302,9 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
                   "input_px": None if cfg.size_strategy == "native" else cfg.input_px},
         "notes": notes,
         "seconds": [r.seconds for r in results],
-        "trained_on": {**where_am_i(), **_backend_info()},
+        "trained_on": {**where_am_i(), **backend},
         "created": time.time(),
-        "versions": {**package_versions(), **_backend_info()},
+        "versions": {**package_versions(), **backend},
     }
     atomic_write_json(model_dir / MODEL_INFO, info)
 
