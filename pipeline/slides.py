@@ -370,32 +370,36 @@ def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
                    dest: np.ndarray | None = None) -> list[np.ndarray]:
     """``resample`` of several boxes of one image, converting the image to PIL once (not once per box).
 
-    Identical to calling ``resample`` per box. ``dest`` (len(boxes), out_h, out_w, 3): whole-factor shrinks are
-    written straight into it (the returned arrays are then its rows; others are returned and not copied).
+    Identical to calling ``resample`` per box. ``dest`` (len(boxes), out_h, out_w, 3): every result is written into
+    it (whole-factor shrinks straight, without a temporary) and the returned arrays are its rows.
     """
     src_h, src_w = image.shape[:2]
     pil = None
     out = []
     for i, box in enumerate(boxes):
+        target = None if dest is None else dest[i]
         if box is None:
             box = (0.0, 0.0, float(src_w), float(src_h))
         bw, bh = box[2] - box[0], box[3] - box[1]
+        factor = bw / out_w
         if out_w == bw and out_h == bh and all(float(v).is_integer() for v in box):
             x0, y0 = int(box[0]), int(box[1])
-            out.append(image[y0:y0 + out_h, x0:x0 + out_w])
-            continue
-        factor = bw / out_w
-        if factor == bh / out_h and factor >= 2 and factor.is_integer() and all(float(v).is_integer() for v in box):
+            tile = image[y0:y0 + out_h, x0:x0 + out_w]
+        elif factor == bh / out_h and factor >= 2 and factor.is_integer() and all(float(v).is_integer() for v in box):
             # Whole-factor shrink of a pixel-aligned box (e.g. 0.25 -> 0.5 µm/px): PIL's reduce(), the same area
             # average as resize(BOX) up to 1 grey level of rounding, 3x faster; compiled: another 3-5x, no copies.
-            out.append(reduce_box(image, int(box[0]), int(box[1]), int(factor), out_w, out_h,
-                                  out=None if dest is None else dest[i]))
+            out.append(reduce_box(image, int(box[0]), int(box[1]), int(factor), out_w, out_h, out=target))
             continue
-        if pil is None:
-            pil = Image.fromarray(image)
-        shrinking = bw >= out_w and bh >= out_h
-        method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-        out.append(np.asarray(pil.resize((out_w, out_h), method, box=box)))
+        else:
+            if pil is None:
+                pil = Image.fromarray(image)
+            shrinking = bw >= out_w and bh >= out_h
+            method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+            tile = np.asarray(pil.resize((out_w, out_h), method, box=box))
+        if target is not None:
+            target[...] = tile
+            tile = target
+        out.append(tile)
     return out
 
 

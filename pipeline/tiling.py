@@ -148,9 +148,7 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
         left = col * grid.stride_l0_px / ds - ix0
         right = min(left + grid.tile_l0_px / ds, strip.shape[1])
         boxes.append((left, top, right, bottom))
-    for i, tile in enumerate(resample_boxes(strip, grid.tile_px, grid.tile_px, boxes, dest=out)):
-        if tile.base is not out:  # not already written in place
-            out[i] = tile
+    resample_boxes(strip, grid.tile_px, grid.tile_px, boxes, dest=out)
     return out
 
 

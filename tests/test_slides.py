@@ -172,4 +172,4 @@ def test_reduce_box_equals_pil_reduce_for_every_factor():
     dest = np.zeros((2, 50, 60, 3), np.uint8)
     tiles = slides_mod.resample_boxes(image, 60, 50, [(0.0, 0.0, 120.0, 100.0), (10.0, 10.0, 70.0, 60.0)], dest=dest)
     assert tiles[0].base is dest and np.array_equal(dest[0], np.asarray(Image.fromarray(image).crop((0, 0, 120, 100)).reduce(2)))
-    assert np.array_equal(tiles[1], image[10:60, 10:70])  # same size: a plain crop, not written into dest
+    assert tiles[1].base is dest and np.array_equal(dest[1], image[10:60, 10:70])  # same size: the crop, copied in
