@@ -367,14 +367,13 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
         store = Path(store)
         slide_id = store.name[: -len(".zarr")]
         record = {"slide_id": slide_id, "store": str(store), "layer": layer, "current": False, "computed_on": where}
+        paths = slide_outputs(out_dir, slide_id)
         try:
-            _, probs, cls, record["current"] = update_store_cam(store, trained, cam_models, layer, config.cam,
-                                                                slide_outputs(out_dir, slide_id))
+            _, probs, cls, record["current"] = update_store_cam(store, trained, cam_models, layer, config.cam, paths)
         except PipelineError as err:
             record["error"] = error_record(err)
         else:
-            record["entry"] = _entry(slide_id, slide_outputs(out_dir, slide_id), probs, cls, trained, labels,
-                                     split_of.get(slide_id))
+            record["entry"] = _entry(slide_id, paths, probs, cls, trained, labels, split_of.get(slide_id))
         yield record
 
 
