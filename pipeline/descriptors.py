@@ -155,13 +155,14 @@ def stats_descriptors_numpy(tiles: np.ndarray, out: np.ndarray) -> None:
 
 # --- the numba kernel ----------------------------------------------------------------------------------------------
 # Same quantities and float32 arithmetic as _tile_stats_numpy; sums in float64 (one pass, so standard deviations use
-# E[x^2] - E[x]^2 in float64, within 1e-6 relative of numpy's two-pass float32 ones); percentiles exact (numpy's
-# 'linear' method) by bucket counting instead of sorting. cache=True: compiled once (~6 s) and reused from disk.
-
-
+# E[x^2] - E[x]^2 in float64, within 1e-6 relative of numpy's two-pass float32 ones; RGB moments exact in integers);
+# percentiles exact (numpy's 'linear' method) by bucket counting instead of sorting. cache=True: compiled once
+# (~6 s) and reused from disk.
 
 _SORT_MAX = 2048
 _BUCKETS = 4096
+# the entropy histogram is read off the grey buckets (see _stats_kernel): its bins must be whole runs of buckets
+assert _BUCKETS % ENTROPY_BINS == 0 and ENTROPY_BINS & (ENTROPY_BINS - 1) == 0
 # an upper bound of the H stain value (LUT values are in [0, 1]): only sizes the percentile buckets
 _H_BOUND = float(np.maximum(_HED_MATRIX[:, 0], 0).sum() * _HED_LOG_LUT.max()) + 1e-3
 
@@ -293,28 +294,48 @@ def _quantiles_exact(values, buckets, n, counts, qs, scratch, out, first):
         out[first + j] = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
+@njit(fastmath={"reassoc", "nsz"})
+def _laplacian_abs_sum(gray):
+    """Sum of |4-neighbour Laplacian| over the interior of ``gray``: a pure reduction, so reassociating the float64
+    sum (the only fast-math freedom given) lets it vectorise; each term is computed exactly as numpy does."""
+    h, w = gray.shape
+    four = np.float32(4.0)
+    total = 0.0
+    for y in range(1, h - 1):
+        row = 0.0
+        for x in range(1, w - 1):
+            lv = gray[y, x - 1] + gray[y, x + 1] + gray[y - 1, x] + gray[y + 1, x] - four * gray[y, x]
+            row += abs(lv)
+        total += row
+    return total
+
+
 @njit
 def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, luma_b, nuclear_thr, entropy_bins):
-    """The 25 statistics of each (h, w, 3) uint8 tile of ``tiles`` into ``out`` (n, 25) float64."""
+    """The 25 statistics of each (h, w, 3) uint8 tile of ``tiles`` into ``out`` (n, 25) float64.
+
+    The per-pixel loop has no scattered writes (histogram increments there cost more than all the arithmetic): RGB
+    moments are exact integer sums, the entropy histogram is read off the grey-level percentile buckets afterwards.
+    """
     n, h, w, _ = tiles.shape
     npx = h * w
+    nb = _BUCKETS
     h_values = np.empty(npx, np.float32)
     gray = np.empty((h, w), np.float32)
     n_grad = (h - 1) * (w - 1)
     grad = np.empty(max(n_grad, 1), np.float32)
+    scratch = np.empty(npx, np.float32)
     eps = np.float32(1e-6)
-    bin_scale = np.float32(entropy_bins / 256.0)
-    four = np.float32(4.0)
     zero = np.float32(0.0)
     m00, m01, m02 = hed_matrix[0, 0], hed_matrix[0, 1], hed_matrix[0, 2]
     m10, m11, m12 = hed_matrix[1, 0], hed_matrix[1, 1], hed_matrix[1, 2]
     m20, m21, m22 = hed_matrix[2, 0], hed_matrix[2, 1], hed_matrix[2, 2]
-    nb = _BUCKETS
-    scratch = np.empty(npx, np.float32)
-    # percentile buckets, filled as the values are made: value * scale, monotonic (upper bounds need not be tight)
+    # percentile buckets: value * scale, monotonic (upper bounds need not be tight). The grey scale is a power of two,
+    # so bucket // (nb / entropy_bins) is exactly the entropy bin int(gray * entropy_bins / 256).
     gray_scale = np.float32(nb / 256.0)
     h_scale = np.float32(nb / _H_BOUND)
     grad_scale = np.float32(nb / 362.0)
+    per_bin = nb // entropy_bins
     gray_buckets = np.empty(npx, np.uint16)
     h_buckets = np.empty(npx, np.uint16)
     grad_buckets = np.empty(max(n_grad, 1), np.uint16)
@@ -324,8 +345,9 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
     q90 = np.array([0.9])
     q_gray = np.array([0.1, 0.5, 0.9])
     for t in range(n):
-        hist = np.zeros((3, 256), np.int64)
-        ent = np.zeros(entropy_bins, np.int64)
+        tile = tiles[t]
+        s_r = s_g = s_b = q_r = q_g = q_b = 0
+        od = 0.0
         sh = se = sd = qh = qe = qd = 0.0
         nuclear = 0
         sat_sum = 0.0
@@ -333,12 +355,19 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
         p = 0
         for y in range(h):
             for x in range(w):
-                r = tiles[t, y, x, 0]
-                g = tiles[t, y, x, 1]
-                b = tiles[t, y, x, 2]
-                hist[0, r] += 1
-                hist[1, g] += 1
-                hist[2, b] += 1
+                r = tile[y, x, 0]
+                g = tile[y, x, 1]
+                b = tile[y, x, 2]
+                ri = np.int64(r)
+                gi = np.int64(g)
+                bi = np.int64(b)
+                s_r += ri
+                s_g += gi
+                s_b += bi
+                q_r += ri * ri
+                q_g += gi * gi
+                q_b += bi * bi
+                od += od_lut[r] + od_lut[g] + od_lut[b]
                 l0 = hed_log_lut[r]
                 l1 = hed_log_lut[g]
                 l2 = hed_log_lut[b]
@@ -360,28 +389,13 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
                 s = (cmax - cmin) / max(cmax, eps)
                 sat_sum += s
                 sat_sq += np.float64(s) * s
-                gv = luma_r[r] + luma_g[g] + luma_b[b]
-                gray[y, x] = gv
-                bi = int(gv * bin_scale)
-                if bi > entropy_bins - 1:
-                    bi = entropy_bins - 1
-                ent[bi] += 1
+                gray[y, x] = luma_r[r] + luma_g[g] + luma_b[b]
                 p += 1
         o = out[t]
-        od = 0.0
-        for c in range(3):
-            m = 0.0
-            for v in range(256):
-                m += hist[c, v] * np.float64(v)
-            m /= npx
-            var = 0.0
-            for v in range(256):
-                d = np.float64(v) - m
-                var += hist[c, v] * d * d
+        for c, (s_c, q_c) in enumerate(((s_r, q_r), (s_g, q_g), (s_b, q_b))):
+            m = s_c / npx
             o[c] = m
-            o[3 + c] = math.sqrt(var / npx)
-            for v in range(256):
-                od += hist[c, v] * od_lut[v]
+            o[3 + c] = math.sqrt(max((q_c - s_c * m) / npx, 0.0))
         for i, (s_i, q_i) in enumerate(((sh, qh), (se, qe), (sd, qd))):
             m = s_i / npx
             o[6 + i] = m
@@ -392,13 +406,8 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
         m = sat_sum / npx
         o[14] = m
         o[15] = math.sqrt(max(sat_sq / npx - m * m, 0.0))
-        e = 0.0
-        for i in range(entropy_bins):
-            if ent[i] > 0:
-                q = ent[i] / npx
-                e -= q * math.log2(q)
-        o[19] = e
-        # texture on the luma image: forward differences and the 4-neighbour Laplacian
+        # texture on the luma image: forward differences (bucketed as they are made) and the 4-neighbour Laplacian
+        grad_counts[:] = 0
         gs = 0.0
         gq = 0.0
         k = 0
@@ -408,6 +417,9 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
                 gy = gray[y + 1, x] - gray[y, x]
                 gv = np.sqrt(gx * gx + gy * gy)
                 grad[k] = gv
+                gb = min(int(gv * grad_scale), nb - 1)
+                grad_buckets[k] = gb
+                grad_counts[gb] += 1
                 gs += gv
                 gq += np.float64(gv) * gv
                 k += 1
@@ -415,22 +427,27 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
             m = gs / n_grad
             o[20] = m
             o[21] = math.sqrt(max(gq / n_grad - m * m, 0.0))
-            _fill_buckets(grad, n_grad, grad_scale, grad_buckets, grad_counts)
             _quantiles_exact(grad, grad_buckets, n_grad, grad_counts, q90, scratch, o, 22)
         else:
             o[20] = np.nan
             o[21] = np.nan
             o[22] = np.nan
-        ls = 0.0
-        for y in range(1, h - 1):
-            for x in range(1, w - 1):
-                lv = gray[y, x - 1] + gray[y, x + 1] + gray[y - 1, x] + gray[y + 1, x] - four * gray[y, x]
-                ls += abs(lv)
-        n_lap = (h - 2) * (w - 2)
-        o[23] = ls / n_lap if n_lap > 0 else np.nan
+        n_lap = max(h - 2, 0) * max(w - 2, 0)
+        o[23] = _laplacian_abs_sum(gray) / n_lap if n_lap > 0 else np.nan
         o[24] = od / npx
-        _fill_buckets(gray.reshape(npx), npx, gray_scale, gray_buckets, gray_counts)
-        _quantiles_exact(gray.reshape(npx), gray_buckets, npx, gray_counts, q_gray, scratch, o, 16)
+        flat_gray = gray.reshape(npx)
+        _fill_buckets(flat_gray, npx, gray_scale, gray_buckets, gray_counts)
+        e = 0.0
+        for i in range(entropy_bins):
+            c = 0
+            for bb in range(i * per_bin, (i + 1) * per_bin):
+                c += gray_counts[bb]
+            if c > 0:
+                q = c / npx
+                e -= q * math.log2(q)
+        o[19] = e
+        # last: the narrowing path of the selection reuses gray_counts as scratch
+        _quantiles_exact(flat_gray, gray_buckets, npx, gray_counts, q_gray, scratch, o, 16)
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,6 +12,11 @@ except ImportError:  # pragma: no cover - see the module docstring
     numba = None
 
 
-def njit(fn):
-    """``fn`` compiled (nopython, GIL released, cached on disk), or None without numba."""
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else None
+def njit(fn=None, *, fastmath=False):
+    """``fn`` compiled (nopython, GIL released, cached on disk), or None without numba.
+
+    ``fastmath``: LLVM fast-math flags for this kernel only (e.g. ``{"reassoc"}`` lets a float reduction vectorise).
+    """
+    if fn is None:
+        return lambda f: njit(f, fastmath=fastmath)
+    return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn) if numba is not None else None

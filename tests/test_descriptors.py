@@ -60,7 +60,7 @@ def test_compiled_kernel_equals_the_numpy_reference(he_tiles):
     skewed = (rng.random((2, 48, 40, 3)) ** 6 * 255).astype(np.uint8)
     cases = [he_tiles, rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8), np.full((2, 32, 32, 3), 77, np.uint8),
              rng.integers(0, 256, (2, 2, 2, 3), dtype=np.uint8), rng.integers(0, 256, (2, 1, 5, 3), dtype=np.uint8),
-             white, skewed]
+             rng.integers(0, 256, (2, 1, 1, 3), dtype=np.uint8), white, skewed]
     for tiles in cases:
         fast = stats_descriptors(tiles)
         reference = _numpy_reference(tiles)
