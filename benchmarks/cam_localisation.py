@@ -44,8 +44,7 @@ def cell_truth(tissue, grid: TileGrid, samples: int = 4) -> tuple[np.ndarray, np
     """(centre inside the lesion (rows, cols) bool, lesion fraction of each cell on samples x samples points)."""
     rr, cc = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
     x0, y0 = cc * grid.stride_l0_px, rr * grid.stride_l0_px
-    half = grid.tile_l0_px / 2
-    centre = tissue.lesion_at(x0 + half, y0 + half)
+    centre = tissue.lesion_at_tiles(grid)
     offs = (np.arange(samples) + 0.5) / samples * grid.tile_l0_px
     frac = np.zeros(grid.shape)
     for oy in offs:
@@ -69,6 +68,8 @@ def score_cam(cam: np.ndarray, centre: np.ndarray, frac: np.ndarray, top: float 
 
 
 # --- CAM variants --------------------------------------------------------------------------------------------------
+
+CLASS_INDEX: int | None = None  # --class-index: the class whose CAM is scored (None: each slide's predicted class)
 
 
 def _variant_cam(spec: str, trained, fmap: np.ndarray, cache: dict) -> np.ndarray:
@@ -97,7 +98,7 @@ def _slide_cam(cam_model, fmap, cfg, method: str, transforms: int, reference: bo
     if method == "gradcam":
         if transforms > 1:
             return _augmented(cam_model, fmap, cfg, reference)
-        return cam_lib.slide_cam(cam_model, fmap, cfg, reference=reference)[0]
+        return cam_lib.slide_cam(cam_model, fmap, cfg, class_index=CLASS_INDEX, reference=reference)[0]
     if method in ("logit", "margin"):
         return _logit_cam(cam_model, fmap, cfg, transforms, margin=method == "margin")
     original = cam_lib.gradcam_from_activations
@@ -124,7 +125,7 @@ def _augmented(cam_model, fmap, cfg, reference):
     from pipeline import cam as cam_lib
     from pipeline.model import dihedral
 
-    cams, cls = [], None
+    cams, cls = [], CLASS_INDEX
     for k in range(8):
         cam, _, cls = cam_lib.slide_cam(cam_model, dihedral(fmap, k), cfg, class_index=cls, reference=reference)
         inv = np.rot90(np.flip(cam, axis=1) if k >= 4 else cam, -(k % 4))  # undo dihedral(., k)
@@ -168,12 +169,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="cohort seed given to make_cohort")
     ap.add_argument("--width", type=int, default=6000)
     ap.add_argument("--height", type=int, default=4500)
+    ap.add_argument("--lesion-fraction", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="the make_cohort lesion_fraction range the cohort was made with (default: its own)")
     ap.add_argument("--variants", default="stored")
+    ap.add_argument("--class-index", type=int, default=None,
+                    help="score the CAM of this class (model output index) instead of the predicted one")
     ap.add_argument("--json", type=Path, help="also write the per-slide results here")
     args = ap.parse_args(argv)
+    global CLASS_INDEX
+    CLASS_INDEX = args.class_index
 
     plan = {sid: (lab, tissue) for sid, lab, tissue in cohort_plan(args.n_per_class, args.width, args.height,
-                                                                   args.seed)}
+                                                                   args.seed, lesion_fraction=args.lesion_fraction)}
     stores = {s.name[:-5]: s for s in list_stores(args.out)}
     info = json.loads((args.out / "model" / "model_info.json").read_text())
     test = set((info.get("splits") or [{}])[0].get("test") or [])

@@ -640,6 +640,13 @@ class SyntheticTissue:
             return np.zeros(np.broadcast(np.asarray(x_l0), np.asarray(y_l0)).shape, bool)
         return (self._interp_points(x_l0, y_l0, _F_L) > 0) & self.tissue_at(x_l0, y_l0)
 
+    def lesion_at_tiles(self, grid) -> np.ndarray:
+        """(rows, cols) bool: whether each tile's centre lies in the lesion, for a ``pipeline.tiling.TileGrid`` of
+        this slide (the ground truth a tile-level heatmap is scored against)."""
+        rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
+        half = grid.tile_l0_px / 2
+        return self.lesion_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)
+
     # ---------------------------------------------------------------- rendering
     def render(self, x0: int, y0: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
         """uint8 RGB (h, w, 3) of the region at (x0, y0) in the coordinates of the level with ``downsample``.
@@ -950,17 +957,17 @@ def _existing_dims(path: Path) -> tuple[int, int] | None:
 def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int = 6000, height_px: int = 4500,
                 mpp: float | None = 0.25, seed: int = 0, *, levels: Sequence[float] = (1, 4, 16),
                 quality: int = 85, tissue_fraction: tuple[float, float] = (0.35, 0.6),
-                verbose: bool = False) -> Path:
+                lesion_fraction: tuple[float, float] | None = None, verbose: bool = False) -> Path:
     """Write a two-class demo cohort: ``<out_dir>/<slide_id>.svs`` (Aperio-style TIFF) + ``labels.csv``.
 
-    Class 0 slides have no lesion, class 1 slides have a planted lesion; tissue shape and placement vary with
-    each slide's seed.  Slides that already exist with the same dimensions are kept (reruns are quick).
+    Class 0 slides have no lesion, class 1 slides have a planted lesion covering a share of the tissue drawn from
+    ``lesion_fraction`` (None: 10-20 %); tissue shape and placement vary with each slide's seed.  Slides that already exist with the same dimensions are kept (reruns are quick).
     ``labels.csv`` has the header ``slide_id,label`` and integer labels 0/1.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for sid, lab, tissue in cohort_plan(n_per_class, width_px, height_px, seed, tissue_fraction):
+    for sid, lab, tissue in cohort_plan(n_per_class, width_px, height_px, seed, tissue_fraction, lesion_fraction):
         rows.append((sid, lab))
         path = out / f"{sid}.svs"
         if path.exists() and _existing_dims(path) == (width_px, height_px):
@@ -979,7 +986,8 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
 
 
 def cohort_plan(n_per_class: int = 6, width_px: int = 6000, height_px: int = 4500, seed: int = 0,
-                tissue_fraction: tuple[float, float] = (0.35, 0.6)) -> list[tuple[str, int, SyntheticTissue]]:
+                tissue_fraction: tuple[float, float] = (0.35, 0.6),
+                lesion_fraction: tuple[float, float] | None = None) -> list[tuple[str, int, SyntheticTissue]]:
     """(slide_id, label, tissue) of every slide ``make_cohort`` writes with these arguments: the ground truth."""
     n = 2 * int(n_per_class)
     rng = np.random.default_rng([seed, 0xC0])
@@ -988,8 +996,11 @@ def cohort_plan(n_per_class: int = 6, width_px: int = 6000, height_px: int = 450
     plan = []
     for i in range(n):
         lab = int(labels[i])
-        tf = float(_rng_for(seed, i).uniform(*tissue_fraction))
-        tissue = SyntheticTissue(width_px, height_px, seed=seed * 100003 + i, lesion=bool(lab), tissue_fraction=tf)
+        rng_i = _rng_for(seed, i)
+        tf = float(rng_i.uniform(*tissue_fraction))
+        lf = float(rng_i.uniform(*lesion_fraction)) if lesion_fraction is not None and lab else None
+        tissue = SyntheticTissue(width_px, height_px, seed=seed * 100003 + i, lesion=bool(lab), tissue_fraction=tf,
+                                 lesion_fraction=lf)
         plan.append((f"slide_{i:03d}", lab, tissue))
     return plan
 
