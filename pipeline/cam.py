@@ -298,10 +298,7 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
         cell_cam = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).reshape(rows, cols)
     tissue = fmap[..., 0] > model_lib.MAP_FILL / 2  # background cells carry the fill value -1
     cell_cam[~tissue] = np.nan
-    peak = np.nanmax(cell_cam) if np.isfinite(cell_cam).any() else 0.0
-    if peak > 0:
-        cell_cam = cell_cam / peak
-    return cell_cam.astype(np.float32), mean_probs, int(class_index)
+    return _peak_one(cell_cam), mean_probs, int(class_index)
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -324,21 +321,60 @@ def slide_outputs(out_dir, slide_id: str) -> dict:
     return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
 
 
+def augmented_slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_index: int | None = None,
+                        overlap: float = 0.5, reference: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Augmented Grad-CAM (Morbidelli et al., 2020): ``slide_cam`` of the eight flips/rotations of the map, each turned
+    back onto the map and averaged. The activation grid falls differently on the map in each, so the mean is finer
+    than any one CAM. The class is the one explained for the untransformed map; probabilities are that map's."""
+    cam, probs, cls = slide_cam(cam_model, fmap, cfg, class_index, overlap, reference)
+    cams = [cam]
+    for k in range(1, 8):
+        turned, _, _ = slide_cam(cam_model, model_lib.dihedral(fmap, k), cfg, cls, overlap, reference)
+        cams.append(model_lib.undo_dihedral(turned, k))
+    return _nan_mean(cams), probs, cls
+
+
+def smooth_cam(cam: np.ndarray, sigma_cells: float) -> np.ndarray:
+    """Gaussian smoothing within tissue (normalised convolution: NaN cells neither contribute nor receive), peak 1."""
+    from scipy import ndimage
+
+    valid = np.isfinite(cam)
+    if sigma_cells <= 0 or not valid.any():
+        return cam
+    num = ndimage.gaussian_filter(np.where(valid, cam, 0.0).astype(np.float64), sigma_cells, mode="constant")
+    den = ndimage.gaussian_filter(valid.astype(np.float64), sigma_cells, mode="constant")
+    return _peak_one(np.where(valid, num / np.maximum(den, 1e-12), np.nan))
+
+
+def _nan_mean(cams: list[np.ndarray]) -> np.ndarray:
+    stack = np.stack(cams)
+    counts = np.isfinite(stack).sum(axis=0)
+    sums = np.nansum(stack, axis=0)
+    return _peak_one(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+
+
+def _peak_one(cam: np.ndarray) -> np.ndarray:
+    peak = np.nanmax(cam) if np.isfinite(cam).any() else 0.0
+    return (cam / peak if peak > 0 else cam).astype(np.float32)
+
+
 def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
-    """Grad-CAM of one map with one or several (k-fold) split models: CAMs and probabilities averaged over them.
+    """Grad-CAM of one map with one or several (k-fold) split models: CAMs and probabilities averaged over them,
+    with ``cam.augment`` and ``cam.smooth_cells`` applied.
 
     Returns (cam (rows, cols) float32, NaN off tissue; mean probabilities; the class explained).
     """
+    one_cam = augmented_slide_cam if cam_cfg.augment else slide_cam
     cams, probs_list = [], []
     for cam_model in cam_models:
-        cam, probs, _ = slide_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap,
-                                  reference=cam_cfg.reference)
+        cam, probs, _ = one_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap,
+                                reference=cam_cfg.reference)
         cams.append(cam)
         probs_list.append(probs)
     probs = np.mean(probs_list, axis=0)
     cls = int(probs.argmax()) if cam_cfg.class_index is None else int(cam_cfg.class_index)
-    cam = np.nanmean(np.stack(cams), axis=0) if len(cams) > 1 else cams[0]
-    return cam.astype(np.float32), probs, cls
+    cam = _nan_mean(cams) if len(cams) > 1 else cams[0]
+    return smooth_cam(cam, cam_cfg.smooth_cells).astype(np.float32), probs, cls
 
 
 def update_store_cam(store, trained, cam_models, layer: str, cam_cfg, paths: dict):

@@ -195,6 +195,13 @@ def dihedral(x: np.ndarray, k: int, axes: tuple[int, int] = (0, 1)) -> np.ndarra
     return np.ascontiguousarray(out)
 
 
+def undo_dihedral(x: np.ndarray, k: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """The inverse of ``dihedral(., k)``: ``undo_dihedral(dihedral(x, k), k) == x``."""
+    if k >= 4:
+        x = np.flip(x, axis=axes[1])
+    return np.ascontiguousarray(np.rot90(x, -(k % 4), axes=axes))
+
+
 def random_crop_fraction(x: np.ndarray, rng: np.random.Generator, min_fraction: float) -> np.ndarray:
     """A random window keeping a random fraction in [min_fraction, 1] of each side."""
     if min_fraction >= 1:

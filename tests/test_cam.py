@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from pipeline import model as model_lib
-from pipeline.cam import (cell_index_image, cells_from_input, default_cam_layer, gradcam, map_windows,
-                          reference_map, slide_cam, split_model, upsample_bilinear, window_origins)
+from pipeline.cam import (augmented_slide_cam, cell_index_image, cells_from_input, default_cam_layer, gradcam,
+                          map_windows, reference_map, slide_cam, smooth_cam, split_model, upsample_bilinear,
+                          window_origins)
 from pipeline.config import TrainConfig
 
 
@@ -123,3 +124,32 @@ def test_reference_cam_is_zero_on_the_reference_itself(small_model):
                           reference=True)
     tissue = fmap[..., 0] >= 0
     assert np.isnan(cam[~tissue]).all() and (cam[tissue] == 0).all()
+
+
+def test_smooth_cam_stays_in_tissue_and_keeps_a_flat_cam_flat():
+    cam = np.full((9, 11), np.nan, dtype=np.float32)
+    cam[2:7, 3:9] = 0.5
+    flat = smooth_cam(cam, 1.0)
+    np.testing.assert_array_equal(np.isnan(flat), np.isnan(cam))
+    np.testing.assert_allclose(flat[2:7, 3:9], 1.0, rtol=1e-6)  # constant within tissue, peak renormalised to 1
+    spike = cam.copy()
+    spike[4, 5] = 1.0
+    smoothed = smooth_cam(spike, 1.0)
+    assert np.unravel_index(np.nanargmax(smoothed), cam.shape) == (4, 5) and smoothed[4, 6] > smoothed[4, 8]
+    assert smooth_cam(spike, 0.0) is spike
+
+
+def test_augmented_cam_is_the_mean_of_the_eight_turned_back_cams(small_model):
+    model, cfg = small_model
+    cam_model = split_model(model, "mixed2")
+    rng = np.random.default_rng(5)
+    fmap = np.full((21, 26, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap[2:19, 3:24] = rng.uniform(0, 1, (17, 21, 1))
+    cam, probs, cls = augmented_slide_cam(cam_model, fmap, cfg)
+    plain, plain_probs, plain_cls = slide_cam(cam_model, fmap, cfg)
+    assert cls == plain_cls and np.allclose(probs, plain_probs)
+    turned = [plain] + [model_lib.undo_dihedral(slide_cam(cam_model, model_lib.dihedral(fmap, k), cfg, cls)[0], k)
+                        for k in range(1, 8)]
+    expected = np.mean(turned, axis=0)
+    np.testing.assert_array_equal(np.isnan(cam), np.isnan(plain))
+    np.testing.assert_allclose(cam, expected / np.nanmax(expected), rtol=1e-5, atol=1e-6)

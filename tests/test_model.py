@@ -116,6 +116,8 @@ def test_eight_distinct_dihedral_transforms():
     assert len({(o.shape, o.tobytes()) for o in outs}) == 8
     for o in outs:
         assert sorted(o.ravel().tolist()) == sorted(x.ravel().tolist())
+    for k, o in enumerate(outs):
+        np.testing.assert_array_equal(M.undo_dihedral(o, k), x)  # turned back onto the map (augmented CAMs)
 
 
 def test_noise_and_crop_respect_background():

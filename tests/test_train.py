@@ -64,13 +64,14 @@ def test_planted_signal_is_learned(trained):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
-def test_gradcam_peaks_on_the_planted_disc_more_often_than_chance(trained):
-    """The trained model's Grad-CAM, with the default settings (predicted class, layer chosen for resolution,
-    reference CAM) and mapped back onto each positive test slide's variable-size map, has its maximum inside the
-    planted disc for most of them; the disc is ~15-25% of the tissue, so chance would give about one in five.
+def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
+    """Issue 5's localisation check at the feature-map level: the trained model's Grad-CAM, mapped back onto each
+    positive test slide's (variable-size) map, has its maximum inside the planted disc (~15-25% of the tissue, so
+    chance would give about one in five).
 
-    Issue 5 asks for 80%: this model gets 5/5 here, but on the same cohort with another seed 3/5 (mixed0/mixed1:
-    4/5), so the regression bar is 60% (a transposed or flipped mapping would sit at chance)."""
+    Augmented Grad-CAM with a one-tile smoothing (``cam.augment``, ``cam.smooth_cells: 1``) must hit on >= 80%: it hit
+    5/5 on this cohort and with another seed, at ``mixed2`` and ``mixed0``. The default settings (one pass) must hit
+    on >= 60%: they hit 5/5 here but 3/5 with the other seed, their peak landing one tile outside the disc edge."""
     from pipeline.cam import default_cam_layer, slide_cam_with_models, split_model
     from pipeline.config import CamConfig
     from pipeline.evaluate import TrainedModel, read_feature_maps
@@ -80,14 +81,17 @@ def test_gradcam_peaks_on_the_planted_disc_more_often_than_chance(trained):
     positives = sorted(s for s in info["splits"][0]["test"] if s.startswith("s1_"))
     model = TrainedModel(out / "model")
     cam_models = [split_model(m, default_cam_layer(m, model.train_config.input_px)) for m in model.models]
-    hits = []
+    hits = {"default": [], "augmented": []}
     for slide_id, fmap in zip(positives, read_feature_maps(out, positives)):
-        cam, probs, cls = slide_cam_with_models(cam_models, fmap, model.train_config, CamConfig())
-        assert cam.shape == fmap.shape[:2] and np.isnan(cam[fmap[..., 0] < 0]).all()
         disc = fmap.mean(axis=2) > 0.7  # planted cells ~0.95, the rest of the tissue ~0.3
-        row, col = np.unravel_index(int(np.nanargmax(cam)), cam.shape)
-        hits.append(bool(disc[row, col]))
-    assert len(positives) >= 4 and sum(hits) >= 0.6 * len(positives), hits
+        for name, cam_cfg in (("default", CamConfig()), ("augmented", CamConfig(augment=True, smooth_cells=1.0))):
+            cam, _, _ = slide_cam_with_models(cam_models, fmap, model.train_config, cam_cfg)
+            assert cam.shape == fmap.shape[:2] and np.isnan(cam[fmap[..., 0] < 0]).all()
+            row, col = np.unravel_index(int(np.nanargmax(cam)), cam.shape)
+            hits[name].append(bool(disc[row, col]))
+    assert len(positives) >= 4
+    assert sum(hits["augmented"]) >= 0.8 * len(positives), hits
+    assert sum(hits["default"]) >= 0.6 * len(positives), hits
 
 
 def test_model_directory(trained):
