@@ -180,9 +180,9 @@ class CamConfig(_Section):
     window_overlap: float = Field(0.5, ge=0, lt=1)
     reference: bool = Field(True, description="per position, gradient x (activation - activation of the slide's "
                                               "outline filled with its median tissue) instead of plain Grad-CAM")
-    augment: bool = Field(False, description="Augmented Grad-CAM: the mean of the CAMs of the eight flips/rotations "
-                                             "of the map, each turned back (8x the passes; a finer, steadier peak)")
-    smooth_cells: float = Field(0.0, ge=0, description="Gaussian smoothing of the cell CAM within tissue, sigma in "
+    augment: bool = Field(True, description="Augmented Grad-CAM: the mean of the CAMs of the eight flips/rotations "
+                                            "of the map, each turned back (8x the passes; a finer, steadier peak)")
+    smooth_cells: float = Field(1.0, ge=0, description="Gaussian smoothing of the cell CAM within tissue, sigma in "
                                                        "tiles (0 = off)")
     hot_threshold: float = Field(0.6, gt=0, lt=1)
     tiff_tile_px: int = Field(256, ge=16)

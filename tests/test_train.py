@@ -69,9 +69,9 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     positive test slide's (variable-size) map, has its maximum inside the planted disc (~15-25% of the tissue, so
     chance would give about one in five).
 
-    Augmented Grad-CAM with a one-tile smoothing (``cam.augment``, ``cam.smooth_cells: 1``) must hit on >= 80%: it hit
-    5/5 on this cohort and with another seed, at ``mixed2`` and ``mixed0``. The default settings (one pass) must hit
-    on >= 60%: they hit 5/5 here but 3/5 with the other seed, their peak landing one tile outside the disc edge."""
+    The default settings (Augmented Grad-CAM with a one-tile smoothing, ``cam.augment``, ``cam.smooth_cells: 1``) must
+    hit on >= 80%: they hit 5/5 on this cohort and with another seed, at ``mixed2`` and ``mixed0``. One plain pass must
+    hit on >= 60%: it hit 5/5 here but 3/5 with the other seed, its peak landing one tile outside the disc edge."""
     from pipeline.cam import default_cam_layer, slide_cam_with_models, split_model
     from pipeline.config import CamConfig
     from pipeline.evaluate import TrainedModel, read_feature_maps
@@ -81,17 +81,17 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     positives = sorted(s for s in info["splits"][0]["test"] if s.startswith("s1_"))
     model = TrainedModel(out / "model")
     cam_models = [split_model(m, default_cam_layer(m, model.train_config.input_px)) for m in model.models]
-    hits = {"default": [], "augmented": []}
+    hits = {"default": [], "one pass": []}
     for slide_id, fmap in zip(positives, read_feature_maps(out, positives)):
         disc = fmap.mean(axis=2) > 0.7  # planted cells ~0.95, the rest of the tissue ~0.3
-        for name, cam_cfg in (("default", CamConfig()), ("augmented", CamConfig(augment=True, smooth_cells=1.0))):
+        for name, cam_cfg in (("default", CamConfig()), ("one pass", CamConfig(augment=False, smooth_cells=0))):
             cam, _, _ = slide_cam_with_models(cam_models, fmap, model.train_config, cam_cfg)
             assert cam.shape == fmap.shape[:2] and np.isnan(cam[fmap[..., 0] < 0]).all()
             row, col = np.unravel_index(int(np.nanargmax(cam)), cam.shape)
             hits[name].append(bool(disc[row, col]))
     assert len(positives) >= 4
-    assert sum(hits["augmented"]) >= 0.8 * len(positives), hits
-    assert sum(hits["default"]) >= 0.6 * len(positives), hits
+    assert sum(hits["default"]) >= 0.8 * len(positives), hits
+    assert sum(hits["one pass"]) >= 0.6 * len(positives), hits
 
 
 def test_model_directory(trained):
