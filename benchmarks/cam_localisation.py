@@ -17,8 +17,8 @@ The CAM is the stored ``cam`` array of each store (``--variants stored``) or rec
 Variants: ``stored``; ``<method>[@layer[+layer...]][:aug][:ref]`` with method ``gradcam`` (the pipeline's),
 ``layercam`` (ReLU(gradient) x activation), ``logit`` / ``margin`` (Grad-CAM of the pre-softmax score z_c, or of
 z_c - mean z); layers (default: the pipeline's choice) averaged after per-slide normalisation; ``:aug`` = Augmented
-Grad-CAM (``cam.augment``, eight flips/rotations); ``:ref`` = ``cam.reference`` (gradient x (activation - reference
-activation)).
+Grad-CAM (``cam.augmented_slide_cam``, eight flips/rotations); ``:ref`` = ``cam.reference`` (gradient x
+(activation - reference activation)).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _slide_cam(cam_model, fmap, cfg, method: str, transforms: int, reference: bo
 
     if method == "gradcam":
         if transforms > 1:
-            return _augmented(cam_model, fmap, cfg, reference)
+            return cam_lib.augmented_slide_cam(cam_model, fmap, cfg, CLASS_INDEX, reference=reference)[0]
         return cam_lib.slide_cam(cam_model, fmap, cfg, class_index=CLASS_INDEX, reference=reference)[0]
     if method in ("logit", "margin"):
         return _logit_cam(cam_model, fmap, cfg, transforms, margin=method == "margin")
@@ -118,19 +118,6 @@ def _slide_cam(cam_model, fmap, cfg, method: str, transforms: int, reference: bo
         return cam_lib.slide_cam(cam_model, fmap, cfg)[0]
     finally:
         cam_lib.gradcam_from_activations = original
-
-
-def _augmented(cam_model, fmap, cfg, reference):
-    """Augmented Grad-CAM: mean of the CAMs of the eight flips/rotations of the map, each turned back."""
-    from pipeline import cam as cam_lib
-    from pipeline.model import dihedral
-
-    cams, cls = [], CLASS_INDEX
-    for k in range(8):
-        cam, _, cls = cam_lib.slide_cam(cam_model, dihedral(fmap, k), cfg, class_index=cls, reference=reference)
-        inv = np.rot90(np.flip(cam, axis=1) if k >= 4 else cam, -(k % 4))  # undo dihedral(., k)
-        cams.append(inv)
-    return np.nanmean(cams, axis=0)
 
 
 def _logit_cam(cam_model, fmap, cfg, transforms, margin):
