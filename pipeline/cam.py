@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -241,97 +241,126 @@ def reference_map(channels: np.ndarray) -> np.ndarray:
     return ref
 
 
+@dataclass
+class CamView:
+    """One model input made from a slide's map: transform ``k`` (``model.dihedral``) of the map, one window of it."""
+
+    k: int
+    input: np.ndarray             # (h, w, 3) network input
+    index: np.ndarray             # (h, w, 3) flat index of the *untransformed* map cell each pixel shows, -1 padding
+    reference: np.ndarray | None  # the same view of the reference map (``reference_map``)
+
+
+CAM_BATCH = 32  # inputs per forward/gradient call: bounds the activations held at once (8 transforms x windows)
+
+
+def cam_views(fmap: np.ndarray, cfg: TrainConfig, overlap: float = 0.5, reference: bool = False,
+              transforms: Sequence[int] = (0,)) -> list[CamView]:
+    """The inputs a slide's CAM is computed on: for each flip/rotation ``k``, each window (``map_windows``).
+
+    The geometry (transform, window, ``fit_size``) is applied to an image of cell indices too, so every input pixel
+    knows the map cell it shows and no strategy has to be inverted by hand.
+    """
+    channels = model_lib.select_channels(fmap, cfg.adapter, cfg.component)
+    ref_channels = reference_map(channels) if reference else None
+    index = cell_index_image(*fmap.shape[:2])
+    views = []
+    for k in transforms:
+        turned, turned_index = model_lib.dihedral(channels, k), model_lib.dihedral(index, k)
+        turned_ref = model_lib.dihedral(ref_channels, k) if reference else None
+        for r0, r1, c0, c1 in map_windows(*turned.shape[:2], cfg, overlap):
+            views.append(CamView(
+                k, model_lib.to_input(model_lib.fit_size(turned[r0:r1, c0:c1], cfg)),
+                model_lib.fit_size(turned_index[r0:r1, c0:c1], cfg),  # padding gets the fill value -1
+                model_lib.to_input(model_lib.fit_size(turned_ref[r0:r1, c0:c1], cfg)) if reference else None))
+    return views
+
+
+@dataclass
+class ForwardPass:
+    """Activations at the CAM layer (and of the reference inputs) and probabilities of a batch of views."""
+
+    views: list[int]
+    activations: np.ndarray
+    probs: np.ndarray
+    reference: np.ndarray | None
+
+
+def forward_views(cam_model: CamModel, views: Sequence[CamView]) -> list[ForwardPass]:
+    """Views of one input size go through the model together (native windows of other sizes separately)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault(view.input.shape, []).append(i)
+    passes = []
+    for members in groups.values():
+        for j in range(0, len(members), CAM_BATCH):
+            sel = members[j:j + CAM_BATCH]
+            activations, probs = activations_and_probs(cam_model, np.stack([views[i].input for i in sel]))
+            ref = None
+            if views[sel[0]].reference is not None:
+                ref, _ = activations_and_probs(cam_model, np.stack([views[i].reference for i in sel]))
+            passes.append(ForwardPass(sel, activations, probs, ref))
+    return passes
+
+
+def view_probabilities(views: Sequence[CamView], passes: Sequence[ForwardPass]) -> np.ndarray:
+    """The slide's class probabilities: the mean over the windows of the untransformed map."""
+    return np.mean([p for fp in passes for i, p in zip(fp.views, fp.probs) if views[i].k == 0], axis=0)
+
+
+def cam_from_passes(cam_model: CamModel, fmap: np.ndarray, views: Sequence[CamView],
+                    passes: Sequence[ForwardPass], class_index: int) -> np.ndarray:
+    """Per-cell CAM of ``class_index``: each view's CAM averaged over the cells its pixels show, windows blended;
+    with several transforms, each transform's CAM is brought to peak 1 and the transforms averaged."""
+    rows, cols = fmap.shape[:2]
+    n_cells = rows * cols
+    transforms = sorted({view.k for view in views})
+    sums = {k: np.zeros(n_cells) for k in transforms}
+    counts = {k: np.zeros(n_cells) for k in transforms}
+    for fp in passes:
+        cams = gradcam_from_activations(cam_model, fp.activations, np.full(len(fp.views), class_index),
+                                        views[fp.views[0]].input.shape[:2], fp.reference)
+        for i, cam_input in zip(fp.views, cams):
+            s, c = cells_from_input(cam_input, views[i].index, n_cells)
+            sums[views[i].k] += s
+            counts[views[i].k] += c
+    tissue = fmap[..., 0] > model_lib.MAP_FILL / 2  # background cells carry the fill value -1
+    per_transform = []
+    for k in transforms:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cell_cam = np.where(counts[k] > 0, sums[k] / np.maximum(counts[k], 1), np.nan).reshape(rows, cols)
+        cell_cam[~tissue] = np.nan
+        per_transform.append(_peak_one(cell_cam))
+    return per_transform[0] if len(per_transform) == 1 else _nan_mean(per_transform)
+
+
 def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_index: int | None = None,
-              overlap: float = 0.5, reference: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+              overlap: float = 0.5, reference: bool = False, augment: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, int]:
     """Grad-CAM of one slide's feature map on its tile grid.
 
     ``reference``: each position's evidence is gradient x (activation - activation of the reference map, see
     :func:`reference_map`), summed over channels: a first-order account of how the slide's score differs from that
     of the same outline filled with its typical tissue, so what the tissue outline alone excites cancels out.
 
+    ``augment``: Augmented Grad-CAM (Morbidelli et al., 2020), the CAMs of the eight flips/rotations of the map, each
+    laid back onto the map and averaged. The activation grid falls differently on the map in each, so the mean is
+    finer than any one CAM. All views of one size go through the model as one batch.
+
     Returns (cam (rows, cols) in [0, 1] with NaN where no tissue or never seen, mean class probabilities over the
-    windows, the class explained). The class is the predicted one of the whole slide unless given.
+    windows of the untransformed map, the class explained). The class is the predicted one unless given.
     """
-    rows, cols = fmap.shape[:2]
-    channels = model_lib.select_channels(fmap, cfg.adapter, cfg.component)
-    ref_channels = reference_map(channels) if reference else None
-    index = cell_index_image(rows, cols)
-    windows = map_windows(rows, cols, cfg, overlap)
-    inputs, indices, refs = [], [], []
-    for r0, r1, c0, c1 in windows:
-        inputs.append(model_lib.to_input(model_lib.fit_size(channels[r0:r1, c0:c1], cfg)))
-        # the same geometry applied to cell indices: padding gets the fill value -1
-        indices.append(model_lib.fit_size(index[r0:r1, c0:c1], cfg))
-        if reference:
-            refs.append(model_lib.to_input(model_lib.fit_size(ref_channels[r0:r1, c0:c1], cfg)))
-    # Same-size inputs go through the model as one batch; native windows of different sizes one by one.
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(inputs):
-        groups.setdefault(x.shape, []).append(i)
-    batches = [(sel, np.stack([inputs[i] for i in sel])) for sel in groups.values()]
-    # One forward pass per batch serves both the class choice and the gradients.
-    passes = [(sel, batch, *activations_and_probs(cam_model, batch)) for sel, batch in batches]
-    ref_acts = {}
-    if reference:
-        for sel, _ in batches:
-            acts, _ = activations_and_probs(cam_model, np.stack([refs[i] for i in sel]))
-            ref_acts[tuple(sel)] = acts
-    if class_index is None:
-        # explain the class predicted for the whole slide (mean over its windows), the same for every window
-        class_index = int(np.concatenate([p for *_, p in passes]).mean(axis=0).argmax())
-    cams: list = [None] * len(inputs)
-    probs: list = [None] * len(inputs)
-    for sel, batch, activations, batch_probs in passes:
-        batch_cams = gradcam_from_activations(cam_model, activations, np.full(len(sel), class_index),
-                                              batch.shape[1:3], ref_acts.get(tuple(sel)))
-        for i, cam, p in zip(sel, batch_cams, batch_probs):
-            cams[i], probs[i] = cam, p
-    mean_probs = np.mean(probs, axis=0)
-    n_cells = rows * cols
-    sums = np.zeros(n_cells)
-    counts = np.zeros(n_cells)
-    for cam_input, idx in zip(cams, indices):
-        s, c = cells_from_input(cam_input, idx, n_cells)
-        sums += s
-        counts += c
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cell_cam = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).reshape(rows, cols)
-    tissue = fmap[..., 0] > model_lib.MAP_FILL / 2  # background cells carry the fill value -1
-    cell_cam[~tissue] = np.nan
-    return _peak_one(cell_cam), mean_probs, int(class_index)
-
-
-# --- the runner -----------------------------------------------------------------------------------------------------
-
-CAM_DIR = "cam"
-
-
-def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
-    """What a slide's CAM depends on: the model, the CAM settings and layer, and the feature map."""
-
-    payload = {"model": model_info.get("hash") or model_info.get("model_hash") or model_info.get("models"),
-               "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
-               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def slide_outputs(out_dir, slide_id: str) -> dict:
-
-    base = Path(out_dir) / CAM_DIR
-    return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
+    views = cam_views(fmap, cfg, overlap, reference, range(8) if augment else (0,))
+    passes = forward_views(cam_model, views)
+    probs = view_probabilities(views, passes)
+    cls = int(probs.argmax()) if class_index is None else int(class_index)
+    return cam_from_passes(cam_model, fmap, views, passes, cls), probs, cls
 
 
 def augmented_slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_index: int | None = None,
                         overlap: float = 0.5, reference: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """Augmented Grad-CAM (Morbidelli et al., 2020): ``slide_cam`` of the eight flips/rotations of the map, each turned
-    back onto the map and averaged. The activation grid falls differently on the map in each, so the mean is finer
-    than any one CAM. The class is the one explained for the untransformed map; probabilities are that map's."""
-    cam, probs, cls = slide_cam(cam_model, fmap, cfg, class_index, overlap, reference)
-    cams = [cam]
-    for k in range(1, 8):
-        turned, _, _ = slide_cam(cam_model, model_lib.dihedral(fmap, k), cfg, cls, overlap, reference)
-        cams.append(model_lib.undo_dihedral(turned, k))
-    return _nan_mean(cams), probs, cls
+    """``slide_cam`` with ``augment=True`` (Augmented Grad-CAM over the eight flips/rotations)."""
+    return slide_cam(cam_model, fmap, cfg, class_index, overlap, reference, augment=True)
 
 
 def smooth_cam(cam: np.ndarray, sigma_cells: float) -> np.ndarray:
@@ -358,21 +387,39 @@ def _peak_one(cam: np.ndarray) -> np.ndarray:
     return (cam / peak if peak > 0 else cam).astype(np.float32)
 
 
-def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
-    """Grad-CAM of one map with one or several (k-fold) split models: CAMs and probabilities averaged over them,
-    with ``cam.augment`` and ``cam.smooth_cells`` applied.
+# --- the runner -----------------------------------------------------------------------------------------------------
 
+CAM_DIR = "cam"
+
+
+def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
+    """What a slide's CAM depends on: the model, the CAM settings and layer, and the feature map."""
+
+    payload = {"model": model_info.get("hash") or model_info.get("model_hash") or model_info.get("models"),
+               "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
+               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slide_outputs(out_dir, slide_id: str) -> dict:
+
+    base = Path(out_dir) / CAM_DIR
+    return {"png": base / f"{slide_id}.png", "tiff": base / f"{slide_id}.tiff", "geojson": base / f"{slide_id}.geojson"}
+
+
+def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
+    """Grad-CAM of one map with one or several (k-fold) split models, with ``cam.augment`` and ``cam.smooth_cells``.
+
+    The class (``cam.class_index``, else the predicted one) is chosen once, from the probabilities averaged over the
+    models, so every fold model explains the same class; their CAMs are then averaged.
     Returns (cam (rows, cols) float32, NaN off tissue; mean probabilities; the class explained).
     """
-    one_cam = augmented_slide_cam if cam_cfg.augment else slide_cam
-    cams, probs_list = [], []
-    for cam_model in cam_models:
-        cam, probs, _ = one_cam(cam_model, fmap, train_cfg, cam_cfg.class_index, cam_cfg.window_overlap,
-                                reference=cam_cfg.reference)
-        cams.append(cam)
-        probs_list.append(probs)
-    probs = np.mean(probs_list, axis=0)
+    views = cam_views(fmap, train_cfg, cam_cfg.window_overlap, cam_cfg.reference,
+                      range(8) if cam_cfg.augment else (0,))
+    runs = [forward_views(cam_model, views) for cam_model in cam_models]
+    probs = np.mean([view_probabilities(views, passes) for passes in runs], axis=0)
     cls = int(probs.argmax()) if cam_cfg.class_index is None else int(cam_cfg.class_index)
+    cams = [cam_from_passes(cam_model, fmap, views, passes, cls) for cam_model, passes in zip(cam_models, runs)]
     cam = _nan_mean(cams) if len(cams) > 1 else cams[0]
     return smooth_cam(cam, cam_cfg.smooth_cells).astype(np.float32), probs, cls
 

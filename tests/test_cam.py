@@ -153,3 +153,31 @@ def test_augmented_cam_is_the_mean_of_the_eight_turned_back_cams(small_model):
     expected = np.mean(turned, axis=0)
     np.testing.assert_array_equal(np.isnan(cam), np.isnan(plain))
     np.testing.assert_allclose(cam, expected / np.nanmax(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(small_model):
+    """k-fold: the class is picked once from the averaged probabilities, not by each fold model for itself."""
+    import keras
+
+    from pipeline.cam import _nan_mean, slide_cam_with_models
+    from pipeline.config import CamConfig
+
+    model, cfg = small_model
+    folds = []
+    for bias in ([0.0, 3.0], [1.0, 0.0]):  # the first fold says class 1 firmly, the second class 0 weakly
+        fold = keras.models.clone_model(model)
+        fold.set_weights(model.get_weights())
+        dense = fold.get_layer("head_dense")
+        dense.bias.assign(np.asarray(bias, dtype=np.float32))
+        folds.append(split_model(fold, "mixed2"))
+    rng = np.random.default_rng(2)
+    fmap = np.full((18, 22, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap[2:16, 3:20] = rng.uniform(0, 1, (14, 17, 1))
+    own = [slide_cam(cm, fmap, cfg) for cm in folds]
+    assert [cls for *_, cls in own] == [1, 0]  # on their own the folds disagree
+    cam_cfg = CamConfig(augment=False, smooth_cells=0)  # reference on, the default
+    cam, probs, cls = slide_cam_with_models(folds, fmap, cfg, cam_cfg)
+    np.testing.assert_allclose(probs, np.mean([p for _, p, _ in own], axis=0), rtol=1e-5)
+    assert cls == int(probs.argmax()) == 1
+    expected = _nan_mean([slide_cam(cm, fmap, cfg, class_index=cls, reference=True)[0] for cm in folds])
+    np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)
