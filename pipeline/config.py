@@ -139,8 +139,13 @@ class TrainConfig(_Section):
     native_bucket_px: int = Field(32, ge=1, description="native: batch sizes rounded up to a multiple of this")
     weights: str | None = Field(None, description="'imagenet', a local .h5/.weights.h5 file, or null (random init)")
     label_kind: Literal["integer", "string"] = "integer"
+    head_block: str = Field("mixed10", pattern=r"^mixed(10|[0-9])$",
+                            description="InceptionV3 block the head pools (mixed10: the whole network; an earlier "
+                                        "block truncates it, for random-init bases and small cohorts)")
+    calibrate_batchnorm: bool = Field(False, description="random-init base: set BatchNorm statistics from the "
+                                                         "training maps first (pair with an early head_block)")
     unfreeze_from: str = Field("mixed9", pattern=r"^mixed(10|[0-9])$",
-                               description="first InceptionV3 block trained in phase 2 (mixed0 ... mixed10)")
+                               description="first InceptionV3 block trained in phase 2 (mixed0 ... head_block)")
     batchnorm: Literal["frozen", "train"] = Field(
         "frozen", description="BatchNorm in fine-tuning: frozen (inference mode) or trained on batch statistics")
     dropout: float = Field(0.3, ge=0, lt=1)
@@ -171,6 +176,9 @@ class TrainConfig(_Section):
                              "below 0.9 so that slides are left for training")
         if self.native_max_px < self.native_min_px:
             raise ValueError("native_max_px must not be smaller than native_min_px")
+        if int(self.unfreeze_from[5:]) > int(self.head_block[5:]):
+            raise ValueError(f"unfreeze_from {self.unfreeze_from} lies beyond head_block {self.head_block}: "
+                             f"set unfreeze_from to {self.head_block} or an earlier block")
         return self
 
 

@@ -73,8 +73,8 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     """Build and train one model on ``split.train`` (validated on ``split.val``); predict ``split.test``."""
     import keras
 
-    from .model import (MapBatches, adapt_head_norm, batchnorm_trains, build_model, compile_model, predict_proba,
-                        set_phase)
+    from .model import (MapBatches, adapt_head_norm, batchnorm_trains, build_model, calibrate_batchnorm, compile_model,
+                        predict_proba, resolve_weights, set_phase)
 
     t0 = time.monotonic()
     seed = cfg.seed + (split.fold or 0)
@@ -86,7 +86,10 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
                             shuffle=True, seed=seed)
     val_data = (MapBatches(pick(split.val), cfg, y[split.val], weights[y[split.val]], seed=seed)
                 if len(split.val) else None)
-    adapt_head_norm(model, MapBatches(pick(split.train), cfg, seed=seed))
+    plain_train = MapBatches(pick(split.train), cfg, seed=seed)
+    if cfg.calibrate_batchnorm and resolve_weights(cfg.weights) is None:
+        calibrate_batchnorm(model, plain_train)
+    adapt_head_norm(model, plain_train)
     monitor = "val_loss" if val_data is not None else "loss"
     history: dict[str, list] = {"phase": []}
     notes: list[str] = []
@@ -260,7 +263,9 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     maps = read_feature_maps(out_dir, table.slide_ids)
     if resolve_weights(cfg.weights) is None:
         log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
-                    "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune")
+                    "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune%s",
+                    "" if int(cfg.head_block[5:]) < 5 else ", or with a few dozen slides or more try "
+                    "train.head_block: mixed2 with train.calibrate_batchnorm: true (see README)")
     model_dir = out_dir / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / MODEL_INFO).unlink(missing_ok=True)  # the model dir is complete only once this is rewritten

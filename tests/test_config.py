@@ -30,6 +30,13 @@ def test_stride_larger_than_tile_rejected():
         config_from_dict({"tiling": {"tile_px": 128, "stride_px": 256}})
 
 
+def test_unfreeze_from_must_not_lie_beyond_the_head_block():
+    with pytest.raises(ConfigError, match="unfreeze_from mixed9 lies beyond head_block mixed2"):
+        config_from_dict({"train": {"head_block": "mixed2"}})
+    cfg = config_from_dict({"train": {"head_block": "mixed2", "unfreeze_from": "mixed1"}})
+    assert cfg.train.head_block == "mixed2" and PipelineConfig().train.head_block == "mixed10"
+
+
 def test_yaml_syntax_error_names_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("tiling: [unclosed\n")

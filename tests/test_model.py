@@ -214,6 +214,43 @@ def test_batchnorm_frozen_runs_in_inference_mode(native_model):
     M.set_phase(model, "head")
 
 
+def test_calibrated_batchnorm_normalises_a_random_base_on_the_training_maps():
+    import keras
+
+    cfg = TrainConfig(size_strategy="resize", input_px=80, weights=None, batch_size=4, augment=False)
+    keras.utils.set_random_seed(0)
+    model = M.build_model(2, cfg)
+    batches = M.MapBatches([tissue_map(20, 30, seed=s) for s in range(8)], cfg)
+    x = np.concatenate([batches.batch_x(i) for i in range(len(batches))])
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    probe = keras.Model(model.inputs[0], [bns[-1].output, model.get_layer("head_pool").output])
+
+    def last_bn_variance_and_pooled_spread():
+        out, pooled = (np.asarray(a) for a in probe.predict(x, verbose=0))
+        return np.median(out.reshape(-1, out.shape[-1]).var(axis=0)), np.median(pooled.std(axis=0))
+
+    var_before, spread_before = last_bn_variance_and_pooled_spread()
+    assert M.calibrate_batchnorm(model, batches) == len(bns) > 90
+    var_after, spread_after = last_bn_variance_and_pooled_spread()
+    # Keras' default statistics (0, 1) let a random base's activations vanish; calibrated, the deepest BatchNorm
+    # puts out unit-variance channels (inference mode, moving statistics) and slides differ at the head by O(0.1)
+    assert var_before < 1e-4 and 0.5 < var_after < 2.0
+    assert spread_before < 1e-3 < 0.05 < spread_after
+    assert not any(layer.trainable for layer in bns) and {layer.momentum for layer in bns} == {0.99}
+
+
+def test_head_block_truncates_the_base():
+    cfg = TrainConfig(size_strategy="resize", input_px=80, weights=None, head_block="mixed2", unfreeze_from="mixed1")
+    model = M.build_model(3, cfg)
+    names = {layer.name for layer in model.layers}
+    assert "mixed2" in names and not names & {f"mixed{i}" for i in range(3, 11)}
+    assert model.get_layer("head_pool").input.shape[1:] == model.get_layer("mixed2").output.shape[1:]
+    M.set_phase(model, "finetune", cfg.unfreeze_from)
+    trained = set(M.trainable_layer_names(model))
+    assert "head_dense" in trained and any(n.startswith("conv2d") for n in trained)
+    assert M.predict_proba(model, [tissue_map()], cfg).shape == (1, 3)
+
+
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
 def test_forward_pass_each_strategy(native_model, strategy):
     model, _ = native_model
