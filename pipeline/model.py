@@ -483,15 +483,13 @@ def calibrate_batchnorm(model, batches, max_maps: int = CALIBRATION_MAPS) -> int
     """
     import keras
 
-    xs, n = [], 0
+    inputs: list[np.ndarray] = []
     for i in range(len(batches)):
-        if n >= max_maps:
+        if len(inputs) >= max_maps:
             break
-        x = batches.batch_x(i)[:max_maps - n]
-        xs.append(x)
-        n += len(x)
-    h, w = max(x.shape[1] for x in xs), max(x.shape[2] for x in xs)
-    x = np.concatenate([np.stack([pad_to(m, h, w, fill=INPUT_BACKGROUND) for m in x]) for x in xs])
+        inputs.extend(batches.batch_x(i)[:max_maps - len(inputs)])
+    h, w = max(m.shape[0] for m in inputs), max(m.shape[1] for m in inputs)
+    x = np.stack([pad_to(m, h, w, fill=INPUT_BACKGROUND) for m in inputs])
     layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     saved = [(layer.trainable, layer.momentum) for layer in layers]
     base = keras.Model(model.inputs[0], model.get_layer(f"{HEAD_PREFIX}pool").input)
