@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 10
+	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 20
 	$(BIN)/wsi-pipeline run --slides sample_data/cohort --labels sample_data/cohort/labels.csv --out $(DEMO_OUT) --config workflows/demo.yaml
 
 # The report test renders OUT/report.html in headless Chromium: install Debian's package when we can (root + apt),

@@ -79,7 +79,7 @@ def _variant_cam(spec: str, trained, fmap: np.ndarray, cache: dict) -> np.ndarra
     aug, ref = "aug" in flags, "ref" in flags
     method, _, layer_spec = head.partition("@")
     layers = layer_spec.split("+") if layer_spec else [
-        cam_lib.default_cam_layer(trained.models[0], trained.train_config.input_px)]
+        cam_lib.default_cam_layer(trained.models[0], trained.train_config)]
     cams = []
     for layer in layers:
         if layer not in cache:

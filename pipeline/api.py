@@ -113,7 +113,7 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
         _ensure_feature_map(store, model_dir)
         slide_id = (read_attrs(store) or {}).get("slide_id") or store.name[: -len(".zarr")]
         tcfg = trained.train_config
-        layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
+        layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg)
         paths = slide_outputs(out_dir, slide_id)
         cam_models = [split_model(m, layer) for m in trained.models]
         cam, probs, cls, skipped = update_store_cam(store, trained, cam_models, layer, config.cam, paths)

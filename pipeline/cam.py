@@ -2,8 +2,9 @@
 
 Grad-CAM (Selvaraju et al., 2017): the activations A of a convolutional layer, weighted by the spatial mean of
 d score_class / d A per channel, summed over channels, ReLU. The default layer is chosen for resolution: InceptionV3's
-last block ``mixed10`` is 8x8 at 299 px, far coarser than a tile grid, so we take the deepest ``mixedN`` block
-whose output still has at least ``input_px / 18`` cells per side (``mixed7``, 17x17, at 299 px).
+last block ``mixed10`` is 8x8 at 299 px, far coarser than a tile grid, so with learned weights we take the deepest
+``mixedN`` block whose output still has at least ``input_px / 18`` cells per side (``mixed7``, 17x17, at 299 px),
+and with a random-init base ``mixed0`` (``default_cam_layer``).
 
 The model is split at that layer into ``features`` (input -> A) and ``tail`` (A -> class probabilities): InceptionV3
 is a chain of blocks, so everything after a ``mixedN`` depends on it alone. The gradient d score / d A is the only
@@ -43,9 +44,18 @@ def _spatial_size(layer) -> int | None:
     return int(min(shape[1], shape[2]))
 
 
-def default_cam_layer(model, input_px: int) -> str:
-    """Deepest ``mixedN`` block with at least ``input_px / 18`` cells per side (at least 2)."""
-    need = max(2, math.ceil(input_px / 18))
+def default_cam_layer(model, cfg: TrainConfig) -> str:
+    """The Grad-CAM layer when ``cam.layer`` is not set.
+
+    Learned weights (``train.weights``): the deepest ``mixedN`` block with at least ``input_px / 18`` cells per side
+    (at least 2). A random-init base: ``mixed0``, the finest grid and the shallowest block on it. Its features are
+    local random projections of the map that the trained layers above weigh; deeper random blocks mix the whole input,
+    and Grad-CAM there follows slide-wide shifts of the map instead of the lesion (README, Grad-CAM; measured in
+    benchmarks/README.md, CAM localisation).
+    """
+    if cfg.weights is None:
+        return "mixed0"
+    need = max(2, math.ceil(cfg.input_px / 18))
     best = "mixed0"
     for name in MIXED_BLOCKS:
         try:
@@ -56,7 +66,7 @@ def default_cam_layer(model, input_px: int) -> str:
         if size is None:
             # variable-size model: sizes scale like a 299-px input, where mixed0-7 keep >= 17 cells
             size = {"mixed8": 8, "mixed9": 8, "mixed10": 8}.get(name, 17 if name in MIXED_BLOCKS[3:8] else 35)
-            size = size * input_px // 299
+            size = size * cfg.input_px // 299
         if size >= need:
             best = name
     return best
@@ -454,7 +464,7 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
 
     trained = TrainedModel(model_dir)
     tcfg = trained.train_config
-    layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg.input_px)
+    layer = config.cam.layer or default_cam_layer(trained.models[0], tcfg)
     cam_models = [split_model(m, layer) for m in trained.models]
     where = where_am_i()
     logging.getLogger("pipeline").info("cam: %d model(s) from %s, Grad-CAM at %s, on %s", len(cam_models), model_dir,

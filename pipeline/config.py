@@ -186,8 +186,8 @@ class CamConfig(_Section):
     layer: str | None = Field(None, description="layer for Grad-CAM; None = chosen for resolution")
     class_index: int | None = None
     window_overlap: float = Field(0.5, ge=0, lt=1)
-    reference: bool = Field(True, description="per position, gradient x (activation - activation of the slide's "
-                                              "outline filled with its median tissue) instead of plain Grad-CAM")
+    reference: bool = Field(False, description="per position, gradient x (activation - activation of the slide's "
+                                               "outline filled with its median tissue) instead of plain Grad-CAM")
     augment: bool = Field(True, description="Augmented Grad-CAM: the mean of the CAMs of the eight flips/rotations "
                                             "of the map, each turned back (8x the passes; a finer, steadier peak)")
     smooth_cells: float = Field(1.0, ge=0, description="Gaussian smoothing of the cell CAM within tissue, sigma in "

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
+import json
 import math
 import os
 import threading
@@ -872,6 +874,7 @@ def write_slide(path: str | os.PathLike, tissue: SyntheticTissue, *, mpp: float 
                         if mpp is not None:
                             desc += f"|MPP = {mpp:g}"
                         desc += f"|Filename = {path.stem}|Synthetic = 1|Seed = {tissue.seed}"
+                        desc += f"|Spec = {slide_spec(tissue, mpp, levels, tile_px, quality)}"
                     kw["description"] = desc
                 if mpp is not None and style == "generic":
                     m = mpp * ds
@@ -943,13 +946,24 @@ def write_flat_image(path: str | os.PathLike, tissue: SyntheticTissue, *, fmt: s
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _existing_dims(path: Path) -> tuple[int, int] | None:
+def slide_spec(tissue: SyntheticTissue, mpp: float | None, levels: Sequence[float], tile_px: int,
+               quality: int) -> str:
+    """Digest of everything that shapes a written Aperio-style slide (stored in its description as ``Spec``)."""
+    payload = {"tissue": [tissue.width_px, tissue.height_px, tissue.seed, tissue.lesion, tissue.tissue_fraction,
+                          tissue.lesion_fraction],
+               "mpp": mpp, "levels": [float(x) for x in levels], "tile_px": tile_px, "quality": quality}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _written_spec(path: Path) -> str | None:
+    """The ``Spec`` a slide was written with (None: not ours, unreadable, or written before specs were stored)."""
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tf:
-            page = tf.pages[0]
-            return int(page.imagewidth), int(page.imagelength)
+            fields = dict(part.split(" = ", 1) for part in (tf.pages[0].description or "").split("|")[1:]
+                          if " = " in part)
+        return fields.get("Spec")
     except Exception:
         return None
 
@@ -961,20 +975,24 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
     """Write a two-class demo cohort: ``<out_dir>/<slide_id>.svs`` (Aperio-style TIFF) + ``labels.csv``.
 
     Class 0 slides have no lesion, class 1 slides have a planted lesion covering a share of the tissue drawn from
-    ``lesion_fraction`` (None: 10-20 %); tissue shape and placement vary with each slide's seed.  Slides that already exist with the same dimensions are kept (reruns are quick).
+    ``lesion_fraction`` (None: 10-20 %); tissue shape and placement vary with each slide's seed.  Slides that already exist from the same plan
+    entry and settings (``slide_spec``) are kept, so reruns are quick and a changed cohort is rewritten.
     ``labels.csv`` has the header ``slide_id,label`` and integer labels 0/1.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tile_px = 256
     rows = []
     for sid, lab, tissue in cohort_plan(n_per_class, width_px, height_px, seed, tissue_fraction, lesion_fraction):
         rows.append((sid, lab))
         path = out / f"{sid}.svs"
-        if path.exists() and _existing_dims(path) == (width_px, height_px):
+        # kept only when written from the same plan entry: a cohort of another size or seed gives slide i
+        # another label and lesion
+        if path.exists() and _written_spec(path) == slide_spec(tissue, mpp, levels, tile_px, quality):
             continue
         if verbose:
             print(f"writing {path} (label {lab})", flush=True)
-        write_slide(path, tissue, mpp=mpp, levels=levels, quality=quality, style="aperio")
+        write_slide(path, tissue, mpp=mpp, levels=levels, tile_px=tile_px, quality=quality, style="aperio")
     text = "slide_id,label\n" + "".join(f"{s},{lab}\n" for s, lab in rows)
     lab_path = out / "labels.csv"
     if not (lab_path.exists() and lab_path.read_text() == text):

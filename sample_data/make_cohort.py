@@ -3,8 +3,9 @@
 
     python sample_data/make_cohort.py [--out sample_data/cohort] [--n-per-class 6] [--width 6000 --height 4500]
 
-Class 0 = tissue only, class 1 = tissue with a planted lesion.  Existing slides of the same size are kept, so
-reruns are quick.  See sample_data/README.md.
+Class 0 = tissue only, class 1 = tissue with a planted lesion.  Slides already written from the same plan and settings
+are kept, so reruns are quick; a cohort of another size or seed rewrites the slides that changed.
+See sample_data/README.md.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pipeline.evaluate import TrainedModel, read_feature_maps
 out, ids, dest = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 assert keras.backend.backend() == "jax"
 trained = TrainedModel(out + "/model")
-layer = default_cam_layer(trained.models[0], trained.train_config.input_px)
+layer = default_cam_layer(trained.models[0], trained.train_config)
 cam_model = split_model(trained.models[0], layer)
 result = {}
 for slide_id, fmap in zip(ids, read_feature_maps(out, ids)):
@@ -88,7 +88,7 @@ def test_gradcam_is_the_same_on_both_backends(jax_trained, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     jax_cams = np.load(dest)
     trained = TrainedModel(jax_trained / "model")
-    cam_model = split_model(trained.models[0], default_cam_layer(trained.models[0], trained.train_config.input_px))
+    cam_model = split_model(trained.models[0], default_cam_layer(trained.models[0], trained.train_config))
     for slide_id, fmap in zip(ids, read_feature_maps(jax_trained, ids)):
         for reference in (False, True):
             cam, _, _ = slide_cam(cam_model, fmap, trained.train_config, reference=reference)

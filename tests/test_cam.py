@@ -52,8 +52,9 @@ def small_model():
 
 def test_default_layer_is_finer_than_mixed10(small_model):
     model, cfg = small_model
-    layer = default_cam_layer(model, cfg.input_px)
-    assert layer in {"mixed0", "mixed1", "mixed2"}  # 9x9 at 96 px; mixed10 would be 1x1
+    assert default_cam_layer(model, cfg) == "mixed0"  # random-init base: the shallowest block of the finest grid
+    learned = cfg.model_copy(update={"weights": "imagenet"})  # only the rule reads it: nothing is downloaded
+    assert default_cam_layer(model, learned) == "mixed2"  # deepest with >= 96/18 cells: 9x9 (mixed3-7 are 4x4)
     import keras
 
     full = keras.Model(model.inputs[0], model.get_layer("mixed10").output)
@@ -175,7 +176,7 @@ def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(smal
     fmap[2:16, 3:20] = rng.uniform(0, 1, (14, 17, 1))
     own = [slide_cam(cm, fmap, cfg) for cm in folds]
     assert [cls for *_, cls in own] == [1, 0]  # on their own the folds disagree
-    cam_cfg = CamConfig(augment=False, smooth_cells=0)  # reference on, the default
+    cam_cfg = CamConfig(augment=False, smooth_cells=0, reference=True)  # the reference path too
     cam, probs, cls = slide_cam_with_models(folds, fmap, cfg, cam_cfg)
     np.testing.assert_allclose(probs, np.mean([p for _, p, _ in own], axis=0), rtol=1e-5)
     assert cls == int(probs.argmax()) == 1

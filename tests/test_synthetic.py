@@ -14,8 +14,10 @@ openslide = pytest.importorskip("openslide")
 from pipeline.synthetic import (  # noqa: E402
     BACKGROUND_RGB,
     SyntheticTissue,
+    cohort_plan,
     make_cohort,
     slide_levels,
+    slide_spec,
     write_flat_image,
     write_slide,
 )
@@ -285,3 +287,25 @@ def test_make_cohort_labels_and_rerun(tmp_path):
     make_cohort(tmp_path / "cohort", n_per_class=2, width_px=640, height_px=640, mpp=0.5, seed=3)
     with openslide.OpenSlide(str(slides[0])) as s:
         assert s.dimensions == (640, 640)
+
+
+def test_make_cohort_rewrites_slides_whose_plan_changed(tmp_path):
+    """Slide i of a 2-per-class cohort and of a 3-per-class cohort can differ (the label shuffle depends on the
+    cohort size): growing the cohort must rewrite those, keep the rest, and leave every file matching labels.csv."""
+    kw = {"width_px": 320, "height_px": 256, "seed": 0}
+    small = {sid: tissue for sid, _, tissue in cohort_plan(n_per_class=2, **kw)}
+    large = {sid: tissue for sid, _, tissue in cohort_plan(n_per_class=3, **kw)}
+    changed = {sid for sid in small if small[sid].lesion != large[sid].lesion}
+    assert changed and changed != set(small)  # this seed exercises both cases
+    out = make_cohort(tmp_path / "cohort", n_per_class=2, mpp=0.5, **kw)
+    mtimes = {sid: os.stat(out / f"{sid}.svs").st_mtime_ns for sid in small}
+    make_cohort(out, n_per_class=3, mpp=0.5, **kw)
+    for sid in small:
+        rewritten = os.stat(out / f"{sid}.svs").st_mtime_ns != mtimes[sid]
+        assert rewritten == (sid in changed), sid
+    with open(out / "labels.csv", newline="") as f:
+        labels = {row["slide_id"]: int(row["label"]) for row in csv.DictReader(f)}
+    for sid, tissue in large.items():
+        with openslide.OpenSlide(str(out / f"{sid}.svs")) as s:
+            assert s.properties["aperio.Spec"] == slide_spec(tissue, 0.5, (1, 4, 16), 256, 85)
+        assert labels[sid] == int(tissue.lesion)
