@@ -93,6 +93,14 @@ def _metrics_table(metrics: dict) -> str:
     return "<table>" + "".join(rows) + "</table>" if rows else '<p class="muted">no metrics yet</p>'
 
 
+def _model_summary(model_info: dict) -> str:
+    """One line on the model: weights, head block, backend, classes (from ``model_info.json``)."""
+    train = (model_info.get("config") or {}).get("train") or {}
+    classes = ", ".join(map(str, (model_info.get("labels") or {}).get("values", [])))
+    return (f"InceptionV3, weights {train.get('weights') or 'random init'}, head on {train.get('head_block', 'mixed10')}"
+            f", {(model_info.get('versions') or {}).get('backend', '?')} backend · classes {classes}")
+
+
 def _failures(manifest: Manifest) -> list[tuple[str, str, str, str]]:
     out = []
     for slide_id, rec in sorted(manifest.slides.items()):
@@ -127,9 +135,7 @@ def build_report(out_dir: str | Path, title: str = "wsi-pipeline report") -> Pat
              f'<tr><th>described</th><td class="ok">{n_done}</td></tr>',
              f'<tr><th>failed (any stage)</th><td class="{"bad" if failures else "ok"}">{len(failures)}</td></tr>']
     if model_info:
-        parts.append(f"<tr><th>model</th><td>InceptionV3, {html.escape(str(model_info.get('backend', '')))}"
-                     f" · classes {html.escape(', '.join(map(str, (model_info.get('labels') or {}).get('values', []))))}"
-                     "</td></tr>")
+        parts.append(f"<tr><th>model</th><td>{html.escape(_model_summary(model_info))}</td></tr>")
     parts.append("</table>")
     if config_text:
         parts.append(f"<details><summary>settings (config.yaml)</summary><pre>{html.escape(config_text)}</pre></details>")

@@ -82,3 +82,13 @@ def test_report_renders_in_headless_chromium(report_out, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1280)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, plots and images, not a blank page
+
+
+def test_model_summary_names_weights_head_backend_and_classes():
+    from pipeline.report import _model_summary
+
+    info = {"config": {"train": {"weights": None, "head_block": "mixed2"}}, "versions": {"backend": "jax"},
+            "labels": {"values": [0, 1]}}
+    assert _model_summary(info) == "InceptionV3, weights random init, head on mixed2, jax backend · classes 0, 1"
+    info["config"]["train"]["weights"] = "imagenet"
+    assert _model_summary(info).startswith("InceptionV3, weights imagenet, head on mixed2")
