@@ -975,8 +975,9 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
     """Write a two-class demo cohort: ``<out_dir>/<slide_id>.svs`` (Aperio-style TIFF) + ``labels.csv``.
 
     Class 0 slides have no lesion, class 1 slides have a planted lesion covering a share of the tissue drawn from
-    ``lesion_fraction`` (None: 10-20 %); tissue shape and placement vary with each slide's seed.  Slides that already exist from the same plan
-    entry and settings (``slide_spec``) are kept, so reruns are quick and a changed cohort is rewritten.
+    ``lesion_fraction`` (None: 10-20 %); tissue shape and placement vary with each slide's seed.  Slides that already
+    exist from the same plan entry and settings (``slide_spec``) are kept, so reruns are quick and a changed cohort is
+    rewritten.
     ``labels.csv`` has the header ``slide_id,label`` and integer labels 0/1.
     """
     out = Path(out_dir)
