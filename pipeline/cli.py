@@ -242,6 +242,11 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     if summary:
         std = metrics["fold_summary"]["std"]
         print("  per fold: " + ", ".join(f"{k} {v:.3f} ± {std[k]:.3f}" for k, v in summary.items()))
+    versus = metrics.get("network_vs_baseline") or {}
+    if versus.get("metric"):
+        verdict = ("WARNING: the network does worse than the baseline" if versus["network_below_baseline"]
+                   else f"network {versus['margin']:+.3f}")
+        print(f"  map-statistics baseline: {versus['metric']} {versus['baseline']:.3f} ({verdict})")
     print(f"  metrics: {out / 'metrics.json'}  predictions: {out / 'predictions.csv'}  plots: {out / 'plots'}")
 
 

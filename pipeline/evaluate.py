@@ -43,6 +43,7 @@ log = logging.getLogger("pipeline")
 MODEL_DIR = "model"
 MODEL_INFO = "model_info.json"
 LABELS_JSON = "labels.json"
+BASELINE_JSON = "baseline.json"  # the map-statistics baseline of each model (pipeline.baseline)
 REDUCER_DIR = "reducer"
 PLOTS_DIR = "plots"
 PREDICT_DIR = "predict"
@@ -243,8 +244,13 @@ def plot_history(histories: Sequence[dict], path: Path) -> Path | None:
 
 def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.ndarray, proba: np.ndarray,
                      mapping: LabelMapping, *, folds: Sequence[int] | None = None,
-                     histories: Sequence[dict] = (), split: str = "test", extra_notes: Sequence[str] = ()) -> dict:
-    """Metrics, predictions CSV and plots for these predictions; returns the metrics dict."""
+                     histories: Sequence[dict] = (), split: str = "test", extra_notes: Sequence[str] = (),
+                     baseline: np.ndarray | None = None) -> dict:
+    """Metrics, predictions CSV and plots for these predictions; returns the metrics dict.
+
+    ``baseline``: the map-statistics baseline's probabilities for the same slides; its metrics and the comparison
+    with the network go into ``metrics["baseline"]`` and ``metrics["network_vs_baseline"]``.
+    """
     out_dir = Path(out_dir)
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float32).reshape(len(slide_ids), mapping.num_classes)
@@ -260,6 +266,8 @@ def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.n
         metrics["folds"] = per_fold
         metrics["fold_summary"] = summarise_folds(per_fold)
     metrics["notes"] = list(extra_notes) + metrics.get("notes", [])
+    if baseline is not None:
+        _add_baseline(metrics, y_true, baseline, mapping)
     extra = {"fold": list(folds)} if folds is not None else None
     atomic_write_text(out_dir / "predictions.csv", predictions_table(slide_ids, proba, mapping, y_true, extra))
     plots = out_dir / PLOTS_DIR
@@ -275,6 +283,21 @@ def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.n
     metrics["files"] = files
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _add_baseline(metrics: dict, y_true: np.ndarray, proba: np.ndarray, mapping: LabelMapping) -> None:
+    from .baseline import comparison
+
+    scores = compute_metrics(y_true, np.asarray(proba).reshape(len(y_true), mapping.num_classes), mapping)
+    metrics["baseline"] = {"method": "map statistics + logistic regression",
+                           **{k: scores.get(k) for k in SUMMARY_KEYS if k in scores}}
+    versus = comparison(metrics, scores)
+    metrics["network_vs_baseline"] = versus
+    if versus["network_below_baseline"]:
+        message = (f"the network ({versus['metric']} {versus['network']:.3f}) scores below the map-statistics "
+                   f"baseline ({versus['baseline']:.3f}) on the same slides")
+        metrics["notes"].append(message)
+        log.warning("evaluate: %s", message)
 
 
 # --- the saved model -----------------------------------------------------------------------------------------------
@@ -303,6 +326,19 @@ class TrainedModel:
         self.mapping = LabelMapping.from_dict(self.info["labels"])
         self.train_config = TrainConfig.model_validate(self.info["config"]["train"])
         self.models = [load_model(self.dir / name) for name in self.info["models"]]
+        baseline_file = self.dir / BASELINE_JSON
+        self.baselines = (json.loads(baseline_file.read_text(encoding="utf-8"))["models"]
+                          if baseline_file.is_file() else [])
+
+    def baseline_predict(self, maps: Sequence[np.ndarray], model_index: int | None = None) -> np.ndarray | None:
+        """The map-statistics baseline's probabilities (None for a model directory without one)."""
+        from .baseline import baseline_proba, statistics_matrix
+
+        if not self.baselines:
+            return None
+        chosen = self.baselines if model_index is None else [self.baselines[model_index]]
+        features = statistics_matrix(maps)
+        return np.mean([baseline_proba(params, features) for params in chosen], axis=0)
 
     def predict(self, maps: Sequence[np.ndarray], model_index: int | None = None) -> np.ndarray:
         from .model import predict_proba
@@ -342,7 +378,7 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
     info, mapping = trained.info, trained.mapping
     with output_lock(out_dir, command="evaluate"):
         if labels_csv is None:
-            ids, y, proba, folds = [], [], [], []
+            ids, y, proba, folds, base = [], [], [], [], []
             truth = info["truth"]
             for index, split in enumerate(info["splits"]):
                 test_ids = split["test"]
@@ -350,6 +386,7 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
                     continue
                 maps = read_feature_maps(out_dir, test_ids)
                 proba.append(trained.predict(maps, model_index=index))
+                base.append(trained.baseline_predict(maps, model_index=index))
                 ids.extend(test_ids)
                 y.extend(mapping.to_index([_as_label(truth[s], mapping) for s in test_ids]))
                 folds.extend([split.get("fold")] * len(test_ids))
@@ -357,6 +394,7 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
                 raise ModelError("the model was trained without test slides: nothing to evaluate", path=model_dir,
                                  fix="Pass --labels with labelled slides whose maps are in OUT.")
             proba_arr = np.concatenate(proba)
+            base_arr = None if any(b is None for b in base) else np.concatenate(base)
             fold_col = folds if info.get("folds") else None
             split_name = "test"
         else:
@@ -364,10 +402,11 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
             check_slides(table, store_ids(out_dir))
             ids = table.slide_ids
             y = mapping.to_index(table.labels)
-            proba_arr = trained.predict(read_feature_maps(out_dir, ids))
+            maps = read_feature_maps(out_dir, ids)
+            proba_arr, base_arr = trained.predict(maps), trained.baseline_predict(maps)
             fold_col, split_name = None, f"labels file {Path(labels_csv).name}"
         metrics = write_evaluation(out_dir, ids, np.asarray(y), proba_arr, mapping, folds=fold_col,
-                                   histories=info.get("history", []), split=split_name)
+                                   histories=info.get("history", []), split=split_name, baseline=base_arr)
     log.info("evaluate: %d slides, accuracy %.3f, ROC AUC %s", len(ids), metrics.get("accuracy", float("nan")),
              metrics.get("roc_auc"))
     return metrics

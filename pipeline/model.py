@@ -445,7 +445,8 @@ def build_model(num_classes: int, cfg: TrainConfig, mixed_precision: bool | None
         except Exception as err:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
             raise _weights_error(weights, err) from None
         # The head pools ``head_block`` (mixed10 = all of InceptionV3); blocks after it drop out of the model.
-        x = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool")(base.get_layer(cfg.head_block).output)
+        pool = keras.layers.GlobalMaxPooling2D if cfg.pooling == "max" else keras.layers.GlobalAveragePooling2D
+        x = pool(name=f"{HEAD_PREFIX}pool")(base.get_layer(cfg.head_block).output)
         # Standardise the pooled features with statistics of the training maps (``adapt_head_norm``): channels differ
         # in scale by orders of magnitude, and a head on raw features needs more steps than a small cohort gives.
         x = keras.layers.Normalization(axis=-1, name=f"{HEAD_PREFIX}norm", dtype="float32")(x)
@@ -503,6 +504,22 @@ def calibrate_batchnorm(model, batches, max_maps: int = CALIBRATION_MAPS) -> int
     return len(layers)
 
 
+@contextlib.contextmanager
+def batchnorm_momentum(model, momentum: float) -> Iterator[None]:
+    """Every BatchNormalization layer's moving-statistics momentum set to ``momentum`` inside the block."""
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = momentum
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.momentum = value
+
+
 def _weights_error(weights: str | None, err: Exception) -> ModelError:
     if weights == "imagenet":
         return ModelError(
@@ -546,14 +563,19 @@ def batchnorm_trains(cfg: TrainConfig) -> bool:
 
 def set_phase(model, phase: str, unfreeze_from: str = "mixed9", batchnorm: bool = False) -> None:
     """``head``: only the head trains. ``finetune``: also the base from ``unfreeze_from`` up; its BatchNorm layers
-    learn only when ``batchnorm`` (see ``batchnorm_trains``), otherwise they stay in inference mode.
+    learn only when ``batchnorm`` (see ``batchnorm_trains``), otherwise they stay in inference mode. ``scratch``:
+    every layer trains, BatchNorm included (the ``scratch`` recipe).
 
     Recompile after calling this (the trainable set is captured at compile time).
     """
     import keras
 
-    if phase not in ("head", "finetune"):
+    if phase not in ("head", "finetune", "scratch"):
         raise ModelError(f"unknown training phase {phase!r}")
+    if phase == "scratch":  # the whole (truncated) network learns, BatchNorm on batch statistics
+        for layer in model.layers:
+            layer.trainable = True
+        return
     start = finetune_start(model, unfreeze_from) if phase == "finetune" else len(model.layers)
     for i, layer in enumerate(model.layers):
         if layer.name.startswith(HEAD_PREFIX):
@@ -570,9 +592,12 @@ def trainable_layer_names(model) -> list[str]:
     return [layer.name for layer in model.layers if layer.trainable_weights]
 
 
-def compile_model(model, learning_rate: float) -> None:
+def compile_model(model, learning_rate: float, decay_steps: int | None = None) -> None:
+    """Adam at ``learning_rate``; with ``decay_steps`` on a cosine schedule down to 1% of it."""
     import keras
 
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps, alpha=0.01)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 

@@ -33,6 +33,7 @@ th{background:#f4f4f4} .plots img{max-width:420px;margin:4px;border:1px solid #e
 .card .imgs{display:flex;gap:6px;align-items:flex-start} .card img{max-width:260px;max-height:260px;border:1px solid #eee}
 .ok{color:#1a7f37} .bad{color:#b42318} pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:320px;font-size:.8em}
 .muted{color:#777;font-size:.85em}
+.warning{color:#a40000;font-weight:600}
 """
 
 _SCRIPT = """
@@ -80,24 +81,41 @@ def _read_csv_by_id(path: Path) -> dict[str, dict]:
 
 
 def _metrics_table(metrics: dict) -> str:
+    """Network metrics, with the map-statistics baseline beside them and a warning when the network is below it."""
     keys = ["accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "mae",
             "quadratic_weighted_kappa"]
+    baseline = metrics.get("baseline") or {}
+    cell = lambda v: f"<td>{v:.3f}</td>" if isinstance(v, (int, float)) else "<td>–</td>"  # noqa: E731
     rows = []
     for key in keys:
         value = metrics.get(key)
         if isinstance(value, (int, float)):
-            rows.append(f"<tr><th>{key}</th><td>{value:.3f}</td></tr>")
+            rows.append(f"<tr><th>{key}</th>{cell(value)}{cell(baseline.get(key)) if baseline else ''}</tr>")
     n = metrics.get("n") or metrics.get("n_slides")
     if n is not None:
-        rows.append(f"<tr><th>test slides</th><td>{n}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>" if rows else '<p class="muted">no metrics yet</p>'
+        rows.append(f"<tr><th>test slides</th><td>{n}</td>{'<td></td>' if baseline else ''}</tr>")
+    if not rows:
+        return '<p class="muted">no metrics yet</p>'
+    head = "<tr><th></th><th>network</th><th>baseline</th></tr>" if baseline else ""
+    table = "<table>" + head + "".join(rows) + "</table>"
+    versus = metrics.get("network_vs_baseline") or {}
+    if versus.get("network_below_baseline"):
+        table += (f'<p class="warning">The network ({versus["metric"]} {versus["network"]:.3f}) does worse than '
+                  f'the map-statistics baseline ({versus["baseline"]:.3f}): per-slide percentiles of the maps and a '
+                  'logistic regression already do better on the same slides.</p>')
+    elif versus.get("metric"):
+        table += (f'<p class="muted">Baseline: per-slide percentiles and histograms of each map component, logistic '
+                  f'regression, same training and test slides ({versus["metric"]} margin '
+                  f'{versus["margin"]:+.3f}).</p>')
+    return table
 
 
 def _model_summary(model_info: dict) -> str:
     """One line on the model: weights, head block, backend, classes (from ``model_info.json``)."""
     train = (model_info.get("config") or {}).get("train") or {}
     classes = ", ".join(map(str, (model_info.get("labels") or {}).get("values", [])))
-    return (f"InceptionV3, weights {train.get('weights') or 'random init'}, head on {train.get('head_block', 'mixed10')}"
+    return (f"InceptionV3, weights {train.get('weights') or 'random init'}, recipe {train.get('recipe', 'finetune')}"
+            f", head on {train.get('head_block', 'mixed10')}"
             f", {(model_info.get('versions') or {}).get('backend', '?')} backend · classes {classes}")
 
 

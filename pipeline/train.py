@@ -34,8 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import PipelineConfig, TrainConfig
-from .evaluate import (LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, feature_map_stores, read_feature_maps,
-                       store_ids, write_evaluation)
+from .baseline import baseline_proba, fit_baseline, statistics_matrix
+from .evaluate import (BASELINE_JSON, LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, feature_map_stores,
+                       read_feature_maps, store_ids, write_evaluation)
 from .labels import LabelTable, Split, check_slides, class_weights, fold_splits, holdout_split, read_labels
 from .outputs import Manifest, atomic_write_json, output_lock
 from .store import array_attrs, package_versions, read_attrs, store_path
@@ -43,6 +44,7 @@ from .store import array_attrs, package_versions, read_attrs, store_path
 log = logging.getLogger("pipeline")
 
 CHECKPOINT_DIR = ".checkpoints"
+SCRATCH_BATCHNORM_MOMENTUM = 0.9  # Keras' 0.99 lags a few hundred steps behind weights trained from scratch
 
 
 @dataclass
@@ -73,8 +75,8 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     """Build and train one model on ``split.train`` (validated on ``split.val``); predict ``split.test``."""
     import keras
 
-    from .model import (MapBatches, adapt_head_norm, batchnorm_trains, build_model, calibrate_batchnorm, compile_model,
-                        predict_proba, resolve_weights, set_phase)
+    from .model import (MapBatches, adapt_head_norm, batchnorm_momentum, batchnorm_trains, build_model,
+                        calibrate_batchnorm, compile_model, predict_proba, resolve_weights, set_phase)
 
     t0 = time.monotonic()
     seed = cfg.seed + (split.fold or 0)
@@ -87,7 +89,7 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     val_data = (MapBatches(pick(split.val), cfg, y[split.val], weights[y[split.val]], seed=seed)
                 if len(split.val) else None)
     plain_train = MapBatches(pick(split.train), cfg, seed=seed)
-    if cfg.calibrate_batchnorm and resolve_weights(cfg.weights) is None:
+    if cfg.calibrate_batchnorm and resolve_weights(cfg.weights) is None and cfg.recipe == "finetune":
         calibrate_batchnorm(model, plain_train)
     adapt_head_norm(model, plain_train)
     monitor = "val_loss" if val_data is not None else "loss"
@@ -95,21 +97,29 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     notes: list[str] = []
     best_head: tuple[float, list] | None = None
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for phase, epochs, lr in (("head", cfg.head_epochs, cfg.head_learning_rate),
-                              ("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate)):
-        if epochs <= 0:
-            continue
+    for phase, epochs, lr in recipe_phases(cfg):
         set_phase(model, phase, cfg.unfreeze_from, batchnorm_trains(cfg))
-        compile_model(model, lr)
+        # scratch: one cosine cycle over all its epochs, the best validation epoch kept (no early stop)
+        scratch = phase == "scratch"
+        compile_model(model, lr, decay_steps=epochs * len(train_data) if scratch else None)
         ckpt = checkpoint_dir / f"{'fold%d-' % split.fold if split.fold else ''}{phase}.weights.h5"
         warmup = min(cfg.min_epochs, epochs - 1)
         callbacks = [
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
-                                          start_from_epoch=warmup),
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=epochs if scratch else cfg.patience,
+                                          restore_best_weights=True, start_from_epoch=warmup),
             keras.callbacks.ModelCheckpoint(str(ckpt), monitor=monitor, save_best_only=True, save_weights_only=True),
             _epoch_logger(phase, split.fold),
         ]
-        fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        if scratch:
+            # BatchNorm learns here: fast-moving statistics so validation (inference mode) follows the weights,
+            # then exact statistics of the chosen weights on the training maps ("precise BN")
+            with batchnorm_momentum(model, SCRATCH_BATCHNORM_MOMENTUM):
+                fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks,
+                                   verbose=verbose)
+            calibrate_batchnorm(model, plain_train)
+        else:
+            fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks,
+                               verbose=verbose)
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         history["phase"].extend([phase] * len(fitted.history[monitor]))
@@ -129,6 +139,16 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     history["fold"] = split.fold
     history["monitor"] = monitor
     return FoldResult(model, history, test_proba, notes, round(time.monotonic() - t0, 2))
+
+
+def recipe_phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
+    """(phase, epochs, learning rate) of the recipe: ``scratch`` is one end-to-end phase; ``finetune`` the head on
+    the frozen base, then the top blocks at a low learning rate (phases with no epochs are left out)."""
+    if cfg.recipe == "scratch":
+        return [("scratch", cfg.epochs, cfg.learning_rate)]
+    phases = [("head", cfg.head_epochs, cfg.head_learning_rate),
+              ("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate)]
+    return [phase for phase in phases if phase[1] > 0]
 
 
 # --- the runner ----------------------------------------------------------------------------------------------------
@@ -261,11 +281,10 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     cfg = config.train
     table, splits = plan.table, plan.splits
     maps = read_feature_maps(out_dir, table.slide_ids)
-    if resolve_weights(cfg.weights) is None:
-        log.warning("train: train.weights is null, so the InceptionV3 base starts from random weights and the "
-                    "head phase trains on random features; use 'imagenet' or a local weights file to fine-tune%s",
-                    "" if int(cfg.head_block[5:]) < 5 else ", or with a few dozen slides or more try "
-                    "train.head_block: mixed2 with train.calibrate_batchnorm: true (see README)")
+    if resolve_weights(cfg.weights) is None and cfg.recipe == "finetune":
+        log.warning("train: train.weights is null with train.recipe 'finetune', so the head phase trains on the "
+                    "features of a random base; train.recipe 'scratch' (the default without weights) trains the "
+                    "network end to end")
     model_dir = out_dir / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / MODEL_INFO).unlink(missing_ok=True)  # the model dir is complete only once this is rewritten
@@ -278,6 +297,8 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
         for note in split.notes:
             log.warning("train: %s", note)
         results.append(fit_model(maps, y, split, k, cfg, model_dir / CHECKPOINT_DIR, verbose=verbose))
+    baselines = [fit_split_baseline(maps, y, split, k, cfg.seed) for split in splits]
+    atomic_write_json(model_dir / BASELINE_JSON, {"models": [params for params, _ in baselines]})
     model_names = _save_models(model_dir, results, bool(cfg.folds))
     shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # the saved models hold the best weights
     reducer_copied = _copy_reducer(out_dir, model_dir)
@@ -323,13 +344,21 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     proba_arr = np.concatenate(proba) if proba else np.zeros((0, k), np.float32)
     metrics = write_evaluation(out_dir, ids, np.asarray(y_test, dtype=np.int64), proba_arr, table.mapping,
                                folds=fold_col if cfg.folds else None, histories=info["history"],
-                               extra_notes=notes)
+                               extra_notes=notes, baseline=np.concatenate([b for _, b in baselines]))
     _record_manifest(out_dir, table, splits, plan.digest)
     summary = _summary(info, metrics, skipped=False, seconds=time.monotonic() - t0)
     manifest = Manifest(out_dir)
     manifest.data["runs"].append({"command": "train", "finished": time.time(), **summary})
     manifest.save()
     return summary
+
+
+def fit_split_baseline(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_classes: int,
+                       seed: int) -> tuple[dict, np.ndarray]:
+    """The map-statistics baseline fitted on the split's training and validation slides, and its test probabilities."""
+    fit_idx = np.concatenate([split.train, split.val]).astype(np.int64)
+    params = fit_baseline(statistics_matrix([maps[i] for i in fit_idx]), y[fit_idx], num_classes, seed)
+    return params, baseline_proba(params, statistics_matrix([maps[i] for i in split.test]))
 
 
 def _save_models(model_dir: Path, results: Sequence[FoldResult], kfold: bool) -> list[str]:
@@ -381,6 +410,11 @@ def _record_manifest(out_dir: Path, table: LabelTable, splits: Sequence[Split], 
 def _summary(info: dict, metrics: dict, skipped: bool, seconds: float) -> dict:
     headline = {k: metrics.get(k) for k in ("accuracy", "f1_macro", "roc_auc", "mae", "quadratic_weighted_kappa")
                 if metrics.get(k) is not None}
+    versus = metrics.get("network_vs_baseline") or {}
+    baseline = {}
+    if versus.get("metric"):
+        baseline = {f"baseline_{versus['metric']}": round(versus["baseline"], 4),
+                    "below_baseline": versus["network_below_baseline"]}
     return {"slides": len(info.get("truth", {})), "folds": info.get("folds"), "test_slides": metrics.get("n_slides"),
-            "skipped": skipped, **{k: round(v, 4) for k, v in headline.items()}, "seconds": round(seconds, 2),
-            "trained_on": info.get("trained_on")}
+            "skipped": skipped, **{k: round(v, 4) for k, v in headline.items()}, **baseline,
+            "seconds": round(seconds, 2), "trained_on": info.get("trained_on")}

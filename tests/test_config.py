@@ -32,9 +32,29 @@ def test_stride_larger_than_tile_rejected():
 
 def test_unfreeze_from_must_not_lie_beyond_the_head_block():
     with pytest.raises(ConfigError, match="unfreeze_from mixed9 lies beyond head_block mixed2"):
-        config_from_dict({"train": {"head_block": "mixed2"}})
-    cfg = config_from_dict({"train": {"head_block": "mixed2", "unfreeze_from": "mixed1"}})
-    assert cfg.train.head_block == "mixed2" and PipelineConfig().train.head_block == "mixed10"
+        config_from_dict({"train": {"recipe": "finetune", "head_block": "mixed2"}})
+    cfg = config_from_dict({"train": {"recipe": "finetune", "head_block": "mixed2", "unfreeze_from": "mixed1"}})
+    assert cfg.train.head_block == "mixed2"
+    assert config_from_dict({"train": {"recipe": "finetune"}}).train.head_block == "mixed10"
+
+
+def test_recipe_follows_the_weights_and_fills_only_unset_keys(tmp_path):
+    from pipeline.config import SCRATCH_DEFAULTS
+
+    scratch = PipelineConfig().train  # no weights: trained end to end from random initialisation
+    assert scratch.recipe == "scratch"
+    assert {k: getattr(scratch, k) for k in SCRATCH_DEFAULTS} == SCRATCH_DEFAULTS
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"")
+    for given in ("imagenet", str(weights)):
+        tuned = config_from_dict({"train": {"weights": given}}).train
+        assert (tuned.recipe, tuned.head_block, tuned.input_px, tuned.size_strategy) == (
+            "finetune", "mixed10", 299, "resize")
+    own = config_from_dict({"train": {"head_block": "mixed1", "input_px": 128}}).train
+    assert (own.recipe, own.head_block, own.input_px, own.pooling) == ("scratch", "mixed1", 128, "max")
+    # an explicit recipe wins over the weights, and a dumped config validates to the same settings
+    assert config_from_dict({"train": {"recipe": "finetune"}}).train.input_px == 299
+    assert type(scratch).model_validate(scratch.model_dump()) == scratch
 
 
 def test_yaml_syntax_error_names_file(tmp_path):

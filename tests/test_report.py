@@ -87,8 +87,9 @@ def test_report_renders_in_headless_chromium(report_out, tmp_path):
 def test_model_summary_names_weights_head_backend_and_classes():
     from pipeline.report import _model_summary
 
-    info = {"config": {"train": {"weights": None, "head_block": "mixed2"}}, "versions": {"backend": "jax"},
-            "labels": {"values": [0, 1]}}
-    assert _model_summary(info) == "InceptionV3, weights random init, head on mixed2, jax backend · classes 0, 1"
-    info["config"]["train"]["weights"] = "imagenet"
-    assert _model_summary(info).startswith("InceptionV3, weights imagenet, head on mixed2")
+    info = {"config": {"train": {"weights": None, "recipe": "scratch", "head_block": "mixed2"}},
+            "versions": {"backend": "jax"}, "labels": {"values": [0, 1]}}
+    assert _model_summary(info) == ("InceptionV3, weights random init, recipe scratch, head on mixed2, jax backend"
+                                    " · classes 0, 1")
+    info["config"]["train"].update(weights="imagenet", recipe="finetune")
+    assert _model_summary(info).startswith("InceptionV3, weights imagenet, recipe finetune, head on mixed2")

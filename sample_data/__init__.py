@@ -1,0 +1,1 @@
+"""Sample-data generators (synthetic slide cohorts for demos and measurements)."""
