@@ -63,21 +63,23 @@ def cam_hits(out: Path, plan: dict, layers: list[str], test_ids: set[str]) -> di
     stores = {s.name[:-5]: s for s in list_stores(out)}
     positives = sorted(s for s in test_ids if plan[s][0] == 1 and s in stores)
     result = {}
-    for layer in layers:
+    for spec in layers:  # "mixed1" or "mixed1:ref" (cam.reference)
+        layer, _, flag = spec.partition(":")
+        cam_cfg = CamConfig(reference=flag == "ref")
         cam_models = [split_model(m, layer) for m in trained.models]
         hits = 0
         for sid in positives:
             grid = TileGrid.from_dict(read_attrs(stores[sid])["tile_grid"])
             truth = plan[sid][1].lesion_at_tiles(grid)
             cam, _, _ = slide_cam_with_models(cam_models, read_array(stores[sid], "feature_map"),
-                                              trained.train_config, CamConfig())
+                                              trained.train_config, cam_cfg)
             r, c = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(cam), cam, -np.inf))), cam.shape)
             hits += bool(truth[r, c])
-        result[layer] = [hits, len(positives)]
+        result[spec] = [hits, len(positives)]
     return result
 
 
-def run_variant(out: Path, labels: Path, plan: dict, overrides: dict, layers: list[str]) -> dict:
+def run_variant(out: Path, labels: Path, plan: dict, overrides: dict, layers: list[str], retrain: bool = True) -> dict:
     from pipeline.train import train
 
     data = json.loads(json.dumps(BASE_CONFIG))

@@ -74,11 +74,12 @@ def default_cam_layer(model, cfg: TrainConfig) -> str:
 
 @dataclass
 class CamModel:
-    """A classifier split at the Grad-CAM layer."""
+    """A classifier split at the Grad-CAM layer; the tail stops before the softmax so Grad-CAM differentiates the
+    class score (logit), which does not saturate on confident predictions the way the probability does."""
 
     layer: str
     features: object  # keras.Model: input -> activations
-    tail: object      # keras.Model: activations -> probabilities
+    tail: object      # keras.Model: activations -> class logits
 
 
 def split_model(model, layer: str) -> CamModel:
@@ -90,13 +91,37 @@ def split_model(model, layer: str) -> CamModel:
         raise ModelError(f"the model has no layer {layer!r} for Grad-CAM",
                          fix="Set cam.layer to a layer name of the model, e.g. mixed5 or mixed7.") from None
     features = keras.Model(model.inputs[0], target.output)
-    tail = keras.Model(target.output, model.outputs[0])
+    tail = keras.Model(target.output, logits_output(model))
     return CamModel(layer, features, tail)
+
+
+def logits_output(model):
+    """The pre-softmax class scores of a ``pipeline.model`` classifier: its ``head_dense`` layer without the softmax,
+    rebuilt on the same weights (a Dense layer's activation cannot be tapped)."""
+    import keras
+
+    try:
+        dense = model.get_layer(f"{model_lib.HEAD_PREFIX}dense")
+    except ValueError:
+        raise ModelError("the model has no head_dense layer: Grad-CAM needs a model trained by wsi-pipeline",
+                         fix="Pass the model directory written by `wsi-pipeline train`.") from None
+    logits = keras.layers.Dense(dense.units, dtype="float32", name="cam_logits")
+    out = logits(dense.input)
+    logits.set_weights(dense.get_weights())
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 # --- backend-specific gradients -------------------------------------------------------------------------------------
 # One compiled gradient function per tail model (tf.function / jax.jit, traced once per batch shape): run op by op,
 # every layer of the tail is dispatched from Python for every slide (JAX: ~1 s per slide on CPU, compiled ~0.1 s).
+# The score is the class logit minus the mean logit (for two classes, half the log-odds): Grad-CAM's class score.
 _GRADIENT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -109,13 +134,14 @@ def _gradients_tensorflow(tail, activations: np.ndarray, class_index: int) -> tu
         def fn(acts, index):
             with tf.GradientTape() as tape:
                 tape.watch(acts)
-                probs = tail(acts, training=False)
-                score = tf.reduce_sum(tf.gather(probs, index, axis=1))
-            return tape.gradient(score, acts), probs
+                logits = tail(acts, training=False)
+                margin = tf.gather(logits, index, axis=1) - tf.reduce_mean(logits, axis=1)
+                score = tf.reduce_sum(margin)
+            return tape.gradient(score, acts), logits
 
         _GRADIENT_FNS[tail] = fn
-    grads, probs = fn(tf.convert_to_tensor(activations), tf.constant(class_index, tf.int32))
-    return grads.numpy(), probs.numpy()
+    grads, logits = fn(tf.convert_to_tensor(activations), tf.constant(class_index, tf.int32))
+    return grads.numpy(), softmax(logits.numpy())
 
 
 def _gradients_jax(tail, activations: np.ndarray, class_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,19 +151,20 @@ def _gradients_jax(tail, activations: np.ndarray, class_index: int) -> tuple[np.
     fn = _GRADIENT_FNS.get(tail)
     if fn is None:
         def score(trainable, non_trainable, acts, index):
-            probs, _ = tail.stateless_call(trainable, non_trainable, acts, training=False)
-            return jnp.sum(jnp.take(probs, index, axis=1)), probs
+            logits, _ = tail.stateless_call(trainable, non_trainable, acts, training=False)
+            margin = jnp.take(logits, index, axis=1) - jnp.mean(logits, axis=1)
+            return jnp.sum(margin), logits
 
         fn = jax.jit(jax.value_and_grad(score, argnums=2, has_aux=True))
         _GRADIENT_FNS[tail] = fn
-    (_, probs), grads = fn([v.value for v in tail.trainable_variables],
-                           [v.value for v in tail.non_trainable_variables],
-                           jnp.asarray(activations), jnp.int32(class_index))
-    return np.asarray(grads), np.asarray(probs)
+    (_, logits), grads = fn([v.value for v in tail.trainable_variables],
+                            [v.value for v in tail.non_trainable_variables],
+                            jnp.asarray(activations), jnp.int32(class_index))
+    return np.asarray(grads), softmax(np.asarray(logits))
 
 
 def class_score_gradients(tail, activations: np.ndarray, class_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """d probs[:, class_index] / d activations, and the probabilities, on the active Keras backend."""
+    """d (logit[class_index] - mean logit) / d activations, and the probabilities, on the active Keras backend."""
     import keras
 
     backend = keras.backend.backend()
@@ -155,7 +182,7 @@ def activations_and_probs(cam_model: CamModel, inputs: np.ndarray) -> tuple[np.n
 
     # predict_on_batch: the backend's compiled forward pass (a plain call runs op by op under JAX)
     activations = np.asarray(keras.ops.convert_to_numpy(cam_model.features.predict_on_batch(inputs)), dtype=np.float32)
-    probs = np.asarray(keras.ops.convert_to_numpy(cam_model.tail.predict_on_batch(activations)), dtype=np.float32)
+    probs = softmax(keras.ops.convert_to_numpy(cam_model.tail.predict_on_batch(activations)))
     return activations, probs
 
 
