@@ -66,6 +66,8 @@ def cam_hits(out: Path, plan: dict, layers: list[str], test_ids: set[str]) -> di
     for spec in layers:  # "mixed1" or "mixed1:ref" (cam.reference)
         layer, _, flag = spec.partition(":")
         cam_cfg = CamConfig(reference=flag == "ref")
+        if layer not in [lay.name for lay in trained.models[0].layers]:
+            continue  # a block beyond this model's head
         cam_models = [split_model(m, layer) for m in trained.models]
         hits = 0
         for sid in positives:

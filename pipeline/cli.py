@@ -2,6 +2,10 @@
 
 Exit codes: 0 when the command finished (even if some slides failed: see ``OUT/manifest.json``), 2 for bad arguments,
 config or labels (nothing was done), 1 for an unexpected error.
+
+The options are defined once, in ``pipeline/cli_options.py`` (help, type and choices of the config-backed ones come
+from ``pipeline/config.py``); each ``_add_*_parser`` below only names the options its command takes, and registers
+the command's handler with ``_command``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_options import COMMON, add_options, config_overrides, use
 from .config import PipelineConfig, load_config
 from .errors import ConfigError, LabelsError, OutputLockedError, PipelineError
 from .outputs import log_file_handler
@@ -37,64 +42,43 @@ def setup_logging(out_dir: Path | None, command: str, verbose: bool = False) -> 
 
 
 def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The ``--config`` file (or the defaults) with every config-backed option given on the command line on top."""
     config = load_config(getattr(args, "config", None))
-    overrides = {
-        "tiling__mpp": getattr(args, "mpp", None),
-        "tiling__tile_px": getattr(args, "tile_px", None),
-        "tiling__stride_px": getattr(args, "stride_px", None),
-        "tiling__mpp_override": getattr(args, "mpp_override", None),
-        "descriptor__name": getattr(args, "descriptor", None),
-        "cluster__workers": getattr(args, "workers", None),
-        "reader__kind": getattr(args, "reader", None),
-    }
-    if getattr(args, "scheduler", None):
-        overrides.update(cluster__kind="address", cluster__address=args.scheduler)
-    return config.with_overrides(**overrides)
+    return config.with_overrides(**config_overrides(args))
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
-    p.add_argument("--workers", type=int, help="local Dask worker processes (default: one per core)")
-    p.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress to the console")
+def _command(sub, name: str, handler, help: str, options) -> argparse.ArgumentParser:
+    """One sub-command: its help, the options it takes (names from ``cli_options.OPTIONS``) and its handler."""
+    p = sub.add_parser(name, help=help)
+    add_options(p, options)
+    p.set_defaults(handler=handler)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsi-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wsi-pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("inspect", help="print slide metadata (dimensions, levels, vendor, mpp and its source)")
-    p.add_argument("slides", nargs="+", help="slide files or directories")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--mpp-override", type=_positive_float)
-
-    p = sub.add_parser("describe", help="tile slides and write per-tile descriptors to Zarr stores")
-    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or directories")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mpp", type=_positive_float, help="target resolution, µm/px (default 0.5)")
-    p.add_argument("--tile-px", type=int, help="tile size in pixels at the target resolution (default 256)")
-    p.add_argument("--stride-px", type=int, help="step between tiles (default: tile size, no overlap)")
-    p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px to use for every slide of this run")
-    p.add_argument("--descriptor", choices=["stats", "cnn"])
-    p.add_argument("--reader", choices=["auto", "openslide", "tiff"])
-    _add_common(p)
-
-    p = sub.add_parser("retry", help="describe again only the slides that failed (settings of the last run)")
-    p.add_argument("out", type=Path, help="output directory of an earlier run")
-    p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px for the retried slides")
-    _add_common(p)
+    _add_describe_parsers(sub)
     _add_reduce_parser(sub)
     _add_model_parsers(sub)
-    _add_cam_parsers(sub)
+    _add_cam_parser(sub)
+    _add_report_parser(sub)
+    _add_run_parser(sub)
     return parser
+
+
+# --- inspect / describe / retry ---------------------------------------------------------------------------------
+
+
+def _add_describe_parsers(sub) -> None:
+    _command(sub, "inspect", cmd_inspect, "print slide metadata (dimensions, levels, vendor, mpp and its source)",
+             ["slides", "--json", "--mpp-override"])
+    _command(sub, "describe", cmd_describe, "tile slides and write per-tile descriptors to Zarr stores",
+             ["--slides", "--out", "--mpp", "--tile-px", "--stride-px", "--mpp-override", "--descriptor", "--reader",
+              *COMMON])
+    _command(sub, "retry", cmd_retry, "describe again only the slides that failed (settings of the last run)",
+             ["out", "--mpp-override", *COMMON])
 
 
 def _fmt(value) -> str:
@@ -105,14 +89,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .slides import find_slides, read_slide_info
 
     paths, _ = find_slides(args.slides)
     rows, failures = [], 0
     for path in paths:
         try:
-            rows.append(read_slide_info(path, mpp_override=args.mpp_override).to_dict())
+            rows.append(read_slide_info(path, mpp_override=config.tiling.mpp_override).to_dict())
         except PipelineError as err:
             failures += 1
             rows.append({"path": str(path), "error": err.to_record()})
@@ -168,15 +152,9 @@ def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def _add_reduce_parser(sub) -> None:
-    p = sub.add_parser("reduce", help="fit PCA or an autoencoder on the cohort's descriptors and write every slide's "
-                                      "feature map (OUT/maps/*.png shows them)")
-    p.add_argument("--out", type=Path, required=True, help="output directory of describe")
-    p.add_argument("--method", dest="reduce_method", choices=["pca", "autoencoder"], help="reducer (default pca)")
-    p.add_argument("--components", dest="reduce_components", type=int, choices=[1, 2, 3],
-                   help="channels K of the feature map (default 3)")
-    p.add_argument("--reducer", type=Path, help="map with this saved reducer (OUT/reducer or MODEL/reducer) "
-                                                "instead of fitting one; its method and K are used")
-    _add_common(p)
+    _command(sub, "reduce", cmd_reduce, "fit PCA or an autoencoder on the cohort's descriptors and write every "
+                                        "slide's feature map (OUT/maps/*.png shows them)",
+             ["--out", "--method", "--components", "--reducer", *COMMON])
 
 
 def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -187,7 +165,6 @@ def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
         # the settings the slides were described with, with this command's overrides on top
         args.config = args.out / RUN_CONFIG_NAME
         config = _config_from_args(args)
-    config = config.with_overrides(reduce__method=args.reduce_method, reduce__components=args.reduce_components)
     if args.reducer is not None and (args.reduce_method or args.reduce_components):
         reducer = load_reducer(args.reducer)
         asked = {"--method": (args.reduce_method, reducer.method),
@@ -209,29 +186,16 @@ def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def _add_model_parsers(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune InceptionV3 on the feature maps, then evaluate on held-out slides")
-    p.add_argument("--out", type=Path, required=True, help="output directory with described and reduced slides")
-    p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id,label[,patient_id,split]")
-    p.add_argument("--folds", type=int, help="k-fold cross-validation with K folds (overrides train.folds)")
-    p.add_argument("--force", action="store_true", help="retrain even when the saved model is current")
-    p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
-    p.add_argument("--scheduler", help="Dask scheduler address: training runs on one of its GPU workers "
-                                       "(cluster.gpu_placement)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress (one line per epoch) to the console")
-
-    p = sub.add_parser("evaluate", help="test metrics, predictions and plots of a trained model")
-    p.add_argument("--out", type=Path, required=True, help="output directory holding the slides' feature maps")
-    p.add_argument("--model", type=Path, help="model directory (default OUT/model)")
-    p.add_argument("--labels", type=Path, help="evaluate every slide of this labels CSV instead of the stored test set")
-    p.add_argument("--config", type=Path, help="YAML config (see workflows/)")
-    p.add_argument("-v", "--verbose", action="store_true")
-
-    p = sub.add_parser("predict", help="describe new slides, map them with the model's reducer, and predict")
-    p.add_argument("--model", type=Path, required=True, help="model directory written by train (OUT/model)")
-    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or directories")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the new slides' stores")
-    p.add_argument("--mpp-override", type=_positive_float, help="level-0 µm/px to use for every slide of this run")
-    _add_common(p)
+    _command(sub, "train", cmd_train, "fine-tune InceptionV3 on the feature maps, then evaluate on held-out slides",
+             ["--out", use("--labels", required=True), "--folds", "--force", "--config",
+              use("--scheduler", note="training runs on one of its GPU workers (cluster.gpu_placement)"),
+              use("--verbose", note="one line per epoch")])
+    _command(sub, "evaluate", cmd_evaluate, "test metrics, predictions and plots of a trained model",
+             ["--out", use("--model", note="default OUT/model"),
+              use("--labels", note="evaluate every slide of this CSV instead of the stored test set"),
+              "--config", "--verbose"])
+    _command(sub, "predict", cmd_predict, "describe new slides, map them with the model's reducer, and predict",
+             [use("--model", required=True), "--slides", "--out", "--mpp-override", *COMMON])
 
 
 def _print_metrics(metrics: dict, out: Path) -> None:
@@ -260,7 +224,7 @@ def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
     # A cluster is joined only when training may go to its GPU workers; a local one would just sit idle.
     remote = config.cluster.kind != "local" and config.cluster.gpu_placement != "client"
     with task_runner(config.cluster, in_process=not remote) as runner:
-        summary = train(args.out, args.labels, config, folds=args.folds, force=args.force,
+        summary = train(args.out, args.labels, config, force=args.force,
                         verbose=2 if args.verbose else 0, runner=runner)
     state = "model is current, training skipped" if summary["skipped"] else f"trained in {summary['seconds']:.1f} s"
     where = summary.get("trained_on") or {}
@@ -300,32 +264,18 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
-def _add_cam_parsers(sub) -> None:
-    p = sub.add_parser("cam", help="Grad-CAM per slide: overlay PNG, pyramidal heatmap TIFF, GeoJSON, cohort mosaic")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model", type=Path, help="model directory (default OUT/model)")
-    p.add_argument("--layer", help="layer for Grad-CAM (default: chosen for resolution)")
-    _add_common(p)
+# --- cam / report / run --------------------------------------------------------------------------------------------
 
-    p = sub.add_parser("report", help="write OUT/report.html (self-contained) from what the stages produced")
-    p.add_argument("--out", type=Path, required=True)
 
-    p = sub.add_parser("run", help="describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done")
-    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or directories")
-    p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id,label[,patient_id,split]")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mpp", type=_positive_float)
-    p.add_argument("--tile-px", type=int)
-    p.add_argument("--mpp-override", type=_positive_float)
-    _add_common(p)
+def _add_cam_parser(sub) -> None:
+    _command(sub, "cam", cmd_cam, "Grad-CAM per slide: overlay PNG, pyramidal heatmap TIFF, GeoJSON, cohort mosaic",
+             ["--out", use("--model", note="default OUT/model"), "--layer", *COMMON])
 
 
 def cmd_cam(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .cam import cam_slides
     from .parallel import task_runner
 
-    if args.layer:
-        config = config.with_overrides(cam__layer=args.layer)
     log_path = setup_logging(args.out, "cam", args.verbose)
     with task_runner(config.cluster) as runner:
         summary = cam_slides(args.out, config, model_dir=args.model, runner=runner)
@@ -334,11 +284,21 @@ def cmd_cam(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
+def _add_report_parser(sub) -> None:
+    _command(sub, "report", cmd_report, "write OUT/report.html (self-contained) from what the stages produced",
+             ["--out"])
+
+
 def cmd_report(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .report import build_report
 
     print(f"report: {build_report(args.out)}")
     return 0
+
+
+def _add_run_parser(sub) -> None:
+    _command(sub, "run", cmd_run, "describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done",
+             ["--slides", use("--labels", required=True), "--out", "--mpp", "--tile-px", "--mpp-override", *COMMON])
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -360,27 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "inspect":
-            return cmd_inspect(args)
         config = _config_from_args(args)
-        handler = COMMANDS[args.command]
-        return handler(args, config)
+        return args.handler(args, config)
     except (ConfigError, LabelsError, OutputLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-
-
-COMMANDS = {
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "predict": cmd_predict,
-    "describe": cmd_describe,
-    "retry": cmd_retry,
-    "reduce": cmd_reduce,
-    "cam": cmd_cam,
-    "report": cmd_report,
-    "run": cmd_run,
-}
