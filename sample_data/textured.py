@@ -66,6 +66,10 @@ def _window_starts(mask: np.ndarray, size: int, min_frac: float, step: int = 4) 
 @functools.lru_cache(maxsize=None)
 def _source(kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(RGB at 0.5 µm/px, window starts) of the "benign" or "lesion" texture, loaded once per process."""
+    path = SHARED.joinpath(*(BENIGN_SOURCE if kind == "benign" else LESION_SOURCE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: real H&E source of the {kind} texture not found. Fix: set WSI_SHARED_DATA "
+                                "to the shared sample_data folder (../shared/sample_data beside the checkout).")
     if kind == "benign":
         import openslide
 
