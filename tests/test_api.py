@@ -20,7 +20,7 @@ from tests.conftest import REPO, write_test_slide
 
 TINY = config_from_dict({
     "tiling": {"mpp": 0.5, "tile_px": 32, "chunk_tiles": 8},
-    "train": {"input_px": 75, "batch_size": 4, "head_epochs": 1, "finetune_epochs": 0, "augment": False,
+    "train": {"recipe": "finetune", "input_px": 75, "batch_size": 4, "head_epochs": 1, "finetune_epochs": 0, "augment": False,
               "val_fraction": 0.2, "test_fraction": 0.2},
 })
 

@@ -18,7 +18,7 @@ pytest.importorskip("jax")
 
 BIN = Path(sys.executable).parent
 CONFIG = """
-train: {input_px: 75, batch_size: 8, head_epochs: 2, finetune_epochs: 1, unfreeze_from: mixed9,
+train: {recipe: finetune, input_px: 75, batch_size: 8, head_epochs: 2, finetune_epochs: 1, unfreeze_from: mixed9,
         val_fraction: 0.25, test_fraction: 0.25, seed: 1}
 """
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}

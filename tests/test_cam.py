@@ -11,7 +11,7 @@ from pipeline.config import TrainConfig
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
 def test_index_geometry_undoes_each_size_strategy(strategy):
     """An input-sized 'CAM' equal to each pixel's cell index maps back to exactly that index per cell."""
-    cfg = TrainConfig(size_strategy=strategy, input_px=80)
+    cfg = TrainConfig(recipe="finetune", size_strategy=strategy, input_px=80)
     rows, cols = 13, 21
     index = model_lib.fit_size(cell_index_image(rows, cols), cfg)
     cam_input = np.where(index[..., 0] >= 0, index[..., 0], 1e6)  # padding would poison the mean if kept
@@ -25,13 +25,13 @@ def test_windows_cover_large_maps():
     assert window_origins(10, 16, 0.5) == [0]
     starts = window_origins(100, 32, 0.5)
     assert starts[0] == 0 and starts[-1] == 68 and all(b - a <= 16 for a, b in zip(starts, starts[1:]))
-    wins = map_windows(250, 120, TrainConfig(size_strategy="crop", input_px=80), 0.5)
+    wins = map_windows(250, 120, TrainConfig(recipe="finetune", size_strategy="crop", input_px=80), 0.5)
     assert len(wins) == 6 * 2  # rows start 0,40,..,160,170; cols 0,40
     covered = np.zeros((250, 120), dtype=int)
     for r0, r1, c0, c1 in wins:
         covered[r0:r1, c0:c1] += 1
     assert covered.min() >= 1
-    assert map_windows(250, 120, TrainConfig(size_strategy="resize"), 0.5) == [(0, 250, 0, 120)]
+    assert map_windows(250, 120, TrainConfig(recipe="finetune", size_strategy="resize"), 0.5) == [(0, 250, 0, 120)]
 
 
 def test_bilinear_upsample_keeps_constant_and_range():
@@ -46,7 +46,7 @@ def small_model():
     import keras
 
     keras.utils.set_random_seed(1)
-    cfg = TrainConfig(size_strategy="resize", input_px=96, weights=None)
+    cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=96, weights=None)
     return model_lib.build_model(2, cfg), cfg
 
 
@@ -87,7 +87,7 @@ def test_window_mosaic_equals_single_window_on_same_input(small_model):
     rng = np.random.default_rng(2)
     fmap = rng.uniform(0, 1, (96, 96, 1)).astype(np.float32)
     fmap[:10, :10] = model_lib.MAP_FILL
-    crop_cfg = TrainConfig(size_strategy="crop", input_px=96)
+    crop_cfg = TrainConfig(recipe="finetune", size_strategy="crop", input_px=96)
     mosaic, probs, cls = slide_cam(cam_model, fmap, crop_cfg, class_index=0)
     single, _ = gradcam(cam_model, model_lib.to_input(model_lib.select_channels(fmap, "replicate"))[None], 0)
     assert cls == 0 and probs.shape == (2,)
@@ -102,7 +102,8 @@ def test_slide_cam_on_large_map_blends_windows(small_model):
     model, _ = small_model
     rng = np.random.default_rng(3)
     fmap = rng.uniform(0, 1, (150, 110, 1)).astype(np.float32)
-    cam, probs, cls = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(size_strategy="crop", input_px=96))
+    cam, probs, cls = slide_cam(split_model(model, "mixed2"), fmap,
+                                TrainConfig(recipe="finetune", size_strategy="crop", input_px=96))
     assert cam.shape == (150, 110) and np.isfinite(cam).all()
     assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
     assert cls in (0, 1) and probs.sum() == pytest.approx(1.0, rel=1e-4)
@@ -121,7 +122,7 @@ def test_reference_cam_is_zero_on_the_reference_itself(small_model):
     model, _ = small_model
     fmap = np.full((20, 24, 1), model_lib.MAP_FILL, dtype=np.float32)
     fmap[3:17, 4:20] = 0.4
-    cam, _, _ = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(size_strategy="resize", input_px=96),
+    cam, _, _ = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(recipe="finetune", size_strategy="resize", input_px=96),
                           reference=True)
     tissue = fmap[..., 0] >= 0
     assert np.isnan(cam[~tissue]).all() and (cam[tissue] == 0).all()

@@ -64,7 +64,7 @@ def test_resize_keeps_cells_as_blocks():
 
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
 def test_each_size_strategy_shape(strategy):
-    cfg = TrainConfig(size_strategy=strategy, input_px=96, native_bucket_px=16)
+    cfg = TrainConfig(recipe="finetune", size_strategy=strategy, input_px=96, native_bucket_px=16)
     small = M.select_channels(tissue_map(20, 30), "replicate")
     big = M.select_channels(tissue_map(150, 120, seed=1), "replicate")
     for x in (small, big):
@@ -80,7 +80,7 @@ def test_each_size_strategy_shape(strategy):
 
 
 def test_pad_keeps_aspect_ratio_and_whole_cells():
-    cfg = TrainConfig(size_strategy="pad", input_px=96)
+    cfg = TrainConfig(recipe="finetune", size_strategy="pad", input_px=96)
     x = np.zeros((20, 40, 3), np.float32)  # all tissue, value 0
     out = M.fit_size(x, cfg)
     tissue = out[..., 0] >= 0
@@ -90,7 +90,7 @@ def test_pad_keeps_aspect_ratio_and_whole_cells():
 
 
 def test_crop_random_in_training_central_otherwise():
-    cfg = TrainConfig(size_strategy="crop", input_px=75)
+    cfg = TrainConfig(recipe="finetune", size_strategy="crop", input_px=75)
     x = M.select_channels(tissue_map(200, 200), "replicate")
     central = M.fit_size(x, cfg)
     assert np.array_equal(central, x[62:137, 62:137])
@@ -99,7 +99,7 @@ def test_crop_random_in_training_central_otherwise():
 
 
 def test_native_shrinks_huge_maps_and_buckets():
-    cfg = TrainConfig(size_strategy="native", native_max_px=100, native_bucket_px=32)
+    cfg = TrainConfig(recipe="finetune", size_strategy="native", native_max_px=100, native_bucket_px=32)
     x = M.select_channels(tissue_map(250, 90), "replicate")
     out = M.fit_size(x, cfg)
     assert max(out.shape[:2]) <= 100 and out.shape[:2] == (84, 75)  # /3, then width padded to 75
@@ -131,7 +131,7 @@ def test_noise_and_crop_respect_background():
 
 
 def test_batches_fixed_size_augmented_and_reproducible():
-    cfg = TrainConfig(input_px=75, batch_size=4)
+    cfg = TrainConfig(recipe="finetune", input_px=75, batch_size=4)
     maps = [tissue_map(20 + i, 25, seed=i) for i in range(10)]
     y = np.arange(10) % 2
     data = M.MapBatches(maps, cfg, y, np.ones(10), augment=True, shuffle=True, seed=1)
@@ -147,7 +147,7 @@ def test_batches_fixed_size_augmented_and_reproducible():
 
 
 def test_native_batches_group_by_size_with_varied_first_two():
-    cfg = TrainConfig(size_strategy="native", batch_size=2, native_bucket_px=32)
+    cfg = TrainConfig(recipe="finetune", size_strategy="native", batch_size=2, native_bucket_px=32)
     maps = [tissue_map(20, 20)] * 5 + [tissue_map(100, 110)] * 3
     data = M.MapBatches(maps, cfg, np.zeros(8), augment=True, shuffle=True, seed=0)
     shapes = [data[i][0].shape for i in range(len(data))]
@@ -161,7 +161,7 @@ def test_native_batches_group_by_size_with_varied_first_two():
 
 @pytest.fixture(scope="module")
 def native_model():
-    cfg = TrainConfig(size_strategy="native", weights=None, batch_size=4, native_bucket_px=16, augment=False)
+    cfg = TrainConfig(recipe="finetune", size_strategy="native", weights=None, batch_size=4, native_bucket_px=16, augment=False)
     return M.build_model(2, cfg), cfg
 
 
@@ -217,7 +217,7 @@ def test_batchnorm_frozen_runs_in_inference_mode(native_model):
 def test_calibrated_batchnorm_normalises_a_random_base_on_the_training_maps():
     import keras
 
-    cfg = TrainConfig(size_strategy="resize", input_px=80, weights=None, batch_size=4, augment=False)
+    cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=80, weights=None, batch_size=4, augment=False)
     keras.utils.set_random_seed(0)
     model = M.build_model(2, cfg)
     batches = M.MapBatches([tissue_map(20, 30, seed=s) for s in range(8)], cfg)
@@ -240,7 +240,7 @@ def test_calibrated_batchnorm_normalises_a_random_base_on_the_training_maps():
 
 
 def test_head_block_truncates_the_base():
-    cfg = TrainConfig(size_strategy="resize", input_px=80, weights=None, head_block="mixed2", unfreeze_from="mixed1")
+    cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=80, weights=None, head_block="mixed2", unfreeze_from="mixed1")
     model = M.build_model(3, cfg)
     names = {layer.name for layer in model.layers}
     assert "mixed2" in names and not names & {f"mixed{i}" for i in range(3, 11)}
@@ -254,7 +254,7 @@ def test_head_block_truncates_the_base():
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
 def test_forward_pass_each_strategy(native_model, strategy):
     model, _ = native_model
-    cfg = TrainConfig(size_strategy=strategy, input_px=80, native_bucket_px=16)
+    cfg = TrainConfig(recipe="finetune", size_strategy=strategy, input_px=80, native_bucket_px=16)
     maps = [tissue_map(20, 30), tissue_map(90, 85, seed=2)]
     probs = M.predict_proba(model, maps, cfg)
     assert probs.shape == (2, 2)
@@ -263,7 +263,7 @@ def test_forward_pass_each_strategy(native_model, strategy):
 
 def test_tta_on_a_symmetric_map_equals_plain(native_model):
     model, _ = native_model
-    cfg = TrainConfig(size_strategy="resize", input_px=80)
+    cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=80)
     fmap = np.full((21, 21, 1), 0.4, np.float32)
     fmap[8:13, 8:13] = 0.9  # invariant under all eight flips/rotations
     plain = M.predict_proba(model, [fmap], cfg, tta=False)
@@ -300,7 +300,7 @@ def test_local_weights_file_loads(native_model, tmp_path):
     base = keras.Model(model.inputs[0], model.get_layer("mixed10").output)
     weights = tmp_path / "inception_notop.weights.h5"
     base.save_weights(weights)
-    cfg = TrainConfig(size_strategy="native", weights=str(weights))
+    cfg = TrainConfig(recipe="finetune", size_strategy="native", weights=str(weights))
     again = M.build_model(2, cfg)
     first_conv = next(layer for layer in model.layers if layer.name.startswith("conv2d"))
     twin = again.layers[[layer.name for layer in model.layers].index(first_conv.name)]

@@ -117,7 +117,7 @@ def test_external_scheduler_equals_in_process(dask_cluster, cmu_slide, fixtures_
 # --- model stages on the GPU workers of a mixed cluster ----------------------------------------------------------
 
 TINY_TRAIN = """
-train: {input_px: 80, batch_size: 8, head_epochs: 2, finetune_epochs: 1, val_fraction: 0.25, test_fraction: 0.25}
+train: {recipe: finetune, input_px: 80, batch_size: 8, head_epochs: 2, finetune_epochs: 1, val_fraction: 0.25, test_fraction: 0.25}
 """
 
 

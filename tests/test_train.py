@@ -17,15 +17,10 @@ from pipeline.train import FoldResult, train
 from .conftest import make_map_cohort, planted_map, write_map_store
 
 SMALL_TRAIN = """
-train:
+train:                        # no weights: the default scratch recipe
   input_px: 80
-  head_block: mixed2          # the random-init recipe (README, Training)
-  calibrate_batchnorm: true
-  unfreeze_from: mixed2
   batch_size: 8
-  head_epochs: 6
-  head_learning_rate: 0.01
-  finetune_epochs: 1
+  epochs: 12
   val_fraction: 0.25
   test_fraction: 0.25
   seed: 0
@@ -57,7 +52,9 @@ def test_planted_signal_is_learned(trained):
     assert metrics["n_slides"] == 10 and metrics["split"] == "test"
     assert metrics["roc_auc"] >= 0.9
     info = json.loads((out / "model" / "model_info.json").read_text())
-    assert set(info["history"][0]["phase"]) == {"head", "finetune"}  # both phases ran
+    assert set(info["history"][0]["phase"]) == {"scratch"}  # one end-to-end phase
+    assert info["config"]["train"]["recipe"] == "scratch"
+    assert metrics["baseline"]["roc_auc"] >= 0.9 and "network_vs_baseline" in metrics
     test_ids = set(info["splits"][0]["test"])
     assert not test_ids & set(info["splits"][0]["train"]) and len(test_ids) == 10
     rows = read_csv(out / "predictions.csv")
@@ -100,7 +97,8 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
 
 def test_model_directory(trained):
     model_dir = trained["out"] / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["labels.json", "model.keras", "model_info.json", "reducer"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["baseline.json", "labels.json", "model.keras",
+                                                            "model_info.json", "reducer"]
     assert json.loads((model_dir / "labels.json").read_text())["values"] == [0, 1]
     info = json.loads((model_dir / "model_info.json").read_text())
     assert info["config_hash"] and info["model_hash"] and info["config"]["train"]["input_px"] == 80
@@ -148,8 +146,8 @@ def test_warm_up_epochs_do_not_count_for_early_stopping(tmp_path):
     """patience 1 would stop after two epochs; min_epochs 4 keeps the head phase going and picks its best epoch
     only from the epochs after the warm-up."""
     labels = make_map_cohort(tmp_path, n_per_class=5, seed=2, size_range=(12, 14))
-    config = config_from_dict({"train": {"input_px": 75, "head_epochs": 5, "finetune_epochs": 0, "patience": 1,
-                                         "min_epochs": 4, "val_fraction": 0.3, "test_fraction": 0.2}})
+    config = config_from_dict({"train": {"recipe": "finetune", "input_px": 75, "head_epochs": 5, "finetune_epochs": 0,
+                                         "patience": 1, "min_epochs": 4, "val_fraction": 0.3, "test_fraction": 0.2}})
     summary = train(tmp_path, labels, config)
     info = json.loads((tmp_path / "model" / "model_info.json").read_text())
     assert info["history"][0]["phase"] == ["head"] * 5 and not summary["skipped"]
