@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.store import list_stores, read_array, read_attrs  # noqa: E402
+from pipeline.core.store import list_stores, read_array, read_attrs  # noqa: E402
 from pipeline.synthetic import cohort_plan  # noqa: E402
 from pipeline.tiling import TileGrid  # noqa: E402
 

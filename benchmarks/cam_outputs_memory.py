@@ -115,7 +115,7 @@ def build_store(work_dir: Path, width: int, height: int) -> tuple[Path, str]:
     """The fake store ``<work_dir>/slides/<id>.zarr`` (rebuilt when missing or incomplete)."""
     import zarr
 
-    from pipeline.store import read_attrs, store_path, write_array
+    from pipeline.core.store import read_attrs, store_path, write_array
 
     slide_id = f"bench-{width}x{height}"
     path = store_path(work_dir, slide_id)
@@ -265,12 +265,13 @@ def run_child(store: Path, out_dir: Path, slide_id: str, with_keras: bool = Fals
 def check_tiff(path: Path, store: Path, width: int, height: int) -> dict:
     import openslide
 
-    from pipeline.heatmaps import colormap_lut
-    from pipeline.store import read_array
+    from pipeline.core.pictures import colormap_lut
+    from pipeline.heatmaps import CMAP_NAME
+    from pipeline.core.store import read_array
 
     grid = bench_grid(width, height)
     cam = read_array(store, "cam")
-    lut = colormap_lut()
+    lut = colormap_lut(CMAP_NAME)
     r, c = np.unravel_index(np.nanargmax(cam), cam.shape)
     hot_xy = (int(c * grid.stride_l0_px + grid.tile_l0_px / 2), int(r * grid.stride_l0_px + grid.tile_l0_px / 2))
     expected = lut[int(np.clip(cam[r, c] * 255 + 0.5, 0, 255))]

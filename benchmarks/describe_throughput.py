@@ -171,7 +171,7 @@ def run_read_phase(runner, path: str, plan: dict, blocks: list, reader: dict) ->
 
 def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float, dict]:
     from pipeline.describe import describe_slides
-    from pipeline.outputs import Manifest
+    from pipeline.core.outputs import Manifest
 
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="what-if: start the workers with MALLOC_MMAP_THRESHOLD_=BYTES (see benchmarks/README.md)")
     args = parser.parse_args(argv)
 
-    from pipeline.config import PipelineConfig
+    from pipeline.core.config import PipelineConfig
     from pipeline.describe import prepare_slide
-    from pipeline.parallel import default_worker_count, task_runner
+    from pipeline.core.parallel import default_worker_count, task_runner
     from pipeline.readers import ReaderChoice
     from pipeline.slides import read_slide_info
     from pipeline.tiling import TileGrid
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     import dask
     import distributed
 
-    from pipeline.parallel import WORKER_ENV
+    from pipeline.core.parallel import WORKER_ENV
 
     # what the workers get: Dask's defaults plus the pipeline's own (pipeline.parallel.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})

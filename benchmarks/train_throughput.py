@@ -56,7 +56,7 @@ def synthetic_maps(n: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]
 def keras_throughput(args, maps, y) -> dict:
     import keras
 
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
     from pipeline.model import MapBatches, build_model, compile_model, gpu_count, set_phase, use_mixed_precision
 
     cfg = TrainConfig(input_px=args.input_px, batch_size=args.batch_size, weights=None,
@@ -94,7 +94,7 @@ def torch_throughput(args, maps, y) -> dict:
     except ImportError as err:
         return {"skipped": f"torch/torchvision not importable ({err.name}): install them to compare"}
 
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
     from pipeline.model import MapBatches, use_mixed_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # TensorFlow's C++ start-up banners (CPU instruction sets, absl) say nothing a user can act on; errors still show.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from .config import PipelineConfig, load_config  # noqa: E402
+from .core.config import PipelineConfig, load_config  # noqa: E402
 from .describe import describe_slide, describe_slides  # noqa: E402
 from .slides import read_slide_info  # noqa: E402
 

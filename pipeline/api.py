@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PipelineConfig
+from .core.config import PipelineConfig
 
 log = logging.getLogger("pipeline")
 
@@ -30,7 +30,8 @@ log = logging.getLogger("pipeline")
 def model_describe_config(model_dir: str | Path, config: PipelineConfig | None = None) -> PipelineConfig:
     """The config to describe new slides for a saved model: the tiling/tissue/descriptor settings its training slides
     were described with, and the model's reduce/train settings, with ``config``'s cluster, reader and mpp override."""
-    from .evaluate import describe_config_for, read_model_info
+    from .core.artefacts import read_model_info
+    from .evaluate import describe_config_for
 
     return describe_config_for(read_model_info(model_dir), config)
 
@@ -43,9 +44,9 @@ def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineCon
     """Describe ``slide`` with the settings the model's training slides were described with; its store path."""
     from .describe import describe_slides
     from .evaluate import describe_config_for
-    from .parallel import LocalRunner
+    from .core.parallel import LocalRunner
     from .slides import slide_id_from_path
-    from .store import store_path
+    from .core.store import store_path
 
     errors: dict = {}
     describe_slides([slide], out_dir, describe_config_for(trained.info, config), runner=LocalRunner(),
@@ -58,9 +59,10 @@ def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineCon
 
 def _ensure_feature_map(store: Path, model_dir: Path) -> None:
     """Map the slide with the reducer saved with the model (unless its map is already from that reducer)."""
-    from .errors import MissingInputError
-    from .evaluate import REDUCER_DIR
-    from .reduce import FEATURE_MAP, load_reducer, map_is_current, map_slide
+    from .core.errors import MissingInputError
+    from .core.artefacts import REDUCER_DIR
+    from .core.maps import has_feature_map
+    from .reduce import load_reducer, map_is_current, map_slide
 
     reducer_dir = model_dir / REDUCER_DIR
     if (reducer_dir / "reducer.json").is_file():
@@ -68,7 +70,7 @@ def _ensure_feature_map(store: Path, model_dir: Path) -> None:
         if not map_is_current(store, reducer.hash):
             map_slide(store, reducer)
         return
-    if not (store / FEATURE_MAP / "zarr.json").exists():
+    if not has_feature_map(store):
         raise MissingInputError("the slide has no feature map and the model has no reducer/ to make one", path=store,
                                 fix="Run `wsi-pipeline reduce --out OUT` first, or use a model directory written by "
                                     "`wsi-pipeline train` after `reduce` (it carries reducer/).")
@@ -92,8 +94,8 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
     from .cam import _entry, default_cam_layer, slide_outputs, split_model, update_store_cam
     from .heatmaps import render_slide_outputs
     from .evaluate import TrainedModel
-    from .outputs import Manifest, output_lock
-    from .store import read_attrs
+    from .core.outputs import Manifest, output_lock
+    from .core.store import read_attrs
 
     config = config or PipelineConfig()
     model_dir = Path(model_dir)

@@ -31,10 +31,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import model as model_lib
-from .config import TrainConfig
-from .errors import ModelError
+from .core.config import TrainConfig
+from .core.errors import ModelError
+from .core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG
+from .core.maps import BLOCK_NAMES, FEATURE_MAP, FEATURE_MAP_FILL, has_feature_map, select_channels
 
-MIXED_BLOCKS = tuple(f"mixed{i}" for i in range(11))
 
 
 def _spatial_size(layer) -> int | None:
@@ -57,7 +58,7 @@ def default_cam_layer(model, cfg: TrainConfig) -> str:
         return "mixed0"
     need = max(2, math.ceil(cfg.input_px / 18))
     best = "mixed0"
-    for name in MIXED_BLOCKS:
+    for name in BLOCK_NAMES:
         try:
             layer = model.get_layer(name)
         except ValueError:
@@ -65,7 +66,7 @@ def default_cam_layer(model, cfg: TrainConfig) -> str:
         size = _spatial_size(layer)
         if size is None:
             # variable-size model: sizes scale like a 299-px input, where mixed0-7 keep >= 17 cells
-            size = {"mixed8": 8, "mixed9": 8, "mixed10": 8}.get(name, 17 if name in MIXED_BLOCKS[3:8] else 35)
+            size = {"mixed8": 8, "mixed9": 8, "mixed10": 8}.get(name, 17 if name in BLOCK_NAMES[3:8] else 35)
             size = size * cfg.input_px // 299
         if size >= need:
             best = name
@@ -298,7 +299,7 @@ def cam_views(fmap: np.ndarray, cfg: TrainConfig, overlap: float = 0.5, referenc
     The geometry (transform, window, ``fit_size``) is applied to an image of cell indices too, so every input pixel
     knows the map cell it shows and no strategy has to be inverted by hand.
     """
-    channels = model_lib.select_channels(fmap, cfg.adapter, cfg.component)
+    channels = select_channels(fmap, cfg.adapter, cfg.component)
     ref_channels = reference_map(channels) if reference else None
     index = cell_index_image(*fmap.shape[:2])
     views = []
@@ -361,7 +362,7 @@ def cam_from_passes(cam_model: CamModel, fmap: np.ndarray, views: Sequence[CamVi
             s, c = cells_from_input(cam_input, views[i].index, n_cells)
             sums[views[i].k] += s
             counts[views[i].k] += c
-    tissue = fmap[..., 0] > model_lib.MAP_FILL / 2  # background cells carry the fill value -1
+    tissue = fmap[..., 0] > FEATURE_MAP_FILL / 2  # background cells carry the fill value -1
     per_transform = []
     for k in transforms:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -426,7 +427,6 @@ def _peak_one(cam: np.ndarray) -> np.ndarray:
 
 # --- the runner -----------------------------------------------------------------------------------------------------
 
-CAM_DIR = "cam"
 
 
 def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
@@ -464,14 +464,14 @@ def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> t
 def update_store_cam(store, trained, cam_models, layer: str, cam_cfg, paths: dict):
     """The ``cam`` array of one store, recomputed only when stale (model, CAM settings, layer, map) or when one of
     the slide's CAM files is missing. Returns (cam, mean probabilities, class explained, skipped)."""
-    from .store import array_attrs, read_array, write_array
+    from .core.store import array_attrs, read_array, write_array
 
-    digest = cam_hash(trained.info, cam_cfg, layer, array_attrs(store, "feature_map"))
+    digest = cam_hash(trained.info, cam_cfg, layer, array_attrs(store, FEATURE_MAP))
     old = array_attrs(store, "cam")
     if old and old.get("cam_hash") == digest and all(p.exists() for p in paths.values()):
         return (read_array(store, "cam"), np.asarray(old["probabilities"], dtype=np.float32),
                 int(old["class_index"]), True)
-    cam, probs, cls = slide_cam_with_models(cam_models, read_array(store, "feature_map"), trained.train_config,
+    cam, probs, cls = slide_cam_with_models(cam_models, read_array(store, FEATURE_MAP), trained.train_config,
                                             cam_cfg)
     write_array(store, "cam", cam, attrs={
         "cam_hash": digest, "layer": layer, "class_index": cls, "class_label": str(trained.mapping.values[cls]),
@@ -485,9 +485,9 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
     Yields one record per store: ``slide_id``, ``layer``, ``current`` (nothing recomputed) and either ``entry``
     (caption data) or ``error`` (a typed error's record). Keras runs here; the file rendering is the caller's.
     """
-    from .errors import PipelineError, error_record
+    from .core.errors import PipelineError, error_record
     from .evaluate import TrainedModel
-    from .parallel import where_am_i
+    from .core.parallel import where_am_i
 
     trained = TrainedModel(model_dir)
     tcfg = trained.train_config
@@ -518,8 +518,8 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
 def store_cams_task(out_dir: str, model_dir: str, config_json: dict, stores: list[str],
                     labels: dict | None) -> list[dict]:
     """Dask task: :func:`iter_store_cams` for a list of stores on the (GPU) worker it was placed on."""
-    from .config import PipelineConfig
-    from .outputs import log_file
+    from .core.config import PipelineConfig
+    from .core.outputs import log_file
 
     with log_file(out_dir, "cam-worker"):
         return list(iter_store_cams(out_dir, model_dir, PipelineConfig.model_validate(config_json), stores, labels))
@@ -536,14 +536,13 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
     spread over the ``runner`` (one task per slide, Keras-free).
     """
 
-    from .config import PipelineConfig
-    from .errors import error_record
-    from .evaluate import MODEL_DIR
+    from .core.config import PipelineConfig
+    from .core.errors import error_record
     from .heatmaps import render_slide_outputs, save_contact_sheet
-    from .outputs import Manifest, output_lock
-    from .parallel import GPU_RESOURCES, LocalRunner, gpu_placement
-    from .progress import Progress
-    from .store import list_stores
+    from .core.outputs import Manifest, output_lock
+    from .core.parallel import GPU_RESOURCES, LocalRunner, gpu_placement
+    from .core.progress import Progress
+    from .core.store import list_stores
 
     log = logging.getLogger("pipeline")
     config = config or PipelineConfig()
@@ -553,7 +552,7 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
     with output_lock(out_dir, command="cam"):
         manifest = Manifest(out_dir)
         runner = runner or LocalRunner()
-        stores = [s for s in list_stores(out_dir) if (s / "feature_map" / "zarr.json").exists()]
+        stores = [s for s in list_stores(out_dir) if has_feature_map(s)]
         if stores and gpu_placement(runner, config.cluster):
             records = runner.run_one(store_cams_task, str(out_dir), str(model_dir), config.model_dump(mode="json"),
                                      [str(s) for s in stores], labels, resources=GPU_RESOURCES)
@@ -597,7 +596,7 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         bar.close()
         entries.sort(key=lambda e: -e["score"])
         if entries:
-            save_contact_sheet(out_dir / "mosaic.png", [{"image": e["png"], "caption": e["caption"]} for e in entries])
+            save_contact_sheet(out_dir / MOSAIC_PNG, [{"image": e["png"], "caption": e["caption"]} for e in entries])
         summary = {"slides": len(stores), "done": done, "skipped": skipped, "failed": failed, "layer": layer,
                    "seconds": round(time.monotonic() - t0, 2)}
         manifest.data["runs"].append({"command": "cam", "finished": time.time(), **summary})

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import __version__
 from .cli_options import COMMON, add_options, config_overrides, use
-from .config import PipelineConfig, load_config
-from .errors import ConfigError, LabelsError, OutputLockedError, PipelineError
-from .outputs import log_file_handler
+from .core.config import PipelineConfig, load_config
+from .core.errors import ConfigError, LabelsError, OutputLockedError, PipelineError
+from .core.outputs import log_file_handler
 
 log = logging.getLogger("pipeline")
 
@@ -136,7 +136,8 @@ def cmd_describe(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .describe import RUN_CONFIG_NAME, retry_failed
+    from .core.artefacts import RUN_CONFIG_NAME
+    from .describe import retry_failed
 
     if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
         # the last run's settings, with this command's overrides on top
@@ -158,8 +159,8 @@ def _add_reduce_parser(sub) -> None:
 
 
 def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .describe import RUN_CONFIG_NAME
-    from .reduce import MAPS_DIR, REDUCER_DIR, load_reducer, reduce_slides
+    from .core.artefacts import MAPS_DIR, REDUCER_DIR, RUN_CONFIG_NAME
+    from .reduce import load_reducer, reduce_slides
 
     if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
         # the settings the slides were described with, with this command's overrides on top
@@ -217,7 +218,7 @@ def _print_metrics(metrics: dict, out: Path) -> None:
 def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
     import json as _json
 
-    from .parallel import task_runner
+    from .core.parallel import task_runner
     from .train import train
 
     log_path = setup_logging(args.out, "train", args.verbose)
@@ -248,7 +249,8 @@ def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .evaluate import PREDICT_DIR, predict_slides
+    from .core.artefacts import PREDICT_DIR, PREDICTIONS_CSV
+    from .evaluate import predict_slides
 
     log_path = setup_logging(args.out, "predict", args.verbose)
     result = predict_slides(args.slides, args.model, args.out, config)
@@ -258,7 +260,7 @@ def cmd_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
     for slide_id, record in result["failed"].items():
         print(f"{slide_id}\tFAILED {record['code']}: {record['message']}")
     print(f"predict: {len(result['predictions'])} predicted, {len(result['failed'])} failed -> "
-          f"{args.out / PREDICT_DIR / 'predictions.csv'}")
+          f"{args.out / PREDICT_DIR / PREDICTIONS_CSV}")
     if log_path:
         print(f"  log: {log_path}")
     return 0
@@ -274,7 +276,7 @@ def _add_cam_parser(sub) -> None:
 
 def cmd_cam(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .cam import cam_slides
-    from .parallel import task_runner
+    from .core.parallel import task_runner
 
     log_path = setup_logging(args.out, "cam", args.verbose)
     with task_runner(config.cluster) as runner:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import annotated_types
 from pydantic.fields import FieldInfo
 
-from .config import PipelineConfig
+from .core.config import PipelineConfig
 
 MAX_INT_CHOICES = 8  # an int field bounded to at most this many values is offered as choices (e.g. reduce.components)
 

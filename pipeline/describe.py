@@ -20,22 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PipelineConfig, dump_config, load_config
+from .core.config import PipelineConfig, dump_config, load_config
+from .core.artefacts import RUN_CONFIG_NAME
 from .descriptors import compute_descriptors, descriptor_names
-from .errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
-from .outputs import Manifest, atomic_write_text, output_lock
-from .parallel import LocalRunner, runner_for
-from .progress import Progress
+from .core.errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
+from .core.outputs import Manifest, atomic_write_text, output_lock
+from .core.parallel import LocalRunner, Task, in_flight_limit, run_bounded, runner_for
+from .core.progress import Progress
 from .readers import choose_reader, open_reader
 from .slides import find_slides, read_slide_info, read_thumbnail, slide_fingerprint, slide_id_from_path
-from .store import (create_partial_store, finalize_store, package_versions, store_is_current, store_path,
-                    write_descriptor_chunk, read_attrs)
+from .core.store import (create_partial_store, finalize_store, package_versions, store_is_current, store_path,
+                         write_descriptor_chunk, read_attrs)
 from .tiling import TileGrid, iter_tile_batches, tile_grid
 from .tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
 
 log = logging.getLogger("pipeline")
-
-RUN_CONFIG_NAME = "config.yaml"
 
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
@@ -224,12 +223,10 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         todo.append(_SlideJob(slide_id, str(path), fingerprint))
 
     bar = Progress(total_slides=len(ids), done_slides=skipped, enabled=progress)
-    max_in_flight = config.cluster.max_tasks_in_flight or 4 * max(1, runner.capacity)
     max_slides_open = max(2, runner.capacity)
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
     pending = list(reversed(todo))
-    in_flight = 0
     done_count = failed_count = 0
 
     def fail(job: _SlideJob, err: BaseException) -> None:
@@ -263,27 +260,24 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         bar.slide_done()
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
 
-    while pending or block_queue or in_flight:
-        # Submit: blocks of already-planned slides first (finish what is open), then new slides.
-        while in_flight < max_in_flight and block_queue:
+    def next_task() -> Task | None:
+        """Blocks of already-planned slides first (finish what is open), then new slides."""
+        while block_queue:
             slide_id, block, block_tiles = block_queue.pop()
             job = jobs.get(slide_id)
             if job is None:  # its slide failed meanwhile
                 continue
-            runner.submit(describe_block, job.path, job.store, str(out_dir), slide_id, job.plan["grid"], block,
-                          block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"],
-                          tag=("block", slide_id))
-            in_flight += 1
-        while in_flight < max_in_flight and pending and len(jobs) < max_slides_open:
+            return Task(describe_block, (job.path, job.store, str(out_dir), slide_id, job.plan["grid"], block,
+                                         block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"]),
+                        ("block", slide_id))
+        if pending and len(jobs) < max_slides_open:
             job = pending.pop()
             jobs[job.slide_id] = job
-            runner.submit(plan_slide, job.path, config, str(out_dir), job.slide_id, job.fingerprint,
-                          tag=("prepare", job.slide_id))
-            in_flight += 1
-        if not in_flight:
-            continue
-        done = runner.next_done()
-        in_flight -= 1
+            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint),
+                        ("prepare", job.slide_id))
+        return None
+
+    for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
         kind, slide_id = done.tag
         job = jobs.get(slide_id)
         if job is None:
@@ -329,8 +323,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     seconds = time.monotonic() - t_start
     summary = {"slides": len(ids) + len(collisions), "done": done_count, "skipped": skipped,
                "failed": failed_count + len(collisions), "ignored": len(ignored), "seconds": round(seconds, 2)}
-    manifest.data["runs"].append({"command": "describe", "finished": time.time(), **summary})
-    manifest.save()
+    manifest.record_run("describe", summary)
     return summary
 
 

@@ -18,8 +18,8 @@ import math
 import numpy as np
 from skimage.color import hed_from_rgb
 
-from .config import DescriptorConfig
-from .jit import njit
+from .core.config import DescriptorConfig
+from .core.jit import njit
 
 STATS_FEATURE_NAMES: tuple[str, ...] = (
     "rgb_mean_r", "rgb_mean_g", "rgb_mean_b", "rgb_std_r", "rgb_std_g", "rgb_std_b",

@@ -32,21 +32,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import PipelineConfig, TrainConfig
-from .errors import MissingInputError, ModelError, PipelineError, error_record
+from .core.config import PipelineConfig, TrainConfig
+from .core.errors import MissingInputError, ModelError, PipelineError, error_record
 from .labels import LabelMapping, read_labels, check_slides
-from .outputs import Manifest, atomic_output_path, atomic_write_json, atomic_write_text, output_lock
-from .store import list_stores, read_attrs, store_path
+from .core.outputs import Manifest, atomic_output_path, atomic_write_json, atomic_write_text, output_lock
+from .core.store import store_ids, store_path
+from .core.artefacts import (BASELINE_JSON, METRICS_JSON, MODEL_DIR, PLOTS_DIR, PREDICT_DIR, PREDICTIONS_CSV,
+                             REDUCER_DIR, read_model_info)
+from .core.maps import read_feature_maps
 
 log = logging.getLogger("pipeline")
 
-MODEL_DIR = "model"
-MODEL_INFO = "model_info.json"
-LABELS_JSON = "labels.json"
-BASELINE_JSON = "baseline.json"  # the map-statistics baseline of each model (pipeline.baseline)
-REDUCER_DIR = "reducer"
-PLOTS_DIR = "plots"
-PREDICT_DIR = "predict"
 
 
 # --- metrics (pure) ------------------------------------------------------------------------------------------------
@@ -269,9 +265,9 @@ def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.n
     if baseline is not None:
         _add_baseline(metrics, y_true, baseline, mapping)
     extra = {"fold": list(folds)} if folds is not None else None
-    atomic_write_text(out_dir / "predictions.csv", predictions_table(slide_ids, proba, mapping, y_true, extra))
+    atomic_write_text(out_dir / PREDICTIONS_CSV, predictions_table(slide_ids, proba, mapping, y_true, extra))
     plots = out_dir / PLOTS_DIR
-    files = {"metrics": "metrics.json", "predictions": "predictions.csv"}
+    files = {"metrics": METRICS_JSON, "predictions": PREDICTIONS_CSV}
     if len(y_true):
         if plot_roc(y_true, proba, mapping, plots / "roc.png", title=f"ROC ({split}, n={len(y_true)})"):
             files["roc"] = f"{PLOTS_DIR}/roc.png"
@@ -281,7 +277,7 @@ def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.n
     if plot_history(histories, plots / "training_curves.png"):
         files["training_curves"] = f"{PLOTS_DIR}/training_curves.png"
     metrics["files"] = files
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS_JSON, metrics)
     return metrics
 
 
@@ -301,18 +297,6 @@ def _add_baseline(metrics: dict, y_true: np.ndarray, proba: np.ndarray, mapping:
 
 
 # --- the saved model -----------------------------------------------------------------------------------------------
-
-
-def read_model_info(model_dir: str | Path) -> dict:
-    model_dir = Path(model_dir)
-    path = model_dir / MODEL_INFO
-    if not path.is_file():
-        raise ModelError(f"no {MODEL_INFO} in the model directory", path=model_dir,
-                         fix="Pass the directory `wsi-pipeline train` wrote (OUT/model), after training finished.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{MODEL_INFO} is not valid JSON ({err})", path=path, fix="Retrain the model.") from None
 
 
 class TrainedModel:
@@ -345,25 +329,6 @@ class TrainedModel:
 
         chosen = self.models if model_index is None else [self.models[model_index]]
         return np.mean([predict_proba(m, maps, self.train_config) for m in chosen], axis=0)
-
-
-def feature_map_stores(out_dir: str | Path, slide_ids: Sequence[str]) -> list[Path]:
-    """The store of each slide (in order); a slide without a ``feature_map`` is a ``MissingInputError``."""
-    paths = []
-    for slide_id in slide_ids:
-        path = store_path(out_dir, slide_id)
-        if not (path / "feature_map" / "zarr.json").exists():
-            raise MissingInputError(f"slide '{slide_id}' has no feature map", path=path,
-                                    fix="Run `wsi-pipeline reduce --out OUT` first.")
-        paths.append(path)
-    return paths
-
-
-def read_feature_maps(out_dir: str | Path, slide_ids: Sequence[str]) -> list[np.ndarray]:
-    """``feature_map`` of each slide (in order); a slide without one is a ``MissingInputError``."""
-    from .store import read_array
-
-    return [read_array(path, "feature_map") for path in feature_map_stores(out_dir, slide_ids)]
 
 
 def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_csv: str | Path | None = None) -> dict:
@@ -414,11 +379,6 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
 
 def _as_label(value, mapping: LabelMapping):
     return int(value) if mapping.kind == "integer" else str(value)
-
-
-def store_ids(out_dir: str | Path) -> set[str]:
-    """Slide ids of the complete stores in an output directory."""
-    return {(read_attrs(p) or {}).get("slide_id", p.name[:-len(".zarr")]) for p in list_stores(out_dir)}
 
 
 # --- predict on new slides -----------------------------------------------------------------------------------------
@@ -485,14 +445,13 @@ def predict_slides(slides: Sequence[str | Path], model_dir: str | Path, out_dir:
         for i, slide_id in enumerate(ok_ids):
             probs = {name: float(p) for name, p in zip(trained.mapping.names(), proba[i])}
             rows.append({"slide_id": slide_id, "predicted_label": predicted[i], "probabilities": probs})
-            manifest.slides.setdefault(slide_id, {}).setdefault("stages", {})["predict"] = {
-                "status": "done", "predicted_label": predicted[i], "model": str(model_dir.resolve())}
+            manifest.set_stage(slide_id, "predict", {"status": "done", "predicted_label": predicted[i],
+                                                     "model": str(model_dir.resolve())})
         for slide_id, record in failed.items():
-            manifest.slides.setdefault(slide_id, {}).setdefault("stages", {})["predict"] = {
-                "status": "failed", "error": record}
+            manifest.set_stage(slide_id, "predict", {"status": "failed", "error": record})
         manifest.save()
         text = predictions_table(ok_ids, proba, trained.mapping)
-        atomic_write_text(out_dir / PREDICT_DIR / "predictions.csv", text)
+        atomic_write_text(out_dir / PREDICT_DIR / PREDICTIONS_CSV, text)
         atomic_write_json(out_dir / PREDICT_DIR / "summary.json", {
             "model": str(model_dir.resolve()), "slides": len(ids), "predicted": len(ok_ids), "failed": failed,
             "seconds": round(time.monotonic() - t0, 2)})
@@ -506,7 +465,7 @@ def predict_slide(path: str | Path, model_dir: str | Path, out: str | Path | Non
     ``out`` keeps the slide's store (descriptors, feature map) there; without it a temporary directory is used.
     Raises the slide's typed error when it cannot be described or mapped.
     """
-    from .parallel import LocalRunner
+    from .core.parallel import LocalRunner
 
     tmp = tempfile.mkdtemp(prefix="wsi-predict-") if out is None else None
     errors: dict = {}

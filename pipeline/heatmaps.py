@@ -14,17 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .outputs import atomic_output_path, atomic_write_text
+from .core.outputs import atomic_output_path, atomic_write_text
+from .core.pictures import colormap_lut
 from .tiling import TileGrid
 
 CMAP_NAME = "inferno"
-
-
-def colormap_lut(name: str = CMAP_NAME) -> np.ndarray:
-    """(256, 3) uint8 lookup table of a matplotlib colormap."""
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
 
 
 def colorize(scores: np.ndarray, lut: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
@@ -292,7 +286,7 @@ def render_slide_outputs(store: str, paths: dict, threshold: float, tiff_tile_px
     ``paths``: {"png", "tiff", "geojson"} targets. Lives here, not in ``pipeline.cam``, so a worker rendering
     files never imports Keras (two thirds of its memory otherwise; benchmarks/README.md).
     """
-    from .store import read_array, read_attrs
+    from .core.store import read_array, read_attrs
 
     attrs = read_attrs(store)
     grid = TileGrid.from_dict(attrs["tile_grid"])

@@ -27,7 +27,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from .errors import LabelsError
+from .core.errors import LabelsError
 
 log = logging.getLogger("pipeline")
 

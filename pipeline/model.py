@@ -59,50 +59,22 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import TrainConfig
-from .errors import ModelError
-from .outputs import atomic_output_path
+from .core.config import TrainConfig
+from .core.errors import ModelError
+from .core.outputs import atomic_output_path
+from .core.maps import BLOCK_NAMES, FEATURE_MAP_FILL, select_channels
 
 log = logging.getLogger("pipeline")
 
-MAP_FILL = -1.0  # background value of the feature-map contract (pipeline.reduce.FEATURE_MAP_FILL)
 TISSUE_INPUT_LOW = -0.8  # network input of the lowest tissue value; background is INPUT_BACKGROUND
 INPUT_BACKGROUND = -1.0
 MIN_INPUT_PX = 75  # InceptionV3 rejects smaller inputs
 HEAD_PREFIX = "head_"
-BLOCK_NAMES = tuple(f"mixed{i}" for i in range(11))
 IMAGENET_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"
 
 
 # --- channels and scaling ------------------------------------------------------------------------------------------
-
-
-def select_channels(fmap: np.ndarray, adapter: str, component: int = 0) -> np.ndarray:
-    """(rows, cols, K) map -> (rows, cols, 3) in the map's own values (tissue [0, 1], background MAP_FILL)."""
-    fmap = np.asarray(fmap, dtype=np.float32)
-    if fmap.ndim == 2:
-        fmap = fmap[:, :, None]
-    if fmap.ndim != 3:
-        raise ModelError(f"a feature map must be (rows, cols, K), got shape {fmap.shape}")
-    k = fmap.shape[2]
-    # NaN (never written) and anything below 0 is background by the contract.
-    background = ~np.isfinite(fmap).all(axis=2) | (np.nan_to_num(fmap, nan=MAP_FILL) < 0).all(axis=2)
-    if adapter == "replicate":
-        if component >= k:
-            raise ModelError(f"train.component {component} does not exist: the maps have {k} component(s)",
-                             fix="Set train.component to 0.." + str(k - 1) + ".")
-        out = np.repeat(fmap[:, :, component:component + 1], 3, axis=2)
-    elif adapter == "components":
-        if k < 3:
-            raise ModelError(f"train.adapter 'components' needs 3 map components, the maps have {k}",
-                             fix="Set reduce.components: 3 and rerun reduce, or use train.adapter: replicate.")
-        out = fmap[:, :, :3].copy()
-    else:
-        raise ModelError(f"unknown train.adapter {adapter!r}")
-    out = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
-    out[background] = MAP_FILL
-    return out
 
 
 def to_input(x: np.ndarray) -> np.ndarray:
@@ -124,7 +96,7 @@ def resize_nearest(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return x[rows][:, cols]
 
 
-def pad_to(x: np.ndarray, out_h: int, out_w: int, fill: float = MAP_FILL) -> np.ndarray:
+def pad_to(x: np.ndarray, out_h: int, out_w: int, fill: float = FEATURE_MAP_FILL) -> np.ndarray:
     """Centre x on a (out_h, out_w) background canvas (out_h >= h, out_w >= w)."""
     h, w = x.shape[:2]
     out = np.full((out_h, out_w) + x.shape[2:], fill, dtype=x.dtype)

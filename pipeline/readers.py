@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DirectReadUnsupportedError, TileReadError
+from .core.errors import DirectReadUnsupportedError, TileReadError
 from .slides import SlideInfo, _open_handle, read_level_region
 
 READER_KINDS = ("auto", "openslide", "tiff")

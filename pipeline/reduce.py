@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -41,20 +40,20 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import zarr
 
-from .config import PipelineConfig, ReduceConfig
-from .errors import MissingInputError, ReducerError, ReducerMismatchError, SlideError, error_record
-from .outputs import Manifest, output_lock
-from .parallel import LocalRunner, runner_for
-from .progress import Progress
-from .store import array_attrs, list_stores, package_versions, read_array, read_attrs, slides_dir, write_array
+from .core.config import PipelineConfig, ReduceConfig
+from .core.errors import MissingInputError, ReducerError, ReducerMismatchError, SlideError, error_record
+from .core.outputs import Manifest, output_lock
+from .core.parallel import LocalRunner, runner_for
+from .core.progress import Progress
+from .core.store import (array_attrs, list_stores, package_versions, read_array, read_attrs, slide_id_of, slides_dir,
+                         write_array)
+from .core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
+from .core.maps import FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE
+from .core.outputs import replace_directory
+from .core.parallel import Task, in_flight_limit, run_bounded
 
 log = logging.getLogger("pipeline")
 
-FEATURE_MAP_FILL = -1.0  # background cells of every feature map (tissue cells are in [0, 1])
-FEATURE_MAP = "feature_map"
-REDUCER_DIR = "reducer"
-MAPS_DIR = "maps"
-EXPLAINED_VARIANCE_PNG = "explained_variance.png"
 REDUCER_JSON = "reducer.json"
 REDUCER_ARRAYS = "reducer.npz"
 AUTOENCODER_FILE = "autoencoder.keras"
@@ -81,11 +80,6 @@ def descriptor_signature(attrs: dict | None) -> dict | None:
     if not desc:
         return None
     return {"name": desc.get("name"), "dims": int(desc.get("dims", 0)), "feature_names": list(desc.get("feature_names", []))}
-
-
-def slide_id_of(store: str | Path) -> str:
-    name = Path(store).name
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
 def store_key(attrs: dict) -> list[str]:
@@ -261,13 +255,7 @@ class Reducer:
                 np.savez(fh, **{k: np.ascontiguousarray(v) for k, v in self._arrays().items()})
             self._write_extra(tmp)
             (tmp / REDUCER_JSON).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-            trash = None
-            if directory.exists():
-                trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(directory, trash)
-            os.replace(tmp, directory)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -628,12 +616,11 @@ def collect_sample(stores: Sequence[str | Path], config: PipelineConfig, runner=
     dims = max((sig["dims"] for sig in signatures.values() if sig), default=1)
     n_tiles = tiles_per_slide(config, len(stores), dims)
     runner = runner or LocalRunner()
-    for store in stores:
-        runner.submit(sample_store, str(store), n_tiles, config.reduce.seed, tag=slide_id_of(store))
+    tasks = iter([Task(sample_store, (str(store), n_tiles, config.reduce.seed), slide_id_of(store))
+                  for store in stores])
     results: dict[str, dict] = {}
     excluded: dict[str, str] = {}
-    for _ in stores:
-        done = runner.next_done()
+    for done in run_bounded(runner, lambda: next(tasks, None), len(stores)):
         if done.error is not None:
             excluded[done.tag] = error_record(done.error)["message"]
             log.warning("reduce: slide %s left out of the fit: %s", done.tag, excluded[done.tag])
@@ -699,7 +686,7 @@ def compute_feature_map(store: str | Path, reducer: Reducer) -> np.ndarray:
 
 def feature_map_attrs(reducer: Reducer, store_attrs: dict) -> dict:
     return {"method": reducer.method, "components": reducer.components, "reducer_hash": reducer.hash,
-            "fill_value": FEATURE_MAP_FILL, "config_hash": reducer.config_hash, "value_range": [0.0, 1.0],
+            "fill_value": FEATURE_MAP_FILL, "config_hash": reducer.config_hash, "value_range": list(VALUE_RANGE),
             "store_fingerprint": store_attrs.get("fingerprint"), "store_config_hash": store_attrs.get("config_hash")}
 
 
@@ -736,7 +723,7 @@ def map_picture_path(out_dir: str | Path, slide_id: str) -> Path:
 
 def map_store_task(store: str, reducer_dir: str, reducer_hash: str, picture: str | None) -> dict:
     """Worker task: map one slide with the saved reducer and write its picture."""
-    from .pictures import save_feature_map_png
+    from .core.pictures import save_feature_map_png
 
     t0 = time.monotonic()
     reducer = cached_reducer(reducer_dir, reducer_hash)
@@ -797,7 +784,7 @@ def _obtain_reducer(out_dir: Path, stores: list[Path], config: PipelineConfig, r
 
 def _reduce(out_dir: Path, config: PipelineConfig, reducer_path, runner, progress: bool | None,
             errors: dict | None) -> dict:
-    from .pictures import save_explained_variance_png
+    from .core.pictures import save_explained_variance_png
 
     errors = {} if errors is None else errors
     t_start = time.monotonic()
@@ -829,17 +816,11 @@ def _reduce(out_dir: Path, config: PipelineConfig, reducer_path, runner, progres
         todo.append((slide_id, store))
 
     bar = Progress(total_slides=len(stores), done_slides=skipped, enabled=progress)
-    max_in_flight = config.cluster.max_tasks_in_flight or 4 * max(1, runner.capacity)
-    pending = list(reversed(todo))
-    in_flight = done_count = failed_count = 0
-    while pending or in_flight:
-        while pending and in_flight < max_in_flight:
-            slide_id, store = pending.pop()
-            runner.submit(map_store_task, str(store), str(reducer_dir), reducer.hash,
-                          str(map_picture_path(out_dir, slide_id)), tag=slide_id)
-            in_flight += 1
-        done = runner.next_done()
-        in_flight -= 1
+    tasks = iter([Task(map_store_task, (str(store), str(reducer_dir), reducer.hash,
+                                        str(map_picture_path(out_dir, slide_id))), slide_id)
+                  for slide_id, store in todo])
+    done_count = failed_count = 0
+    for done in run_bounded(runner, lambda: next(tasks, None), in_flight_limit(runner, config.cluster)):
         slide_id = done.tag
         if done.error is not None:
             errors[slide_id] = done.error
@@ -863,6 +844,5 @@ def _reduce(out_dir: Path, config: PipelineConfig, reducer_path, runner, progres
     summary = {"slides": len(stores), "done": done_count, "skipped": skipped, "failed": failed_count,
                "method": reducer.method, "components": reducer.components, "reducer": source,
                "reducer_hash": reducer.hash, "seconds": round(time.monotonic() - t_start, 2)}
-    manifest.data["runs"].append({"command": "reduce", "finished": time.time(), **summary})
-    manifest.save()
+    manifest.record_run("reduce", summary)
     return summary

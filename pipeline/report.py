@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .outputs import Manifest, atomic_write_text
-from .store import list_stores, read_array
+from .core.outputs import Manifest, atomic_write_text
+from .core.store import list_stores, read_array, slide_id_of
+from .core.artefacts import (CAM_DIR, EXPLAINED_VARIANCE_PNG, MAPS_DIR, METRICS_JSON, MODEL_DIR, MODEL_INFO, MOSAIC_PNG,
+                             PLOTS_DIR, PREDICTIONS_CSV, REPORT_HTML, RUN_CONFIG_NAME)
 
 GALLERY_THUMB_PX = 260
 
@@ -136,11 +138,11 @@ def build_report(out_dir: str | Path, title: str = "wsi-pipeline report") -> Pat
     """Write ``OUT/report.html`` from whatever the stages have produced so far; returns its path."""
     out_dir = Path(out_dir)
     manifest = Manifest(out_dir)
-    metrics_path = out_dir / "metrics.json"
+    metrics_path = out_dir / METRICS_JSON
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    predictions = _read_csv_by_id(out_dir / "predictions.csv")
-    config_text = (out_dir / "config.yaml").read_text() if (out_dir / "config.yaml").exists() else ""
-    model_info_path = out_dir / "model" / "model_info.json"
+    predictions = _read_csv_by_id(out_dir / PREDICTIONS_CSV)
+    config_text = (out_dir / RUN_CONFIG_NAME).read_text() if (out_dir / RUN_CONFIG_NAME).exists() else ""
+    model_info_path = out_dir / MODEL_DIR / MODEL_INFO
     model_info = json.loads(model_info_path.read_text()) if model_info_path.exists() else {}
 
     slides = manifest.slides
@@ -160,18 +162,19 @@ def build_report(out_dir: str | Path, title: str = "wsi-pipeline report") -> Pat
 
     parts.append("<h2>Test metrics</h2>")
     parts.append(_metrics_table(metrics))
-    plots = [("ROC", out_dir / "plots" / "roc.png"), ("confusion matrix", out_dir / "plots" / "confusion_matrix.png"),
-             ("training curves", out_dir / "plots" / "training_curves.png"),
-             ("explained variance", out_dir / "maps" / "explained_variance.png")]
+    plots = [("ROC", out_dir / PLOTS_DIR / "roc.png"),
+             ("confusion matrix", out_dir / PLOTS_DIR / "confusion_matrix.png"),
+             ("training curves", out_dir / PLOTS_DIR / "training_curves.png"),
+             ("explained variance", out_dir / MAPS_DIR / EXPLAINED_VARIANCE_PNG)]
     parts.append('<div class="plots">' + "".join(_img(data_uri_png(path=p), alt) for alt, p in plots if p.exists())
                  + "</div>")
-    if (out_dir / "mosaic.png").exists():
+    if (out_dir / MOSAIC_PNG).exists():
         parts.append("<h2>Cohort CAM mosaic</h2><p class='muted'>sorted by predicted probability</p>")
-        parts.append(_img(data_uri_png(path=out_dir / "mosaic.png", max_px=1400), "CAM mosaic"))
+        parts.append(_img(data_uri_png(path=out_dir / MOSAIC_PNG, max_px=1400), "CAM mosaic"))
 
     parts.append("<h2>Slides</h2><div class='gallery'>")
     for store in list_stores(out_dir):
-        slide_id = store.name[: -len(".zarr")]
+        slide_id = slide_id_of(store)
         rec = slides.get(slide_id, {})
         pred = predictions.get(slide_id, {})
         cam_stage = (rec.get("stages") or {}).get("cam", {})
@@ -182,10 +185,10 @@ def build_report(out_dir: str | Path, title: str = "wsi-pipeline report") -> Pat
         elif cam_stage.get("status") == "done":
             label_line.append("not in the test split")
         thumb = data_uri_png(read_array(store, "thumbnail"), max_px=GALLERY_THUMB_PX)
-        fmap = data_uri_png(path=out_dir / "maps" / f"{slide_id}.png", max_px=GALLERY_THUMB_PX)
-        cam = data_uri_png(path=out_dir / "cam" / f"{slide_id}.png", max_px=GALLERY_THUMB_PX)
-        links = " · ".join(f'<a href="cam/{html.escape(slide_id)}.{ext}">{ext}</a>' for ext in ("tiff", "geojson")
-                           if (out_dir / "cam" / f"{slide_id}.{ext}").exists())
+        fmap = data_uri_png(path=out_dir / MAPS_DIR / f"{slide_id}.png", max_px=GALLERY_THUMB_PX)
+        cam = data_uri_png(path=out_dir / CAM_DIR / f"{slide_id}.png", max_px=GALLERY_THUMB_PX)
+        links = " · ".join(f'<a href="{CAM_DIR}/{html.escape(slide_id)}.{ext}">{ext}</a>'
+                           for ext in ("tiff", "geojson") if (out_dir / CAM_DIR / f"{slide_id}.{ext}").exists())
         parts.append(
             f"<div class='card'><b>{html.escape(slide_id)}</b> · {rec.get('tiles', '?')} tiles at "
             f"{rec.get('mpp', '?')} µm/px ({html.escape(str(rec.get('mpp_source', '')))}) · {' · '.join(label_line)}"
@@ -210,6 +213,6 @@ def build_report(out_dir: str | Path, title: str = "wsi-pipeline report") -> Pat
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head>"
             f"<body>{''.join(parts)}</body></html>")
-    path = out_dir / "report.html"
+    path = out_dir / REPORT_HTML
     atomic_write_text(path, page)
     return path

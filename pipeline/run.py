@@ -11,9 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from .config import PipelineConfig
-from .outputs import Manifest, atomic_write_text, output_lock
-from .parallel import task_runner
+from .core.config import PipelineConfig
+from .core.outputs import Manifest, atomic_write_text, output_lock
+from .core.parallel import task_runner
 
 log = logging.getLogger("pipeline")
 

@@ -20,8 +20,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from .jit import njit
-from .errors import CorruptSlideError, MissingMppError, TileReadError, UnsupportedFormatError
+from .core.jit import njit
+from .core.errors import CorruptSlideError, MissingMppError, TileReadError, UnsupportedFormatError
 
 Image.MAX_IMAGE_PIXELS = None  # flat images are read through ImageSlide; size is checked by the caller
 

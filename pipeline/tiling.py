@@ -14,8 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import TilingConfig
-from .errors import ResolutionTooLowError
+from .core.config import TilingConfig
+from .core.errors import ResolutionTooLowError
 from .readers import as_reader
 from .slides import SlideInfo, best_level_for_downsample, resample_boxes
 

@@ -33,13 +33,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import PipelineConfig, TrainConfig
+from .core.config import PipelineConfig, TrainConfig
 from .baseline import baseline_proba, fit_baseline, statistics_matrix
-from .evaluate import (BASELINE_JSON, LABELS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR, feature_map_stores,
-                       read_feature_maps, store_ids, write_evaluation)
+from .evaluate import write_evaluation
 from .labels import LabelTable, Split, check_slides, class_weights, fold_splits, holdout_split, read_labels
-from .outputs import Manifest, atomic_write_json, output_lock
-from .store import array_attrs, package_versions, read_attrs, store_path
+from .core.outputs import Manifest, atomic_write_json, output_lock
+from .core.store import array_attrs, package_versions, read_attrs, store_ids, store_path
+from .core.artefacts import BASELINE_JSON, LABELS_JSON, METRICS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR
+from .core.maps import FEATURE_MAP, feature_map_stores, read_feature_maps, select_channels
+from .core.outputs import replace_directory
 
 log = logging.getLogger("pipeline")
 
@@ -170,7 +172,7 @@ def _describe_config(out_dir: Path, slide_ids: Sequence[str]) -> tuple[dict, lis
 def _map_hashes(out_dir: Path, slide_ids: Sequence[str]) -> list[str]:
     hashes = set()
     for slide_id in slide_ids:
-        attrs = array_attrs(store_path(out_dir, slide_id), "feature_map") or {}
+        attrs = array_attrs(store_path(out_dir, slide_id), FEATURE_MAP) or {}
         hashes.add(str(attrs.get("reducer_hash") or attrs.get("config_hash") or ""))
     return sorted(hashes)
 
@@ -220,11 +222,10 @@ def _plan(out_dir: Path, labels_csv: str | Path, config: PipelineConfig) -> Trai
     if unlabelled:
         log.info("train: %d slide(s) in %s have no label and are not used: %s", len(unlabelled), out_dir,
                  ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""))
-    from .model import select_channels
-    from .store import read_array
+    from .core.store import read_array
 
     stores = feature_map_stores(out_dir, table.slide_ids)  # every labelled slide has a map
-    select_channels(read_array(stores[0], "feature_map"), cfg.adapter, cfg.component)  # the adapter fits them
+    select_channels(read_array(stores[0], FEATURE_MAP), cfg.adapter, cfg.component)  # the adapter fits them
     splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
               else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
     map_hashes = _map_hashes(out_dir, table.slide_ids)
@@ -239,7 +240,7 @@ def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | 
     With a Dask ``runner`` whose cluster has GPU workers (``cluster.gpu_placement``), the training runs as one task
     on a GPU worker (outputs go to ``out_dir`` on the shared file system); otherwise in this process.
     """
-    from .parallel import GPU_RESOURCES, gpu_placement
+    from .core.parallel import GPU_RESOURCES, gpu_placement
 
     config = config or PipelineConfig()
     if folds is not None:
@@ -250,9 +251,9 @@ def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | 
         plan = _plan(out_dir, labels_csv, config)
         model_dir = out_dir / MODEL_DIR
         info = None if force else _current(model_dir, plan.digest)
-        if info is not None and (out_dir / "metrics.json").is_file():
+        if info is not None and (out_dir / METRICS_JSON).is_file():
             log.info("train: model in %s is current (hash %s): skipped", model_dir, plan.digest)
-            metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+            metrics = json.loads((out_dir / METRICS_JSON).read_text(encoding="utf-8"))
             return _summary(info, metrics, skipped=True, seconds=time.monotonic() - t0)
         if gpu_placement(runner, config.cluster):
             # The client keeps the output lock; the worker writes OUT/model and the metrics on the shared disk.
@@ -264,7 +265,7 @@ def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | 
 
 def train_task(out_dir: str, labels_csv: str, config_json: dict, verbose: int = 0) -> dict:
     """Dask task: training on the (GPU) worker it was placed on, logged to its own file in ``OUT/logs``."""
-    from .outputs import log_file
+    from .core.outputs import log_file
 
     config = PipelineConfig.model_validate(config_json)
     with log_file(out_dir, "train-worker"):
@@ -276,7 +277,7 @@ def train_task(out_dir: str, labels_csv: str, config_json: dict, verbose: int = 
 def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineConfig, plan: TrainPlan, verbose: int,
                       t0: float) -> dict:
     from .model import resolve_weights
-    from .parallel import where_am_i
+    from .core.parallel import where_am_i
 
     cfg = config.train
     table, splits = plan.table, plan.splits
@@ -347,9 +348,7 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
                                extra_notes=notes, baseline=np.concatenate([b for _, b in baselines]))
     _record_manifest(out_dir, table, splits, plan.digest)
     summary = _summary(info, metrics, skipped=False, seconds=time.monotonic() - t0)
-    manifest = Manifest(out_dir)
-    manifest.data["runs"].append({"command": "train", "finished": time.time(), **summary})
-    manifest.save()
+    Manifest(out_dir).record_run("train", summary)
     return summary
 
 
@@ -384,8 +383,7 @@ def _copy_reducer(out_dir: Path, model_dir: Path) -> bool:
     tmp = model_dir / f".{REDUCER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    replace_directory(tmp, target)
     return True
 
 
@@ -403,7 +401,7 @@ def _record_manifest(out_dir: Path, table: LabelTable, splits: Sequence[Split], 
                     record["test_fold"] = split.fold
     manifest = Manifest(out_dir)
     for slide_id, record in records.items():
-        manifest.slides.setdefault(slide_id, {}).setdefault("stages", {})["train"] = record
+        manifest.set_stage(slide_id, "train", record)
     manifest.save()  # once, not per slide
 
 

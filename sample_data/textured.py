@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.jit import njit
+from pipeline.core.jit import njit
 from pipeline.synthetic import _atomic_target, _written_spec, slide_spec, write_slide
 
 __all__ = ["TexturedTissue", "textured_cohort_plan", "make_textured_cohort"]

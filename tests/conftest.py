@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 def write_map_store(out_dir, slide_id: str, feature_map: np.ndarray, config_hash: str = "test-describe") -> Path:
     """A complete slide store with this ``feature_map`` (background cells -1.0, as the reduce stage writes)."""
-    from pipeline.store import create_partial_store, finalize_store, store_path, write_array
+    from pipeline.core.store import create_partial_store, finalize_store, store_path, write_array
 
     rows, cols = feature_map.shape[:2]
     tissue = feature_map[..., 0] >= 0
@@ -116,7 +116,7 @@ def small_slides(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_config():
     """Small tiles so generated slides have a grid of ~10x12 tiles, and several blocks per slide."""
-    from pipeline.config import config_from_dict
+    from pipeline.core.config import config_from_dict
 
     return config_from_dict({"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 4},
                              "cluster": {"workers": 2, "dashboard": False}})

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.config import config_from_dict
+from pipeline.core.config import config_from_dict
 from pipeline.describe import describe_slides
-from pipeline.parallel import LocalRunner
+from pipeline.core.parallel import LocalRunner
 from pipeline.reduce import reduce_slides
-from pipeline.store import array_attrs, read_array, read_attrs
+from pipeline.core.store import array_attrs, read_array, read_attrs
 from pipeline.synthetic import make_cohort
 from pipeline.tiling import TileGrid
 from tests.conftest import REPO, write_test_slide

@@ -5,7 +5,8 @@ from pipeline import model as model_lib
 from pipeline.cam import (augmented_slide_cam, cell_index_image, cells_from_input, default_cam_layer, gradcam,
                           map_windows, reference_map, slide_cam, smooth_cam, split_model, upsample_bilinear,
                           window_origins)
-from pipeline.config import TrainConfig
+from pipeline.core.config import TrainConfig
+from pipeline.core.maps import FEATURE_MAP_FILL, select_channels
 
 
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
@@ -86,10 +87,10 @@ def test_window_mosaic_equals_single_window_on_same_input(small_model):
     cam_model = split_model(model, "mixed2")
     rng = np.random.default_rng(2)
     fmap = rng.uniform(0, 1, (96, 96, 1)).astype(np.float32)
-    fmap[:10, :10] = model_lib.MAP_FILL
+    fmap[:10, :10] = FEATURE_MAP_FILL
     crop_cfg = TrainConfig(recipe="finetune", size_strategy="crop", input_px=96)
     mosaic, probs, cls = slide_cam(cam_model, fmap, crop_cfg, class_index=0)
-    single, _ = gradcam(cam_model, model_lib.to_input(model_lib.select_channels(fmap, "replicate"))[None], 0)
+    single, _ = gradcam(cam_model, model_lib.to_input(select_channels(fmap, "replicate"))[None], 0)
     assert cls == 0 and probs.shape == (2,)
     tissue = np.isfinite(mosaic)
     assert tissue.sum() == 96 * 96 - 100
@@ -110,7 +111,7 @@ def test_slide_cam_on_large_map_blends_windows(small_model):
 
 
 def test_reference_map_keeps_the_outline_and_flattens_the_tissue():
-    ch = np.full((4, 5, 3), model_lib.MAP_FILL, dtype=np.float32)
+    ch = np.full((4, 5, 3), FEATURE_MAP_FILL, dtype=np.float32)
     ch[1:3, 1:4] = np.arange(18, dtype=np.float32).reshape(2, 3, 3) / 17
     ref = reference_map(ch)
     np.testing.assert_array_equal(ref[0], ch[0])  # background untouched
@@ -120,7 +121,7 @@ def test_reference_map_keeps_the_outline_and_flattens_the_tissue():
 def test_reference_cam_is_zero_on_the_reference_itself(small_model):
     """A map whose tissue is uniform equals its own reference: no position differs, so the CAM is all zero."""
     model, _ = small_model
-    fmap = np.full((20, 24, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap = np.full((20, 24, 1), FEATURE_MAP_FILL, dtype=np.float32)
     fmap[3:17, 4:20] = 0.4
     cam, _, _ = slide_cam(split_model(model, "mixed2"), fmap, TrainConfig(recipe="finetune", size_strategy="resize", input_px=96),
                           reference=True)
@@ -145,7 +146,7 @@ def test_augmented_cam_is_the_mean_of_the_eight_turned_back_cams(small_model):
     model, cfg = small_model
     cam_model = split_model(model, "mixed2")
     rng = np.random.default_rng(5)
-    fmap = np.full((21, 26, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap = np.full((21, 26, 1), FEATURE_MAP_FILL, dtype=np.float32)
     fmap[2:19, 3:24] = rng.uniform(0, 1, (17, 21, 1))
     cam, probs, cls = augmented_slide_cam(cam_model, fmap, cfg)
     plain, plain_probs, plain_cls = slide_cam(cam_model, fmap, cfg)
@@ -162,7 +163,7 @@ def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(smal
     import keras
 
     from pipeline.cam import _nan_mean, slide_cam_with_models
-    from pipeline.config import CamConfig
+    from pipeline.core.config import CamConfig
 
     model, cfg = small_model
     folds = []
@@ -173,7 +174,7 @@ def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(smal
         dense.bias.assign(np.asarray(bias, dtype=np.float32))
         folds.append(split_model(fold, "mixed2"))
     rng = np.random.default_rng(2)
-    fmap = np.full((18, 22, 1), model_lib.MAP_FILL, dtype=np.float32)
+    fmap = np.full((18, 22, 1), FEATURE_MAP_FILL, dtype=np.float32)
     fmap[2:16, 3:20] = rng.uniform(0, 1, (14, 17, 1))
     own = [slide_cam(cm, fmap, cfg) for cm in folds]
     assert [cls for *_, cls in own] == [1, 0]  # on their own the folds disagree

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.cli import _config_from_args, build_parser, main
-from pipeline.config import PipelineConfig
+from pipeline.core.config import PipelineConfig
 
 # The config-backed options, written out here (not read from pipeline.cli_options): flag -> (section, key).
 CONFIG_FLAGS = {

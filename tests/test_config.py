@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import PipelineConfig, config_from_dict, load_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import PipelineConfig, config_from_dict, load_config
+from pipeline.core.errors import ConfigError
 
 
 def test_defaults_are_the_documented_ones():
@@ -39,7 +39,7 @@ def test_unfreeze_from_must_not_lie_beyond_the_head_block():
 
 
 def test_recipe_follows_the_weights_and_fills_only_unset_keys(tmp_path):
-    from pipeline.config import SCRATCH_DEFAULTS
+    from pipeline.core.config import SCRATCH_DEFAULTS
 
     scratch = PipelineConfig().train  # no weights: trained end to end from random initialisation
     assert scratch.recipe == "scratch"

@@ -11,12 +11,12 @@ import openslide
 import pytest
 
 import pipeline
-from pipeline.config import config_from_dict
+from pipeline.core.config import config_from_dict
 from pipeline.describe import describe_slides
 from pipeline.descriptors import STATS_FEATURE_NAMES, stats_descriptors
-from pipeline.errors import MissingMppError, NoTissueError
-from pipeline.parallel import LocalRunner, task_runner
-from pipeline.store import read_array, read_attrs, store_path
+from pipeline.core.errors import MissingMppError, NoTissueError
+from pipeline.core.parallel import LocalRunner, task_runner
+from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.tiling import TileGrid
 from tests.conftest import write_test_slide
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 from skimage.color import rgb2hed
 
-from pipeline.config import DescriptorConfig
+from pipeline.core.config import DescriptorConfig
 from pipeline.descriptors import (STATS_FEATURE_NAMES, compute_descriptors, stats_descriptors,
                                   stats_descriptors_numpy)
 from tests.conftest import shared_file

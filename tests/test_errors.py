@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import errors
-from pipeline.errors import PipelineError, SlideError, error_record
+from pipeline.core import errors
+from pipeline.core.errors import PipelineError, SlideError, error_record
 
 ALL_ERRORS = sorted((obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, PipelineError)),
                     key=lambda cls: cls.__name__)
@@ -118,7 +118,7 @@ def dask_client():
 def test_typed_errors_cross_a_dask_process_boundary(dask_client, tmp_path):
     import os
 
-    from pipeline.errors import UnsupportedFormatError
+    from pipeline.core.errors import UnsupportedFormatError
     from pipeline.slides import read_slide_info
 
     assert dask_client.submit(worker_pid, pure=False).result(timeout=60) != os.getpid()  # a separate process

@@ -22,11 +22,11 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.config import config_from_dict
+from pipeline.core.config import config_from_dict
 from pipeline.describe import describe_slides
-from pipeline.outputs import LOCK_NAME
-from pipeline.parallel import LocalRunner, task_runner
-from pipeline.store import list_stores, progress_dir, read_array, read_attrs, store_path
+from pipeline.core.outputs import LOCK_NAME
+from pipeline.core.parallel import LocalRunner, task_runner
+from pipeline.core.store import list_stores, progress_dir, read_array, read_attrs, store_path
 from tests.conftest import write_test_slide
 
 BIN = Path(sys.executable).parent

@@ -7,8 +7,9 @@ import pytest
 from matplotlib.path import Path as MplPath
 from PIL import Image
 
-from pipeline.heatmaps import (colorize, colormap_lut, hot_region_polygons, render_scores, save_contact_sheet,
+from pipeline.heatmaps import (CMAP_NAME, colorize, hot_region_polygons, render_scores, save_contact_sheet,
                                save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson)
+from pipeline.core.pictures import colormap_lut
 from pipeline.tiling import TileGrid
 
 EXPECTATIONS = Path(__file__).parent / "expectations"
@@ -43,7 +44,7 @@ def test_render_cells_land_on_their_tiles():
 
 
 def test_colorize_background_white():
-    lut = colormap_lut()
+    lut = colormap_lut(CMAP_NAME)
     rgb = colorize(np.array([[np.nan, 0.0, 1.0]]), lut)
     assert rgb[0, 0].tolist() == [255, 255, 255]
     assert rgb[0, 1].tolist() == lut[0].tolist() and rgb[0, 2].tolist() == lut[255].tolist()
@@ -58,7 +59,7 @@ def test_heatmap_tiff_opens_with_slide_size(tmp_path):
         assert slide.level_count >= 2
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25, rel=1e-3)
         px = np.asarray(slide.read_region((int(4 * 100.5 + 50), int(5 * 100.5 + 50)), 0, (1, 1)))[0, 0, :3]
-    expected = colormap_lut()[int(0.9 * 255 + 0.5)]
+    expected = colormap_lut(CMAP_NAME)[int(0.9 * 255 + 0.5)]
     assert np.abs(px.astype(int) - expected.astype(int)).max() < 12  # JPEG
     assert [p.name for p in tmp_path.iterdir()] == ["h.tiff"]  # no temporary left behind
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.errors import LabelsError
+from pipeline.core.errors import LabelsError
 from pipeline.labels import (LabelMapping, check_slides, class_weights, fold_splits, holdout_split, read_labels)
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pipeline import model as M
-from pipeline.config import TrainConfig
-from pipeline.errors import ModelError
+from pipeline.core.config import TrainConfig
+from pipeline.core.errors import ModelError
+from pipeline.core.maps import FEATURE_MAP_FILL, select_channels
 
 
 def rng():
@@ -15,7 +16,7 @@ def rng():
 def tissue_map(rows=20, cols=30, k=3, seed=0):
     r = np.random.default_rng(seed)
     fmap = r.uniform(0, 1, size=(rows, cols, k)).astype(np.float32)
-    fmap[:3] = M.MAP_FILL  # background band
+    fmap[:3] = FEATURE_MAP_FILL  # background band
     return fmap
 
 
@@ -24,22 +25,22 @@ def tissue_map(rows=20, cols=30, k=3, seed=0):
 
 def test_replicate_and_components():
     fmap = tissue_map(k=3)
-    rep = M.select_channels(fmap, "replicate", component=1)
+    rep = select_channels(fmap, "replicate", component=1)
     assert rep.shape == (20, 30, 3)
     assert np.array_equal(rep[..., 0], rep[..., 2]) and np.array_equal(rep[5:, :, 0], fmap[5:, :, 1])
-    comp = M.select_channels(fmap, "components")
-    assert np.array_equal(comp[5:], fmap[5:]) and (comp[:3] == M.MAP_FILL).all()
+    comp = select_channels(fmap, "components")
+    assert np.array_equal(comp[5:], fmap[5:]) and (comp[:3] == FEATURE_MAP_FILL).all()
 
 
 def test_adapter_errors_name_the_fix():
     with pytest.raises(ModelError, match="reduce.components: 3"):
-        M.select_channels(tissue_map(k=1), "components")
+        select_channels(tissue_map(k=1), "components")
     with pytest.raises(ModelError, match="component 2 does not exist"):
-        M.select_channels(tissue_map(k=2), "replicate", component=2)
+        select_channels(tissue_map(k=2), "replicate", component=2)
 
 
 def test_scaling_to_inception_range():
-    x = np.array([[[0.0], [1.0], [0.5], [M.MAP_FILL]]], dtype=np.float32)
+    x = np.array([[[0.0], [1.0], [0.5], [FEATURE_MAP_FILL]]], dtype=np.float32)
     out = M.to_input(x)[0, :, 0]
     assert out.tolist() == pytest.approx([M.TISSUE_INPUT_LOW, 1.0, (M.TISSUE_INPUT_LOW + 1) / 2, -1.0])
     assert out.min() >= -1 and out.max() <= 1
@@ -49,7 +50,7 @@ def test_scaling_to_inception_range():
 def test_nan_cells_are_background():
     fmap = tissue_map(k=1)
     fmap[10, 10] = np.nan
-    assert M.select_channels(fmap, "replicate")[10, 10, 0] == M.MAP_FILL
+    assert select_channels(fmap, "replicate")[10, 10, 0] == FEATURE_MAP_FILL
 
 
 # --- sizes ---------------------------------------------------------------------------------------------------------
@@ -65,8 +66,8 @@ def test_resize_keeps_cells_as_blocks():
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])
 def test_each_size_strategy_shape(strategy):
     cfg = TrainConfig(recipe="finetune", size_strategy=strategy, input_px=96, native_bucket_px=16)
-    small = M.select_channels(tissue_map(20, 30), "replicate")
-    big = M.select_channels(tissue_map(150, 120, seed=1), "replicate")
+    small = select_channels(tissue_map(20, 30), "replicate")
+    big = select_channels(tissue_map(150, 120, seed=1), "replicate")
     for x in (small, big):
         out = M.fit_size(x, cfg, rng())
         if strategy == "native":
@@ -76,7 +77,7 @@ def test_each_size_strategy_shape(strategy):
         else:
             assert out.shape == (96, 96, 3)
         # the values are map values or background: nearest neighbour never blends
-        assert set(np.unique(out)) <= set(np.unique(x)) | {M.MAP_FILL}
+        assert set(np.unique(out)) <= set(np.unique(x)) | {FEATURE_MAP_FILL}
 
 
 def test_pad_keeps_aspect_ratio_and_whole_cells():
@@ -91,7 +92,7 @@ def test_pad_keeps_aspect_ratio_and_whole_cells():
 
 def test_crop_random_in_training_central_otherwise():
     cfg = TrainConfig(recipe="finetune", size_strategy="crop", input_px=75)
-    x = M.select_channels(tissue_map(200, 200), "replicate")
+    x = select_channels(tissue_map(200, 200), "replicate")
     central = M.fit_size(x, cfg)
     assert np.array_equal(central, x[62:137, 62:137])
     draws = {M.fit_size(x, cfg, np.random.default_rng(s)).tobytes() for s in range(4)}
@@ -100,7 +101,7 @@ def test_crop_random_in_training_central_otherwise():
 
 def test_native_shrinks_huge_maps_and_buckets():
     cfg = TrainConfig(recipe="finetune", size_strategy="native", native_max_px=100, native_bucket_px=32)
-    x = M.select_channels(tissue_map(250, 90), "replicate")
+    x = select_channels(tissue_map(250, 90), "replicate")
     out = M.fit_size(x, cfg)
     assert max(out.shape[:2]) <= 100 and out.shape[:2] == (84, 75)  # /3, then width padded to 75
     assert M.bucket_shape(250, 90, cfg) == (96, 96)
@@ -121,7 +122,7 @@ def test_eight_distinct_dihedral_transforms():
 
 
 def test_noise_and_crop_respect_background():
-    x = M.select_channels(tissue_map(), "replicate")
+    x = select_channels(tissue_map(), "replicate")
     noisy = M.add_noise(x, rng(), 0.1)
     bg = x[..., 0] < 0
     assert np.array_equal(noisy[bg], x[bg])

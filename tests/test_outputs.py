@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from pipeline.errors import OutputLockedError
-from pipeline.outputs import LOCK_NAME, Manifest, atomic_output_path, atomic_write_json, output_lock
+from pipeline.core.errors import OutputLockedError
+from pipeline.core.outputs import LOCK_NAME, Manifest, atomic_output_path, atomic_write_json, output_lock
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import config_from_dict, load_config
-from pipeline.parallel import LocalRunner, TaskFailure, call_task, make_slurm_cluster
-from pipeline.errors import NoTissueError
-from pipeline.store import read_array
+from pipeline.core.config import config_from_dict, load_config
+from pipeline.core.parallel import LocalRunner, TaskFailure, call_task, make_slurm_cluster
+from pipeline.core.errors import NoTissueError
+from pipeline.core.store import read_array
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -159,8 +159,8 @@ def test_model_stages_land_on_the_gpu_worker_of_a_mixed_cluster(tmp_path):
 
 
 def test_gpu_placement_decisions(tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.parallel import DaskRunner, gpu_placement
+    from pipeline.core.errors import ConfigError
+    from pipeline.core.parallel import DaskRunner, gpu_placement
 
     local = config_from_dict({}).cluster
     assert gpu_placement(LocalRunner(), local) == []  # in-process: nothing to place

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.pictures import (TISSUE_MAX_LEVEL, background_cells, colormap_lut, display_factor,
-                               feature_map_rgb, save_explained_variance_png, save_feature_map_png, upscale_nearest)
+from pipeline.core.pictures import (TISSUE_MAX_LEVEL, background_cells, colormap_lut, display_factor, feature_map_rgb,
+                                    save_explained_variance_png, save_feature_map_png, upscale_nearest)
 
 FILL = -1.0
 

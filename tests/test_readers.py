@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import PipelineConfig, TilingConfig
+from pipeline.core.config import PipelineConfig, TilingConfig
 from pipeline.describe import describe_slide
-from pipeline.errors import DirectReadUnsupportedError, TileReadError
+from pipeline.core.errors import DirectReadUnsupportedError, TileReadError
 from pipeline.readers import OpenSlideReader, TiffTileReader, choose_reader, open_reader
 from pipeline.slides import read_slide_info
-from pipeline.store import read_array, read_attrs
+from pipeline.core.store import read_array, read_attrs
 from pipeline.tiling import read_tile_row, tile_grid
 
 

@@ -14,12 +14,14 @@ from PIL import Image
 
 from pipeline import reduce as R
 from pipeline.cli import main
-from pipeline.config import PipelineConfig, ReduceConfig
+from pipeline.core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
+from pipeline.core.config import PipelineConfig, ReduceConfig
 from pipeline.describe import describe_slides
-from pipeline.errors import ReducerError, ReducerMismatchError
-from pipeline.parallel import LocalRunner
-from pipeline.pictures import display_factor
-from pipeline.store import array_attrs, list_stores, read_array, read_attrs, store_path
+from pipeline.core.errors import ReducerError, ReducerMismatchError
+from pipeline.core.maps import FEATURE_MAP, FEATURE_MAP_FILL
+from pipeline.core.parallel import LocalRunner
+from pipeline.core.pictures import display_factor
+from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path
 from pipeline.synthetic import SyntheticTissue, write_slide
 from pipeline.tiling import TileGrid
 
@@ -143,28 +145,28 @@ def test_autoencoder_reconstructs_a_curve_better_than_one_pca_component(tmp_path
 def test_reduce_writes_contract_maps_for_all_sizes(reduced):
     out, summary = reduced
     assert summary["done"] == len(SLIDES) and summary["failed"] == 0 and summary["reducer"] == "fitted"
-    reducer = R.load_reducer(out / R.REDUCER_DIR)
+    reducer = R.load_reducer(out / REDUCER_DIR)
     manifest = json.loads((out / "manifest.json").read_text())
     for slide_id in SLIDES:
         store = store_path(out, slide_id)
         grid = read_attrs(store)["tile_grid"]
-        fmap = read_array(store, R.FEATURE_MAP)
+        fmap = read_array(store, FEATURE_MAP)
         mask = read_array(store, "tissue_mask")
         assert fmap.shape == (grid["rows"], grid["cols"], 3) and fmap.dtype == np.float32
-        assert (fmap[~mask] == R.FEATURE_MAP_FILL).all()
+        assert (fmap[~mask] == FEATURE_MAP_FILL).all()
         assert ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
-        attrs = array_attrs(store, R.FEATURE_MAP)
+        attrs = array_attrs(store, FEATURE_MAP)
         assert {k: attrs[k] for k in ("method", "components", "reducer_hash", "fill_value")} == {
             "method": "pca", "components": 3, "reducer_hash": reducer.hash, "fill_value": -1.0}
         assert attrs["config_hash"] == R.reduce_settings_hash(CONFIG.reduce)
-        picture = Image.open(out / R.MAPS_DIR / f"{slide_id}.png")
+        picture = Image.open(out / MAPS_DIR / f"{slide_id}.png")
         f = display_factor(grid["rows"], grid["cols"])
         assert picture.size == (grid["cols"] * f, grid["rows"] * f)
         record = manifest["slides"][slide_id]["stages"]["reduce"]
         assert record["status"] == "done" and record["tissue_cells"] == int(mask.sum())
-    assert read_array(store_path(out, "big"), R.FEATURE_MAP).shape[:2] == (30, 40)
+    assert read_array(store_path(out, "big"), FEATURE_MAP).shape[:2] == (30, 40)
     assert 0 < tissue_count(out, "sparse") < 20
-    assert (out / R.MAPS_DIR / R.EXPLAINED_VARIANCE_PNG).is_file()
+    assert (out / MAPS_DIR / EXPLAINED_VARIANCE_PNG).is_file()
 
 
 def test_planted_lesion_separates_in_the_map(reduced, described):
@@ -173,7 +175,7 @@ def test_planted_lesion_separates_in_the_map(reduced, described):
     out, _ = reduced
     tissue = described[1]["lesion"]
     store = store_path(out, "lesion")
-    fmap = read_array(store, R.FEATURE_MAP)
+    fmap = read_array(store, FEATURE_MAP)
     boxes = TileGrid.from_dict(read_attrs(store)["tile_grid"]).tile_boxes_l0()
     offsets = (np.arange(8) + 0.5) / 8  # 8 x 8 points per tile
     xs = boxes[..., 0, None, None] + offsets[None, :] * boxes[..., 2, None, None]
@@ -189,13 +191,13 @@ def test_planted_lesion_separates_in_the_map(reduced, described):
 
 def test_saved_reducer_gives_identical_maps_and_maps_new_output_without_refit(reduced, described, tmp_path):
     out, _ = reduced
-    saved = out / R.REDUCER_DIR
+    saved = out / REDUCER_DIR
     with np.load(saved / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
         assert all(npz[k].dtype != object for k in npz.files)
     loaded = R.load_reducer(saved)
     store = store_path(out, "lesion")
-    stored = read_array(store, R.FEATURE_MAP)
-    assert loaded.hash == array_attrs(store, R.FEATURE_MAP)["reducer_hash"]
+    stored = read_array(store, FEATURE_MAP)
+    assert loaded.hash == array_attrs(store, FEATURE_MAP)["reducer_hash"]
     np.testing.assert_array_equal(R.compute_feature_map(store, loaded), stored)
 
     # a new output directory mapped with --reducer: no fit, the reducer's K wins over the config's
@@ -203,20 +205,20 @@ def test_saved_reducer_gives_identical_maps_and_maps_new_output_without_refit(re
     summary = R.reduce_slides(new_out, CONFIG.with_overrides(reduce__components=1), reducer_path=saved,
                               runner=LocalRunner(), progress=False)
     assert summary["reducer"] == "loaded" and summary["reducer_hash"] == loaded.hash and summary["done"] == 4
-    copied = json.loads((new_out / R.REDUCER_DIR / R.REDUCER_JSON).read_text())
+    copied = json.loads((new_out / REDUCER_DIR / R.REDUCER_JSON).read_text())
     assert copied["fit"] == json.loads((saved / R.REDUCER_JSON).read_text())["fit"]
     for slide_id in SLIDES:
-        np.testing.assert_array_equal(read_array(store_path(new_out, slide_id), R.FEATURE_MAP),
-                                      read_array(store_path(out, slide_id), R.FEATURE_MAP))
+        np.testing.assert_array_equal(read_array(store_path(new_out, slide_id), FEATURE_MAP),
+                                      read_array(store_path(out, slide_id), FEATURE_MAP))
     # the Python API: map_slide with a directory path (as predict does)
     again = R.map_slide(store_path(new_out, "big"), new_out)  # an output directory holding reducer/
-    np.testing.assert_array_equal(again, read_array(store_path(out, "big"), R.FEATURE_MAP))
+    np.testing.assert_array_equal(again, read_array(store_path(out, "big"), FEATURE_MAP))
 
 
 def test_damaged_or_mismatched_reducers_are_typed_errors(reduced, tmp_path):
     out, _ = reduced
     bad = tmp_path / "bad"
-    shutil.copytree(out / R.REDUCER_DIR, bad)
+    shutil.copytree(out / REDUCER_DIR, bad)
     with np.load(bad / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     arrays["low"] = arrays["low"] + 1.0
@@ -243,7 +245,7 @@ def test_rerun_skips_unchanged_slides_and_redoes_stale_ones(described, tmp_path)
         return R.reduce_slides(out, config, runner=LocalRunner(), progress=False)
 
     def map_stamps():
-        return {s: (store_path(out, s) / R.FEATURE_MAP / "zarr.json").stat().st_mtime_ns for s in SLIDES}
+        return {s: (store_path(out, s) / FEATURE_MAP / "zarr.json").stat().st_mtime_ns for s in SLIDES}
 
     first = run()
     stamps = map_stamps()
@@ -256,7 +258,7 @@ def test_rerun_skips_unchanged_slides_and_redoes_stale_ones(described, tmp_path)
     import zarr
 
     zarr.open_group(str(store_path(out, "plain")), mode="r+").attrs["fingerprint"] = "re-described"
-    (out / R.MAPS_DIR / "big.png").unlink()
+    (out / MAPS_DIR / "big.png").unlink()
     third = run()
     assert third["reducer"] == "fitted" and third["reducer_hash"] == first["reducer_hash"]
     assert (third["done"], third["skipped"]) == (2, 2)
@@ -265,7 +267,7 @@ def test_rerun_skips_unchanged_slides_and_redoes_stale_ones(described, tmp_path)
 
     fourth = run(CONFIG.with_overrides(reduce__components=2))  # other settings: new reducer, every map redone
     assert fourth["reducer"] == "fitted" and fourth["done"] == 4
-    assert read_array(store_path(out, "sparse"), R.FEATURE_MAP).shape[-1] == 2
+    assert read_array(store_path(out, "sparse"), FEATURE_MAP).shape[-1] == 2
 
 
 def test_autoencoder_stage_saves_and_reloads_identical_maps(described, tmp_path):
@@ -274,12 +276,12 @@ def test_autoencoder_stage_saves_and_reloads_identical_maps(described, tmp_path)
                                 reduce__ae_hidden_units=16)
     summary = R.reduce_slides(out, cfg, runner=LocalRunner(), progress=False)
     assert summary["done"] == 4 and summary["method"] == "autoencoder"
-    assert (out / R.REDUCER_DIR / R.AUTOENCODER_FILE).is_file()
-    assert not (out / R.MAPS_DIR / R.EXPLAINED_VARIANCE_PNG).exists()
-    loaded = R.load_reducer(out / R.REDUCER_DIR)
+    assert (out / REDUCER_DIR / R.AUTOENCODER_FILE).is_file()
+    assert not (out / MAPS_DIR / EXPLAINED_VARIANCE_PNG).exists()
+    loaded = R.load_reducer(out / REDUCER_DIR)
     for slide_id in ("lesion", "sparse"):
         store = store_path(out, slide_id)
-        fmap = read_array(store, R.FEATURE_MAP)
+        fmap = read_array(store, FEATURE_MAP)
         mask = read_array(store, "tissue_mask")
         assert fmap.shape[-1] == 2 and (fmap[~mask] == -1).all() and ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
         np.testing.assert_array_equal(R.compute_feature_map(store, loaded), fmap)
@@ -291,11 +293,11 @@ def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
     assert main(["reduce", "--out", str(out), "--components", "1", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "reduce: slides 4, done 4, skipped 0, failed 0, method pca, components 1, reducer fitted" in printed
-    loaded = R.load_reducer(out / R.REDUCER_DIR)
+    loaded = R.load_reducer(out / REDUCER_DIR)
     assert loaded.components == 1 and loaded.fit_info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE
     for slide_id in SLIDES:  # computed on the workers, identical to an in-process transform
         store = store_path(out, slide_id)
-        np.testing.assert_array_equal(read_array(store, R.FEATURE_MAP), R.compute_feature_map(store, loaded))
+        np.testing.assert_array_equal(read_array(store, FEATURE_MAP), R.compute_feature_map(store, loaded))
 
     assert main(["reduce", "--out", str(out), "--reducer", str(out / "reducer"), "--method", "autoencoder"]) == 2
     assert "--method autoencoder (the reducer has pca) conflicts" in capsys.readouterr().err

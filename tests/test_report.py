@@ -10,11 +10,11 @@ import pytest
 
 from pipeline.describe import describe_slides
 from pipeline.heatmaps import save_overlay_png
-from pipeline.outputs import atomic_write_json
-from pipeline.parallel import LocalRunner
+from pipeline.core.outputs import atomic_write_json
+from pipeline.core.parallel import LocalRunner
 from pipeline.reduce import reduce_slides
 from pipeline.report import build_report
-from pipeline.store import read_array, read_attrs, store_path
+from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.tiling import TileGrid
 
 

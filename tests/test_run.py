@@ -11,7 +11,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.store import read_array, read_attrs
+from pipeline.core.store import read_array, read_attrs
 from pipeline.synthetic import cohort_plan, make_cohort
 from pipeline.tiling import TileGrid
 

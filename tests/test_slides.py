@@ -6,7 +6,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
+from pipeline.core.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
 from pipeline.slides import (best_level_for_downsample, find_slides, read_slide_info, read_thumbnail, rgba_to_rgb,
                              sanitize_slide_id, slide_fingerprint, slide_id_from_path)
 

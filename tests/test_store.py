@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.store import (PARTIAL_SUFFIX, array_attrs, create_partial_store, finalize_store, list_stores,
-                            open_store, package_versions, partial_path, progress_dir, read_array, read_attrs,
-                            slides_dir, store_is_current, store_path, write_array, write_descriptor_chunk)
+from pipeline.core.store import (PARTIAL_SUFFIX, array_attrs, create_partial_store, finalize_store, list_stores,
+                                 open_store, package_versions, partial_path, progress_dir, read_array, read_attrs,
+                                 slides_dir, store_is_current, store_path, write_array, write_descriptor_chunk)
 
 GRID = (5, 7)  # rows, cols of tiles
 DIMS = 3

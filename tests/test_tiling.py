@@ -2,8 +2,8 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.config import TilingConfig
-from pipeline.errors import MissingMppError, ResolutionTooLowError
+from pipeline.core.config import TilingConfig
+from pipeline.core.errors import MissingMppError, ResolutionTooLowError
 from pipeline.slides import read_slide_info
 from pipeline.tiling import TileGrid, iter_tile_batches, read_tile_row, tile_grid
 

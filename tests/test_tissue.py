@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import TilingConfig, TissueConfig
+from pipeline.core.config import TilingConfig, TissueConfig
 from pipeline.slides import read_slide_info
 from pipeline.tiling import tile_grid
 from pipeline.tissue import optical_density, tile_tissue_fraction, tissue_mask

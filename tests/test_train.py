@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.errors import MissingInputError
+from pipeline.core.config import config_from_dict
+from pipeline.core.errors import MissingInputError
 from pipeline.train import FoldResult, train
 
 from .conftest import make_map_cohort, planted_map, write_map_store
@@ -74,8 +74,9 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     ``cam.augment``, ``cam.smooth_cells: 1``) must hit on >= 80%: they hit 5/5 (15/20 of all positive maps; with the
     ``mixed10`` head instead 3/5). One plain pass must hit on >= 60%."""
     from pipeline.cam import default_cam_layer, slide_cam_with_models, split_model
-    from pipeline.config import CamConfig
-    from pipeline.evaluate import TrainedModel, read_feature_maps
+    from pipeline.core.config import CamConfig
+    from pipeline.evaluate import TrainedModel
+    from pipeline.core.maps import read_feature_maps
 
     out = trained["out"]
     info = json.loads((out / "model" / "model_info.json").read_text())
@@ -214,9 +215,9 @@ def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_
 
     import pipeline
     from pipeline.describe import describe_slides
-    from pipeline.parallel import LocalRunner
+    from pipeline.core.parallel import LocalRunner
     from pipeline.reduce import reduce_slides
-    from pipeline.store import read_attrs, store_path
+    from pipeline.core.store import read_attrs, store_path
 
     # a cohort described and reduced for real gives the reducer that ships with the model
     cohort = tmp_path / "cohort"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def analyse_slide(slide: str | Path, model_dir: str | Path, out_dir: str | Path, mpp_override: float | None = None,

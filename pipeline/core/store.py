@@ -24,7 +24,6 @@ the store and renamed, so readers never see half an array.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from importlib import metadata
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from .outputs import replace_directory
 
 SLIDES_DIR = "slides"
 PARTIAL_SUFFIX = ".partial"
@@ -48,6 +49,12 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def slide_id_of(store: str | Path) -> str:
+    """The slide id of a store path (``<slide_id>.zarr``)."""
+    name = Path(store).name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
 def slides_dir(out_dir: str | Path) -> Path:
@@ -137,13 +144,7 @@ def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, An
     final = store_path(out_dir, slide_id)
     group = zarr.open_group(str(partial), mode="r+")
     group.attrs.update({**extra_attrs, "complete": True})
-    trash = None
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-    os.replace(partial, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    replace_directory(partial, final)
     shutil.rmtree(progress_dir(out_dir, slide_id), ignore_errors=True)
     return final
 
@@ -159,14 +160,7 @@ def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple
     arr[...] = data
     if attrs:
         arr.attrs.update(attrs)
-    target = store / name
-    trash = None
-    if target.exists():
-        trash = store / f".{name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-    os.replace(store / tmp_name, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    replace_directory(store / tmp_name, store / name)
 
 
 def read_array(store: str | Path, name: str) -> np.ndarray:
@@ -186,3 +180,8 @@ def list_stores(out_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("*.zarr") if p.is_dir() and (read_attrs(p) or {}).get("complete"))
+
+
+def store_ids(out_dir: str | Path) -> set[str]:
+    """Slide ids of the complete stores in an output directory."""
+    return {(read_attrs(p) or {}).get("slide_id", p.name[:-len(".zarr")]) for p in list_stores(out_dir)}

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,6 +71,20 @@ def atomic_output_path(path: str | Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def replace_directory(new: str | Path, target: str | Path) -> Path:
+    """Move the complete directory ``new`` to ``target`` (same file system), replacing what is there: the old
+    directory is renamed aside first and removed afterwards, so ``target`` is always the old or the new one whole."""
+    new, target = Path(new), Path(target)
+    trash = None
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, trash)
+    os.replace(new, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return target
+
+
 class Manifest:
     """``OUT/manifest.json``: one record per slide plus run history. Saved atomically after every change."""
 
@@ -96,6 +112,15 @@ class Manifest:
         """Per-stage status of later stages lives under the slide's ``stages`` key."""
         record = self.slides.setdefault(slide_id, {})
         record.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        self.save()
+
+    def set_stage(self, slide_id: str, stage: str, record: dict) -> None:
+        """Replace a slide's record of ``stage`` (not saved: call ``save`` once after a batch of them)."""
+        self.slides.setdefault(slide_id, {}).setdefault("stages", {})[stage] = record
+
+    def record_run(self, command: str, summary: dict) -> None:
+        """Append a command's summary to the run history and save."""
+        self.data["runs"].append({"command": command, "finished": time.time(), **summary})
         self.save()
 
     def save(self) -> None:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .maps import FEATURE_MAP_FILL
 from .outputs import atomic_write_bytes
 
 WHITE = (255, 255, 255)
@@ -36,7 +37,7 @@ def background_cells(feature_map: np.ndarray, fill_value: float) -> np.ndarray:
     return np.any((fmap == np.float32(fill_value)) | ~np.isfinite(fmap), axis=-1)
 
 
-def feature_map_rgb(feature_map: np.ndarray, fill_value: float = -1.0, background: Sequence[int] = WHITE,
+def feature_map_rgb(feature_map: np.ndarray, fill_value: float = FEATURE_MAP_FILL, background: Sequence[int] = WHITE,
                     cmap: str = SINGLE_COMPONENT_CMAP) -> np.ndarray:
     """Feature map (rows, cols, K) with values in [0, 1] -> (rows, cols, 3) uint8, one pixel per cell.
 
@@ -97,7 +98,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, png_bytes(image))
 
 
-def save_feature_map_png(path: str | Path, feature_map: np.ndarray, fill_value: float = -1.0,
+def save_feature_map_png(path: str | Path, feature_map: np.ndarray, fill_value: float = FEATURE_MAP_FILL,
                          target_px: int = 512) -> Path:
     """The feature map as a picture (see ``feature_map_rgb``), enlarged for viewing (see ``display_factor``)."""
     rgb = feature_map_rgb(feature_map, fill_value)

@@ -136,6 +136,41 @@ class DaskRunner:
             future.release()
 
 
+@dataclass
+class Task:
+    """One task for ``run_bounded``: ``fn(*args)`` submitted with ``tag``."""
+
+    fn: Callable
+    args: tuple
+    tag: Any
+
+
+def in_flight_limit(runner, cluster: ClusterConfig) -> int:
+    """Tasks a stage keeps submitted at once: ``cluster.max_tasks_in_flight``, else four per worker thread."""
+    return cluster.max_tasks_in_flight or 4 * max(1, runner.capacity)
+
+
+def run_bounded(runner, next_task: Callable[[], Task | None], max_in_flight: int) -> Iterator[Done]:
+    """Keep up to ``max_in_flight`` tasks submitted and yield each one as it finishes.
+
+    ``next_task`` is asked for work whenever there is room, so the caller may add tasks (and decide their order) as
+    results come in; None means nothing to submit now. Ends when nothing is in flight and ``next_task`` has nothing.
+    """
+    in_flight = 0
+    while True:
+        while in_flight < max_in_flight:
+            task = next_task()
+            if task is None:
+                break
+            runner.submit(task.fn, *task.args, tag=task.tag)
+            in_flight += 1
+        if not in_flight:
+            return
+        done = runner.next_done()
+        in_flight -= 1
+        yield done
+
+
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which switches off glibc's adaptive mmap threshold: every
 # temporary array above 128 KiB then becomes a fresh mapping with page faults, and describe runs 2-3x slower on
 # workers (benchmarks/README.md). A fixed 32 MiB threshold restores the fast path for tile-sized temporaries.
