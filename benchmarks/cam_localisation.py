@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.core.store import list_stores, read_array, read_attrs  # noqa: E402
 from pipeline.synthetic import cohort_plan  # noqa: E402
-from pipeline.tiling import TileGrid  # noqa: E402
+from pipeline.slides.tiling import TileGrid  # noqa: E402
 
 
 def cell_truth(tissue, grid: TileGrid, samples: int = 4) -> tuple[np.ndarray, np.ndarray]:

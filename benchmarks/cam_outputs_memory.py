@@ -64,7 +64,7 @@ TARGET_RSS_MB = 1024
 
 
 def bench_grid(width: int, height: int):
-    from pipeline.tiling import TileGrid
+    from pipeline.slides.tiling import TileGrid
 
     ds = TARGET_MPP / SLIDE_MPP
     tile_l0 = TILE_PX * ds

@@ -68,8 +68,8 @@ def bench_slide(work_dir: Path, quick: bool, seed: int = 0) -> Path:
 
 
 def _load_kernels() -> None:
-    from pipeline.descriptors import stats_descriptors
-    from pipeline.slides import reduce_box
+    from pipeline.describe.descriptors import stats_descriptors
+    from pipeline.slides.pixels import reduce_box
 
     stats_descriptors(np.zeros((1, 8, 8, 3), np.uint8))
     for factor in (2, 3):
@@ -89,8 +89,8 @@ def warm_page_cache(path: Path) -> None:
 def read_block_pixels(path: str, grid_dict: dict, block: tuple[int, int, int, int], block_tiles: np.ndarray,
                       reader: dict) -> int:
     """Read the windows ``read_tile_row`` reads for the tissue tiles of one block; returns pixels read."""
-    from pipeline.readers import open_reader
-    from pipeline.tiling import TileGrid, tile_row_window
+    from pipeline.slides.reader_choice import open_reader
+    from pipeline.slides.tiling import TileGrid, tile_row_window
 
     grid = TileGrid.from_dict(grid_dict)
     r0, r1, c0, _ = block
@@ -170,7 +170,7 @@ def run_read_phase(runner, path: str, plan: dict, blocks: list, reader: dict) ->
 
 
 def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float, dict]:
-    from pipeline.describe import describe_slides
+    from pipeline.describe.runner import describe_slides
     from pipeline.core.outputs import Manifest
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -202,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from pipeline.core.config import PipelineConfig
-    from pipeline.describe import prepare_slide
+    from pipeline.describe.runner import prepare_slide
     from pipeline.core.parallel import default_worker_count, task_runner
-    from pipeline.readers import ReaderChoice
-    from pipeline.slides import read_slide_info
-    from pipeline.tiling import TileGrid
+    from pipeline.slides.reader_choice import ReaderChoice
+    from pipeline.slides.open import read_slide_info
+    from pipeline.slides.tiling import TileGrid
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     path = args.slide or bench_slide(args.work_dir, args.quick)

@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .core.config import PipelineConfig, load_config  # noqa: E402
-from .describe import describe_slide, describe_slides  # noqa: E402
-from .slides import read_slide_info  # noqa: E402
+from .describe.runner import describe_slide, describe_slides  # noqa: E402
+from .slides.open import read_slide_info  # noqa: E402
 
 __all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__"]
 

@@ -42,10 +42,10 @@ def _is_store(path: Path) -> bool:
 
 def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineConfig) -> Path:
     """Describe ``slide`` with the settings the model's training slides were described with; its store path."""
-    from .describe import describe_slides
+    from .describe.runner import describe_slides
     from .evaluate import describe_config_for
     from .core.parallel import LocalRunner
-    from .slides import slide_id_from_path
+    from .slides.open import slide_id_from_path
     from .core.store import store_path
 
     errors: dict = {}

@@ -90,7 +90,7 @@ def _fmt(value) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .slides import find_slides, read_slide_info
+    from .slides.open import find_slides, read_slide_info
 
     paths, _ = find_slides(args.slides)
     rows, failures = [], 0
@@ -127,7 +127,7 @@ def _print_summary(name: str, summary: dict, out: Path, log_path: Path | None) -
 
 
 def cmd_describe(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .describe import describe_slides
+    from .describe.runner import describe_slides
 
     log_path = setup_logging(args.out, "describe", args.verbose)
     summary = describe_slides(args.slides, args.out, config)
@@ -137,7 +137,7 @@ def cmd_describe(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .core.artefacts import RUN_CONFIG_NAME
-    from .describe import retry_failed
+    from .describe.runner import retry_failed
 
     if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
         # the last run's settings, with this command's overrides on top

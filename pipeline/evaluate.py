@@ -408,9 +408,9 @@ def predict_slides(slides: Sequence[str | Path], model_dir: str | Path, out_dir:
     "probabilities"}], "failed": {slide_id: error record}}. ``errors``, if given, is filled with slide id -> the
     exception that failed it. A failing slide never stops the others.
     """
-    from .describe import assign_slide_ids, describe_slides
+    from .describe.runner import assign_slide_ids, describe_slides
     from .reduce import load_reducer, map_slide
-    from .slides import find_slides
+    from .slides.open import find_slides
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     t0 = time.monotonic()

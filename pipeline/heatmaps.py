@@ -16,7 +16,7 @@ import numpy as np
 
 from .core.outputs import atomic_output_path, atomic_write_text
 from .core.pictures import colormap_lut
-from .tiling import TileGrid
+from .slides.tiling import TileGrid
 
 CMAP_NAME = "inferno"
 

@@ -51,7 +51,7 @@ def run_all(slides: list[str | Path], labels_csv: str | Path, out_dir: str | Pat
             config: PipelineConfig | None = None, progress: bool | None = None) -> dict:
     """The whole pipeline; returns a summary per stage and the report path."""
     from .cam import cam_slides
-    from .describe import describe_slides
+    from .describe.runner import describe_slides
     from .labels import read_labels
     from .reduce import reduce_slides
     from .report import build_report

@@ -10,12 +10,12 @@ import pytest
 
 import pipeline
 from pipeline.core.config import config_from_dict
-from pipeline.describe import describe_slides
+from pipeline.describe.runner import describe_slides
 from pipeline.core.parallel import LocalRunner
 from pipeline.reduce import reduce_slides
 from pipeline.core.store import array_attrs, read_array, read_attrs
 from pipeline.synthetic import make_cohort
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 from tests.conftest import REPO, write_test_slide
 
 TINY = config_from_dict({

@@ -12,12 +12,13 @@ import pytest
 
 import pipeline
 from pipeline.core.config import config_from_dict
-from pipeline.describe import describe_slides
-from pipeline.descriptors import STATS_FEATURE_NAMES, stats_descriptors
+from pipeline.describe.runner import describe_slides
+from pipeline.describe.stats import STATS_FEATURE_NAMES
+from pipeline.describe.descriptors import stats_descriptors
 from pipeline.core.errors import MissingMppError, NoTissueError
 from pipeline.core.parallel import LocalRunner, task_runner
 from pipeline.core.store import read_array, read_attrs, store_path
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 from tests.conftest import write_test_slide
 
 BIN = Path(sys.executable).parent
@@ -187,7 +188,7 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(small_slides, tmp_path, c
     assert sorted(p.name for p in (out / "slides").glob("*.zarr")) == ["Praparat_Nr_1.zarr", "good_one.zarr"]
 
     # retry with an override only redoes the failed ones; the no-mpp slide now succeeds
-    from pipeline.describe import retry_failed
+    from pipeline.describe.runner import retry_failed
 
     summary = retry_failed(out, config.with_overrides(tiling__mpp_override=0.25), runner=LocalRunner())
     manifest = json.loads((out / "manifest.json").read_text())

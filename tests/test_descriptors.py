@@ -4,8 +4,8 @@ from PIL import Image
 from skimage.color import rgb2hed
 
 from pipeline.core.config import DescriptorConfig
-from pipeline.descriptors import (STATS_FEATURE_NAMES, compute_descriptors, stats_descriptors,
-                                  stats_descriptors_numpy)
+from pipeline.describe.stats import STATS_FEATURE_NAMES, stats_descriptors_numpy
+from pipeline.describe.descriptors import compute_descriptors, stats_descriptors
 from tests.conftest import shared_file
 
 IDX = {name: i for i, name in enumerate(STATS_FEATURE_NAMES)}
@@ -51,9 +51,9 @@ def _numpy_reference(tiles):
 def test_compiled_kernel_equals_the_numpy_reference(he_tiles):
     """The numba kernel (one pass, bucket-select percentiles) against the plain numpy definitions, on real tiles and
     on the shapes that stress it: odd sizes, 1-2 px edges, flat tiles, a mostly-white tile, skewed values."""
-    import pipeline.descriptors as D
+    import pipeline.describe.stats_kernel as K
 
-    assert D._stats_kernel is not None  # numba is a dependency: the fast path must be the one in use
+    assert K.stats_kernel is not None  # numba is a dependency: the fast path must be the one in use
     rng = np.random.default_rng(0)
     white = np.full((2, 64, 64, 3), 242, np.uint8)
     white[:, 20:30, 10:50] = rng.integers(60, 200, (2, 10, 40, 3), dtype=np.uint8)

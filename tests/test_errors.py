@@ -119,7 +119,7 @@ def test_typed_errors_cross_a_dask_process_boundary(dask_client, tmp_path):
     import os
 
     from pipeline.core.errors import UnsupportedFormatError
-    from pipeline.slides import read_slide_info
+    from pipeline.slides.open import read_slide_info
 
     assert dask_client.submit(worker_pid, pure=False).result(timeout=60) != os.getpid()  # a separate process
     # a pipeline function failing on a worker

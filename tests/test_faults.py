@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from pipeline.core.config import config_from_dict
-from pipeline.describe import describe_slides
+from pipeline.describe.runner import describe_slides
 from pipeline.core.outputs import LOCK_NAME
 from pipeline.core.parallel import LocalRunner, task_runner
 from pipeline.core.store import list_stores, progress_dir, read_array, read_attrs, store_path
@@ -44,7 +44,7 @@ SLOW_BLOCKS = """
 # Dask may run a preload more than once in a process: wrap the real function, never an earlier wrapper.
 import time
 
-import pipeline.describe as _describe
+import pipeline.describe.runner as _describe
 
 
 def _install(real):

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.heatmaps import (CMAP_NAME, colorize, hot_region_polygons, render_scores, save_contact_sheet,
                                save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson)
 from pipeline.core.pictures import colormap_lut
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 
 EXPECTATIONS = Path(__file__).parent / "expectations"
 

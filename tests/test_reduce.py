@@ -16,14 +16,14 @@ from pipeline import reduce as R
 from pipeline.cli import main
 from pipeline.core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
 from pipeline.core.config import PipelineConfig, ReduceConfig
-from pipeline.describe import describe_slides
+from pipeline.describe.runner import describe_slides
 from pipeline.core.errors import ReducerError, ReducerMismatchError
 from pipeline.core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.pictures import display_factor
 from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path
 from pipeline.synthetic import SyntheticTissue, write_slide
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 
 # 0.25 µm/px slides, 64-px tiles at 0.5 µm/px: a 2048 x 1536 slide is a 12 x 16 grid.
 SLIDES = {

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.core.store import read_array, read_attrs
 from pipeline.synthetic import cohort_plan, make_cohort
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 
 BIN = Path(sys.executable).parent
 CONFIG = """

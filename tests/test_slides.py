@@ -7,8 +7,8 @@ import openslide
 import pytest
 
 from pipeline.core.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
-from pipeline.slides import (best_level_for_downsample, find_slides, read_slide_info, read_thumbnail, rgba_to_rgb,
-                             sanitize_slide_id, slide_fingerprint, slide_id_from_path)
+from pipeline.slides.pixels import best_level_for_downsample, read_thumbnail, rgba_to_rgb
+from pipeline.slides.open import find_slides, read_slide_info, sanitize_slide_id, slide_fingerprint, slide_id_from_path
 
 
 def test_aperio_metadata(cmu_slide):
@@ -153,7 +153,7 @@ def test_inspect_cli_table(fixtures_dir):
 
 def test_reduce_box_equals_pil_reduce_for_every_factor():
     """The compiled whole-factor shrink (and its numpy fallback) give exactly PIL's Image.reduce pixels."""
-    import pipeline.slides as slides_mod
+    import pipeline.slides.pixels as slides_mod
     from PIL import Image
 
     rng = np.random.default_rng(0)

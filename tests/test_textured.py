@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.tiling import TileGrid
+from pipeline.slides.tiling import TileGrid
 from tests.conftest import shared_file
 
 W, H = 1200, 1000  # small slides keep the module fast (~0.1 s per render)

@@ -4,8 +4,8 @@ import pytest
 
 from pipeline.core.config import TilingConfig
 from pipeline.core.errors import MissingMppError, ResolutionTooLowError
-from pipeline.slides import read_slide_info
-from pipeline.tiling import TileGrid, iter_tile_batches, read_tile_row, tile_grid
+from pipeline.slides.open import read_slide_info
+from pipeline.slides.tiling import TileGrid, iter_tile_batches, read_tile_row, tile_grid
 
 
 def test_grid_geometry_real_slide(cmu_slide):

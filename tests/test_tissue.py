@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from pipeline.core.config import TilingConfig, TissueConfig
-from pipeline.slides import read_slide_info
-from pipeline.tiling import tile_grid
-from pipeline.tissue import optical_density, tile_tissue_fraction, tissue_mask
+from pipeline.slides.open import read_slide_info
+from pipeline.slides.tiling import tile_grid
+from pipeline.slides.tissue import optical_density, tile_tissue_fraction, tissue_mask
 from tests.conftest import shared_file
 
 
@@ -76,7 +76,7 @@ def test_tile_fraction_matches_brute_force(cmu_slide):
 def test_real_slide_mask_is_plausible(cmu_slide):
     import openslide
 
-    from pipeline.slides import read_thumbnail
+    from pipeline.slides.pixels import read_thumbnail
 
     with openslide.OpenSlide(str(cmu_slide)) as handle:
         thumb = read_thumbnail(handle, 16)
@@ -90,7 +90,7 @@ def test_real_slide_mask_is_plausible(cmu_slide):
 def test_saturation_equals_scikit_image_hsv():
     from skimage import color
 
-    from pipeline.tissue import saturation
+    from pipeline.slides.tissue import saturation
 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)

@@ -214,7 +214,7 @@ def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_
     import shutil
 
     import pipeline
-    from pipeline.describe import describe_slides
+    from pipeline.describe.runner import describe_slides
     from pipeline.core.parallel import LocalRunner
     from pipeline.reduce import reduce_slides
     from pipeline.core.store import read_attrs, store_path

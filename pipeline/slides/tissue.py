@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from skimage import filters, morphology
 
-from .core.config import TissueConfig
+from ..core.config import TissueConfig
 from .tiling import TileGrid
 
 

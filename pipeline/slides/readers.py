@@ -39,10 +39,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .core.errors import DirectReadUnsupportedError, TileReadError
-from .slides import SlideInfo, _open_handle, read_level_region
-
-READER_KINDS = ("auto", "openslide", "tiff")
+from ..core.errors import DirectReadUnsupportedError, TileReadError
+from .open import open_handle
+from .pixels import read_level_region
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages (one page per level, no extra geometry).
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -105,7 +104,7 @@ class OpenSlideReader(TileReader):
     def __init__(self, path: str | Path, handle=None):
         self.path = str(path)
         self._own = handle is None
-        self._handle = _open_handle(Path(path))[0] if handle is None else handle
+        self._handle = open_handle(Path(path))[0] if handle is None else handle
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
 
@@ -349,105 +348,3 @@ class TiffTileReader(TileReader):
             self._fd = -1
         self._cache.clear()
         self._cache_bytes = 0
-
-
-# --- choosing and opening -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReaderChoice:
-    """The reader a slide's tasks use (plain data: it travels to workers with the tasks)."""
-
-    kind: str                                   # "openslide" or "tiff"
-    requested: str                              # "auto", "openslide" or "tiff"
-    reason: str
-    level_dimensions: tuple[tuple[int, int], ...]
-    level_downsamples: tuple[float, ...]
-
-    @property
-    def fallback(self) -> bool:
-        return self.requested == "auto"
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "requested": self.requested, "reason": self.reason,
-                "level_dimensions": [list(d) for d in self.level_dimensions],
-                "level_downsamples": list(self.level_downsamples)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ReaderChoice":
-        return cls(kind=data["kind"], requested=data["requested"], reason=data.get("reason", ""),
-                   level_dimensions=tuple(tuple(int(v) for v in d) for d in data["level_dimensions"]),
-                   level_downsamples=tuple(float(d) for d in data["level_downsamples"]))
-
-
-def direct_read_problem(info: SlideInfo) -> str | None:
-    """Why this slide cannot use the direct TIFF reader (None when it can)."""
-    if info.backend != "openslide":
-        return f"read through the {info.backend} fallback, not a tiled TIFF"
-    if info.vendor not in DIRECT_VENDORS:
-        return f"OpenSlide vendor '{info.vendor}' is not one of {sorted(DIRECT_VENDORS)}"
-    try:
-        TiffTileReader(info.path, info.level_dimensions, info.level_downsamples).close()
-    except DirectReadUnsupportedError as err:
-        return err.detail
-    return None
-
-
-def _probe_regions(reader: TiffTileReader) -> list[tuple[int, int, int, int, int]]:
-    """(level, x_l0, y_l0, w, h) regions compared between readers before ``auto`` trusts the direct one: a native
-    tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample)."""
-    lp = reader._levels[0]
-    tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
-    regions = [(0, tx * lp.tile_w, ty * lp.tile_h, min(lp.tile_w, lp.width - tx * lp.tile_w),
-                min(lp.tile_h, lp.height - ty * lp.tile_h))]
-    for level in range(1, reader.level_count):
-        w, h = reader.level_dimensions[level]
-        regions.append((level, 0, 0, min(w, reader._levels[level].tile_w), min(h, reader._levels[level].tile_h)))
-    return regions
-
-
-def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None) -> ReaderChoice:
-    """The reader for one slide: ``openslide``, ``tiff`` (the slide must qualify), or ``auto``.
-
-    ``auto`` uses the direct reader when the slide qualifies, the tiles are read from a level the direct reader
-    decodes itself (``read_level`` has a whole-number downsample) and its probe regions decode to exactly OpenSlide's
-    pixels; else OpenSlide. ``reason`` says why. Runs where the slide is prepared (a worker).
-    """
-    if requested not in READER_KINDS:
-        raise ValueError(f"unknown reader {requested!r}; expected one of {READER_KINDS}")
-
-    def choice(kind: str, reason: str) -> ReaderChoice:
-        return ReaderChoice(kind, requested, reason, info.level_dimensions, info.level_downsamples)
-
-    if requested == "openslide":
-        return choice("openslide", "requested")
-    problem = direct_read_problem(info)
-    if problem is not None:
-        if requested == "tiff":
-            raise DirectReadUnsupportedError(f"the direct TIFF reader cannot read it: {problem}", path=info.path)
-        return choice("openslide", problem)
-    if requested == "tiff":
-        return choice("tiff", "requested")
-    if read_level is not None and not float(info.level_downsamples[read_level]).is_integer():
-        return choice("openslide", f"tiles are read from level {read_level}, whose downsample "
-                                   f"{info.level_downsamples[read_level]:.6g} is fractional: OpenSlide interpolates "
-                                   "sub-pixel positions there, which only OpenSlide reproduces")
-    try:
-        with TiffTileReader(info.path, info.level_dimensions, info.level_downsamples) as direct, \
-                OpenSlideReader(info.path) as reference:
-            for region in _probe_regions(direct):
-                if not np.array_equal(direct.read_region(*region), reference.read_region(*region)):
-                    return choice("openslide", f"direct decode differs from OpenSlide at level {region[0]} "
-                                               f"({region[1]}, {region[2]})")
-    except (DirectReadUnsupportedError, TileReadError) as err:
-        return choice("openslide", f"direct probe failed: {err.detail}")
-    return choice("tiff", "qualified: tiled TIFF pages, probe tiles identical to OpenSlide")
-
-
-def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> TileReader:
-    """Open the chosen reader for one task (use as a context manager); ``None`` = OpenSlide."""
-    if isinstance(choice, dict):
-        choice = ReaderChoice.from_dict(choice)
-    if choice is None or choice.kind == "openslide":
-        return OpenSlideReader(path)
-    return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback)

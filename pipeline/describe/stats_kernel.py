@@ -1,157 +1,15 @@
-"""One descriptor vector per tile, computed over whole batches of tiles at once.
-
-``stats`` (default, fast, no model): colour statistics in RGB and in the haematoxylin-eosin-DAB stain space
-(colour deconvolution with scikit-image's Ruifrok & Johnston matrix), grey-level percentiles and entropy, and
-gradient/Laplacian texture statistics. 25 numbers per tile, all float32. Computed by a numba kernel (one pass over
-the pixels per tile plus exact bucket-select percentiles, ~2.5x faster than the numpy version, which stays as the
-reference the tests compare it with and as the fallback where numba is missing).
-
-``cnn``: global-average-pooled features of a Keras ImageNet backbone, batched (on GPU when there is one). The model is
-built once per worker process.
+"""The compiled ``stats`` kernel: the 25 features of ``pipeline.describe.stats`` for a batch of tiles in one numba
+pass per tile (``stats_kernel`` is None where numba is missing).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
-from skimage.color import hed_from_rgb
 
-from .core.config import DescriptorConfig
-from .core.jit import njit
-
-STATS_FEATURE_NAMES: tuple[str, ...] = (
-    "rgb_mean_r", "rgb_mean_g", "rgb_mean_b", "rgb_std_r", "rgb_std_g", "rgb_std_b",
-    "hed_mean_h", "hed_mean_e", "hed_mean_d", "hed_std_h", "hed_std_e", "hed_std_d",
-    "hed_p90_h", "nuclear_fraction",
-    "sat_mean", "sat_std",
-    "gray_p10", "gray_p50", "gray_p90", "gray_entropy",
-    "grad_mean", "grad_std", "grad_p90", "laplacian_abs_mean", "od_sum_mean",
-)
-
-# A pixel counts as nuclear (haematoxylin-rich) above this H optical density (scikit-image's HED scale).
-NUCLEAR_H_THRESHOLD = 0.05
-ENTROPY_BINS = 16
-
-
-def hed_stains(rgb: np.ndarray) -> np.ndarray:
-    """Colour deconvolution into H, E, DAB (same formula as ``skimage.color.rgb2hed``, in float32 for memory)."""
-    x = np.maximum(rgb.astype(np.float32) / 255.0, 1e-6)
-    log_adjust = np.float32(np.log(1e-6))
-    stains = (np.log(x) / log_adjust) @ hed_from_rgb.astype(np.float32)
-    return np.maximum(stains, 0.0)
-
-
-# Per-channel-value lookup tables: every per-pixel quantity below that depends on one channel is a gather, with the
-# same float32 arithmetic as the direct formula (hed_stains, the ITU-R 601 luma, optical density).
-_VALUES = np.arange(256, dtype=np.float32)
-_VALUES64 = _VALUES.astype(np.float64)
-_HED_LOG_LUT = np.log(np.maximum(_VALUES / 255.0, 1e-6)) / np.float32(np.log(1e-6))
-_HED_MATRIX = hed_from_rgb.astype(np.float32)
-_OD_LUT64 = (-np.log10(np.maximum(_VALUES, 1.0) / 255.0)).astype(np.float64)
-_LUMA_LUTS = (_VALUES * np.float32(0.299), _VALUES * np.float32(0.587), _VALUES * np.float32(0.114))
-
-
-def _quantiles(values: np.ndarray, qs: list[float]) -> np.ndarray:
-    """``np.quantile(values, qs)`` (method 'linear') of a 1-D array; may reorder ``values`` in place.
-
-    One quantile: one partition plus a min (a partition with several kth is slower than a sort); several: one sort.
-    """
-    n = values.size
-    if n == 0:
-        return np.full(len(qs), np.nan)
-    pos = np.asarray(qs, dtype=np.float64) * (n - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    if len(qs) == 1:
-        k = int(lo[0])
-        values.partition(k)
-        a = np.array([values[k]], dtype=np.float64)
-        b = np.array([values[k + 1:].min() if k + 1 < n else values[k]], dtype=np.float64)
-    else:
-        ordered = np.sort(values)
-        a, b = ordered[lo].astype(np.float64), ordered[hi].astype(np.float64)
-    t = pos - lo
-    return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's lerp, symmetric in a and b
-
-
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
-    return (float(values.mean()), float(values.std())) if values.size else (np.nan, np.nan)
-
-
-def _tile_stats_numpy(tile: np.ndarray, out: np.ndarray) -> None:
-    """The 25 statistics of one (h, w, 3) uint8 tile into ``out`` (float64).
-
-    One tile at a time, channel-planar: each array is ~64-256 KB, so passes stay in cache, and every reduction runs
-    over a contiguous axis (reductions across the 3-channel axis of a (n, h*w, 3) batch are 10-30x slower).
-    """
-    h, w, _ = tile.shape
-    npx = h * w
-    planar = np.ascontiguousarray(tile.reshape(npx, 3).T)            # (3, npx) uint8
-    od_sum = 0.0
-    for c in range(3):
-        # exact sums from the channel histogram (float32 sums over 65k pixels drift by ~1e-4)
-        hist = np.bincount(planar[c], minlength=256).astype(np.float64)
-        mean = hist @ _VALUES64 / npx
-        out[c] = mean
-        out[3 + c] = np.sqrt(hist @ (_VALUES64 - mean) ** 2 / npx)
-        od_sum += hist @ _OD_LUT64
-    logs = _HED_LOG_LUT[planar]                                         # (3, npx) float32, as hed_stains
-    hed = np.empty_like(logs)
-    for i in range(3):  # the 3x3 product by hand: a BLAS call this small costs more in thread hand-offs than work
-        np.multiply(logs[0], _HED_MATRIX[0, i], out=hed[i])
-        hed[i] += logs[1] * _HED_MATRIX[1, i]
-        hed[i] += logs[2] * _HED_MATRIX[2, i]
-    np.maximum(hed, 0.0, out=hed)
-    out[6:9] = hed.mean(axis=1)
-    out[9:12] = hed.std(axis=1)
-    h_channel = hed[0]
-    out[13] = np.count_nonzero(h_channel > NUCLEAR_H_THRESHOLD) / npx
-    out[12] = _quantiles(h_channel, [0.9])[0]
-    r, g, b = planar
-    cmax = np.maximum(np.maximum(r, g), b).astype(np.float32)
-    cmin = np.minimum(np.minimum(r, g), b)
-    saturation = (cmax - cmin) / np.maximum(cmax, np.float32(1e-6))     # 0 where cmax == 0 (cmin is 0 there too)
-    out[14], out[15] = _mean_std(saturation)
-    # ITU-R 601 luma, as PIL's "L" conversion
-    gray = (_LUMA_LUTS[0][r] + _LUMA_LUTS[1][g] + _LUMA_LUTS[2][b]).reshape(h, w)
-    bins = np.minimum((gray.ravel() * np.float32(ENTROPY_BINS / 256.0)).astype(np.int64), ENTROPY_BINS - 1)
-    prob = np.bincount(bins, minlength=ENTROPY_BINS) / npx
-    prob = prob[prob > 0]
-    out[19] = -np.sum(prob * np.log2(prob))
-    gx = gray[:-1, 1:] - gray[:-1, :-1]
-    gy = gray[1:, :-1] - gray[:-1, :-1]
-    grad = np.sqrt(gx * gx + gy * gy).ravel()
-    out[20], out[21] = _mean_std(grad)
-    lap = (gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1] - 4.0 * gray[1:-1, 1:-1])
-    out[23] = np.abs(lap).mean() if lap.size else np.nan
-    out[24] = od_sum / npx
-    out[16:19] = _quantiles(gray.ravel(), [0.1, 0.5, 0.9])  # last: partitions gray in place
-    out[22] = _quantiles(grad, [0.9])[0]
-
-
-def stats_descriptors(tiles: np.ndarray) -> np.ndarray:
-    """(n, h, w, 3) uint8 RGB tiles -> (n, 25) float32, columns named by ``STATS_FEATURE_NAMES``."""
-    tiles = np.asarray(tiles)
-    if tiles.ndim != 4 or tiles.shape[-1] != 3:
-        raise ValueError(f"expected (n, h, w, 3) RGB tiles, got shape {tiles.shape}")
-    if tiles.dtype != np.uint8:
-        tiles = np.clip(tiles, 0, 255).astype(np.uint8)
-    out = np.empty((tiles.shape[0], len(STATS_FEATURE_NAMES)), dtype=np.float64)
-    if _stats_kernel is not None and tiles.shape[0]:
-        _stats_kernel(np.ascontiguousarray(tiles), out, _HED_LOG_LUT, _HED_MATRIX, _OD_LUT64, *_LUMA_LUTS,
-                      np.float32(NUCLEAR_H_THRESHOLD), ENTROPY_BINS)
-    else:
-        stats_descriptors_numpy(tiles, out)
-    return out.astype(np.float32)
-
-
-def stats_descriptors_numpy(tiles: np.ndarray, out: np.ndarray) -> None:
-    """The numpy reference of the stats kernel (same definitions; used where numba is not installed)."""
-    for i in range(tiles.shape[0]):
-        _tile_stats_numpy(tiles[i], out[i])
-
+from ..core.jit import njit
+from .stats import ENTROPY_BINS, HED_LOG_LUT, HED_MATRIX
 
 # --- the numba kernel ----------------------------------------------------------------------------------------------
 # Same quantities and float32 arithmetic as _tile_stats_numpy; sums in float64 (one pass, so standard deviations use
@@ -161,10 +19,10 @@ def stats_descriptors_numpy(tiles: np.ndarray, out: np.ndarray) -> None:
 
 _SORT_MAX = 2048
 _BUCKETS = 4096
-# the entropy histogram is read off the grey buckets (see _stats_kernel): its bins must be whole runs of buckets
+# the entropy histogram is read off the grey buckets (see stats_kernel): its bins must be whole runs of buckets
 assert _BUCKETS % ENTROPY_BINS == 0 and ENTROPY_BINS & (ENTROPY_BINS - 1) == 0
 # an upper bound of the H stain value (LUT values are in [0, 1]): only sizes the percentile buckets
-_H_BOUND = float(np.maximum(_HED_MATRIX[:, 0], 0).sum() * _HED_LOG_LUT.max()) + 1e-3
+_H_BOUND = float(np.maximum(HED_MATRIX[:, 0], 0).sum() * HED_LOG_LUT.max()) + 1e-3
 
 
 @njit
@@ -311,7 +169,7 @@ def _laplacian_abs_sum(gray):
 
 
 @njit
-def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, luma_b, nuclear_thr, entropy_bins):
+def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, luma_b, nuclear_thr, entropy_bins):
     """The 25 statistics of each (h, w, 3) uint8 tile of ``tiles`` into ``out`` (n, 25) float64.
 
     The per-pixel loop has no scattered writes (histogram increments there cost more than all the arithmetic): RGB
@@ -448,44 +306,3 @@ def _stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, l
         o[19] = e
         # last: the narrowing path of the selection reuses gray_counts as scratch
         _quantiles_exact(flat_gray, gray_buckets, npx, gray_counts, q_gray, scratch, o, 16)
-
-
-@functools.lru_cache(maxsize=2)
-def _cnn_model(backbone: str, weights: str | None, input_px: int):
-    # Imported here: Keras (and its backend) is heavy and only the cnn descriptor needs it.
-    import keras
-
-    constructor = getattr(keras.applications, backbone)
-    return constructor(include_top=False, weights=weights, input_shape=(input_px, input_px, 3), pooling="avg")
-
-
-_PREPROCESS_MODULES = {
-    "InceptionV3": "inception_v3", "MobileNetV2": "mobilenet_v2", "ResNet50": "resnet50",
-    "EfficientNetB0": "efficientnet", "DenseNet121": "densenet",
-}
-
-
-def cnn_descriptors(tiles: np.ndarray, config: DescriptorConfig) -> np.ndarray:
-    """(n, h, w, 3) uint8 -> (n, d) float32 pooled backbone features."""
-    import keras
-
-    model = _cnn_model(config.cnn_backbone, config.cnn_weights, config.cnn_input_px)
-    module = getattr(keras.applications, _PREPROCESS_MODULES[config.cnn_backbone])
-    x = keras.ops.convert_to_tensor(np.asarray(tiles, dtype=np.float32))
-    if tiles.shape[1] != config.cnn_input_px or tiles.shape[2] != config.cnn_input_px:
-        x = keras.ops.image.resize(x, (config.cnn_input_px, config.cnn_input_px), antialias=True)
-    x = module.preprocess_input(x)
-    return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype=np.float32)
-
-
-def descriptor_names(config: DescriptorConfig) -> list[str]:
-    if config.name == "stats":
-        return list(STATS_FEATURE_NAMES)
-    dims = int(_cnn_model(config.cnn_backbone, config.cnn_weights, config.cnn_input_px).output_shape[-1])
-    return [f"{config.cnn_backbone.lower()}_{i}" for i in range(dims)]
-
-
-def compute_descriptors(tiles: np.ndarray, config: DescriptorConfig) -> np.ndarray:
-    if config.name == "stats":
-        return stats_descriptors(tiles)
-    return cnn_descriptors(tiles, config)

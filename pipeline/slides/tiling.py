@@ -14,10 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .core.config import TilingConfig
-from .core.errors import ResolutionTooLowError
+from ..core.config import TilingConfig
+from ..core.errors import ResolutionTooLowError
 from .readers import as_reader
-from .slides import SlideInfo, best_level_for_downsample, resample_boxes
+from .open import SlideInfo
+from .pixels import best_level_for_downsample, resample_boxes
 
 
 @dataclass(frozen=True)
