@@ -51,7 +51,7 @@ def test_recipe_follows_the_weights_and_fills_only_unset_keys(tmp_path):
         assert (tuned.recipe, tuned.head_block, tuned.input_px, tuned.size_strategy) == (
             "finetune", "mixed10", 299, "resize")
     own = config_from_dict({"train": {"head_block": "mixed1", "input_px": 128}}).train
-    assert (own.recipe, own.head_block, own.input_px, own.pooling) == ("scratch", "mixed1", 128, "max")
+    assert (own.recipe, own.head_block, own.input_px, own.pooling) == ("scratch", "mixed1", 128, "avg")
     # an explicit recipe wins over the weights, and a dumped config validates to the same settings
     assert config_from_dict({"train": {"recipe": "finetune"}}).train.input_px == 299
     assert type(scratch).model_validate(scratch.model_dump()) == scratch

@@ -134,8 +134,9 @@ SCRATCH_DEFAULTS: dict[str, Any] = {
     "unfreeze_from": "mixed0",
     "size_strategy": "pad",
     "input_px": 96,
-    "pooling": "max",
-    "crop_fraction": 1.0,
+    "pooling": "avg",
+    "crop_fraction": 1.0,  # a random crop can cut a small lesion out of a positive slide's map
+    "tta": True,
 }
 
 
@@ -188,7 +189,7 @@ class TrainConfig(_Section):
     seed: int = 0
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto = mixed float16 on GPU only")
     pooling: Literal["avg", "max"] = Field("avg", description="global pooling of the head block's features")
-    epochs: int = Field(30, ge=1, description="scratch: end-to-end training epochs (best validation epoch kept)")
+    epochs: int = Field(60, ge=1, description="scratch: end-to-end training epochs (best validation epoch kept)")
     learning_rate: float = Field(1e-3, gt=0, description="scratch: peak learning rate of the cosine schedule")
 
     @model_validator(mode="before")
