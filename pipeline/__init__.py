@@ -27,7 +27,8 @@ from .evaluate import predict_slide  # noqa: E402  (describe + map + predict one
 
 __all__ += ["predict_slide"]
 
-from .reduce import load_reducer, map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
+from .reduce.reducers import load_reducer  # noqa: E402  (one slide's feature map with a saved reducer)
+from .reduce.maps import map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
 
 __all__ += ["map_slide", "load_reducer"]
 

@@ -62,7 +62,8 @@ def _ensure_feature_map(store: Path, model_dir: Path) -> None:
     from .core.errors import MissingInputError
     from .core.artefacts import REDUCER_DIR
     from .core.maps import has_feature_map
-    from .reduce import load_reducer, map_is_current, map_slide
+    from .reduce.reducers import load_reducer
+    from .reduce.maps import map_is_current, map_slide
 
     reducer_dir = model_dir / REDUCER_DIR
     if (reducer_dir / "reducer.json").is_file():

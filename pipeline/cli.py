@@ -160,7 +160,8 @@ def _add_reduce_parser(sub) -> None:
 
 def cmd_reduce(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .core.artefacts import MAPS_DIR, REDUCER_DIR, RUN_CONFIG_NAME
-    from .reduce import load_reducer, reduce_slides
+    from .reduce.reducers import load_reducer
+    from .reduce.runner import reduce_slides
 
     if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
         # the settings the slides were described with, with this command's overrides on top

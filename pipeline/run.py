@@ -53,7 +53,7 @@ def run_all(slides: list[str | Path], labels_csv: str | Path, out_dir: str | Pat
     from .cam import cam_slides
     from .describe.runner import describe_slides
     from .labels import read_labels
-    from .reduce import reduce_slides
+    from .reduce.runner import reduce_slides
     from .report import build_report
     from .train import train
 

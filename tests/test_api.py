@@ -12,7 +12,7 @@ import pipeline
 from pipeline.core.config import config_from_dict
 from pipeline.describe.runner import describe_slides
 from pipeline.core.parallel import LocalRunner
-from pipeline.reduce import reduce_slides
+from pipeline.reduce.runner import reduce_slides
 from pipeline.core.store import array_attrs, read_array, read_attrs
 from pipeline.synthetic import make_cohort
 from pipeline.slides.tiling import TileGrid

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import reduce as R
+from pipeline.reduce import fitting
+from pipeline.reduce.fitting import fit_on_sample, fit_pca_on_sample, fit_reducer
+from pipeline.reduce.maps import compute_feature_map, map_slide
+from pipeline.reduce.reducers import (AUTOENCODER_FILE, REDUCER_ARRAYS, REDUCER_JSON, AutoencoderReducer,
+                                      descriptor_signature, load_reducer)
+from pipeline.reduce.runner import reduce_slides
+from pipeline.reduce.sampling import collect_sample, reduce_settings_hash
 from pipeline.cli import main
 from pipeline.core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
 from pipeline.core.config import PipelineConfig, ReduceConfig
@@ -65,7 +71,7 @@ def tissue_count(out, slide_id) -> int:
 def reduced(described, tmp_path_factory):
     """The described cohort mapped once with PCA, K = 3 (read-only for the tests that use it)."""
     out = fresh_copy(described, tmp_path_factory.mktemp("reduced"))
-    summary = R.reduce_slides(out, CONFIG, runner=LocalRunner(), progress=False)
+    summary = reduce_slides(out, CONFIG, runner=LocalRunner(), progress=False)
     return out, summary
 
 
@@ -78,13 +84,13 @@ def test_fit_sample_is_bounded_per_slide_and_pca_matches_sklearn(described):
 
     out, _ = described
     stores = list_stores(out)
-    sample, descriptor, info = R.collect_sample(stores, CONFIG)
+    sample, descriptor, info = collect_sample(stores, CONFIG)
     assert tissue_count(out, "big") > 3 * SAMPLE_PER_SLIDE
     assert info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE  # the big slide does not dominate
     assert info["sample_tiles"]["sparse"] == tissue_count(out, "sparse") < 20
-    assert descriptor == R.descriptor_signature(read_attrs(stores[0]))
+    assert descriptor == descriptor_signature(read_attrs(stores[0]))
 
-    reducer = R.fit_reducer(stores, CONFIG)
+    reducer = fit_reducer(stores, CONFIG)
     assert reducer.fit_info["sample_rows"] == len(sample)
     z = StandardScaler().fit_transform(sample.astype(np.float64))
     sk = PCA(n_components=3).fit(z)
@@ -106,9 +112,9 @@ def test_incremental_pca_agrees_with_exact_pca(monkeypatch):
     rng = np.random.default_rng(0)
     basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
     x = ((rng.normal(size=(3000, 12)) * [6, 4, 2.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]) @ basis.T + 10).astype(np.float32)
-    exact = R.fit_pca_on_sample(x, ReduceConfig(components=3))
-    monkeypatch.setattr(R, "IPCA_BATCH_BYTES", 8 * 12 * 400)  # 400-row batches
-    inc = R.fit_pca_on_sample(x, ReduceConfig(components=3, incremental_above_mb=0.01))
+    exact = fit_pca_on_sample(x, ReduceConfig(components=3))
+    monkeypatch.setattr(fitting, "IPCA_BATCH_BYTES", 8 * 12 * 400)  # 400-row batches
+    inc = fit_pca_on_sample(x, ReduceConfig(components=3, incremental_above_mb=0.01))
     assert exact.fit_info["solver"].startswith("PCA") and inc.fit_info["solver"].startswith("IncrementalPCA")
     np.testing.assert_allclose(inc.components_matrix, exact.components_matrix, atol=2e-3)
     assert np.abs(inc.transform(x) - exact.transform(x)).max() < 0.01
@@ -125,17 +131,17 @@ def test_autoencoder_reconstructs_a_curve_better_than_one_pca_component(tmp_path
     train, test = curve(1500), curve(500)
     cfg = ReduceConfig(method="autoencoder", components=1, ae_hidden_units=32, ae_epochs=100, ae_batch_size=128,
                        ae_learning_rate=1e-2, ae_patience=10)
-    ae = R.fit_on_sample(train, cfg)
-    pca = R.fit_on_sample(train, ReduceConfig(method="pca", components=1))
+    ae = fit_on_sample(train, cfg)
+    pca = fit_on_sample(train, ReduceConfig(method="pca", components=1))
     ae_err = np.mean((ae.reconstruct(test) - test) ** 2)
     pca_err = np.mean((pca.reconstruct(test) - test) ** 2)
     assert ae_err < 0.5 * pca_err, (ae_err, pca_err)
     assert ae.fit_info["training"]["epochs_run"] <= 100
 
     ae.save(tmp_path / "ae")
-    assert {p.name for p in (tmp_path / "ae").iterdir()} == {R.REDUCER_JSON, R.REDUCER_ARRAYS, R.AUTOENCODER_FILE}
-    loaded = R.load_reducer(tmp_path / "ae")
-    assert isinstance(loaded, R.AutoencoderReducer) and loaded.hash == ae.hash
+    assert {p.name for p in (tmp_path / "ae").iterdir()} == {REDUCER_JSON, REDUCER_ARRAYS, AUTOENCODER_FILE}
+    loaded = load_reducer(tmp_path / "ae")
+    assert isinstance(loaded, AutoencoderReducer) and loaded.hash == ae.hash
     np.testing.assert_array_equal(loaded.transform(test), ae.transform(test))
 
 
@@ -145,7 +151,7 @@ def test_autoencoder_reconstructs_a_curve_better_than_one_pca_component(tmp_path
 def test_reduce_writes_contract_maps_for_all_sizes(reduced):
     out, summary = reduced
     assert summary["done"] == len(SLIDES) and summary["failed"] == 0 and summary["reducer"] == "fitted"
-    reducer = R.load_reducer(out / REDUCER_DIR)
+    reducer = load_reducer(out / REDUCER_DIR)
     manifest = json.loads((out / "manifest.json").read_text())
     for slide_id in SLIDES:
         store = store_path(out, slide_id)
@@ -158,7 +164,7 @@ def test_reduce_writes_contract_maps_for_all_sizes(reduced):
         attrs = array_attrs(store, FEATURE_MAP)
         assert {k: attrs[k] for k in ("method", "components", "reducer_hash", "fill_value")} == {
             "method": "pca", "components": 3, "reducer_hash": reducer.hash, "fill_value": -1.0}
-        assert attrs["config_hash"] == R.reduce_settings_hash(CONFIG.reduce)
+        assert attrs["config_hash"] == reduce_settings_hash(CONFIG.reduce)
         picture = Image.open(out / MAPS_DIR / f"{slide_id}.png")
         f = display_factor(grid["rows"], grid["cols"])
         assert picture.size == (grid["cols"] * f, grid["rows"] * f)
@@ -192,26 +198,26 @@ def test_planted_lesion_separates_in_the_map(reduced, described):
 def test_saved_reducer_gives_identical_maps_and_maps_new_output_without_refit(reduced, described, tmp_path):
     out, _ = reduced
     saved = out / REDUCER_DIR
-    with np.load(saved / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
+    with np.load(saved / REDUCER_ARRAYS, allow_pickle=False) as npz:
         assert all(npz[k].dtype != object for k in npz.files)
-    loaded = R.load_reducer(saved)
+    loaded = load_reducer(saved)
     store = store_path(out, "lesion")
     stored = read_array(store, FEATURE_MAP)
     assert loaded.hash == array_attrs(store, FEATURE_MAP)["reducer_hash"]
-    np.testing.assert_array_equal(R.compute_feature_map(store, loaded), stored)
+    np.testing.assert_array_equal(compute_feature_map(store, loaded), stored)
 
     # a new output directory mapped with --reducer: no fit, the reducer's K wins over the config's
     new_out = fresh_copy(described, tmp_path)
-    summary = R.reduce_slides(new_out, CONFIG.with_overrides(reduce__components=1), reducer_path=saved,
+    summary = reduce_slides(new_out, CONFIG.with_overrides(reduce__components=1), reducer_path=saved,
                               runner=LocalRunner(), progress=False)
     assert summary["reducer"] == "loaded" and summary["reducer_hash"] == loaded.hash and summary["done"] == 4
-    copied = json.loads((new_out / REDUCER_DIR / R.REDUCER_JSON).read_text())
-    assert copied["fit"] == json.loads((saved / R.REDUCER_JSON).read_text())["fit"]
+    copied = json.loads((new_out / REDUCER_DIR / REDUCER_JSON).read_text())
+    assert copied["fit"] == json.loads((saved / REDUCER_JSON).read_text())["fit"]
     for slide_id in SLIDES:
         np.testing.assert_array_equal(read_array(store_path(new_out, slide_id), FEATURE_MAP),
                                       read_array(store_path(out, slide_id), FEATURE_MAP))
     # the Python API: map_slide with a directory path (as predict does)
-    again = R.map_slide(store_path(new_out, "big"), new_out)  # an output directory holding reducer/
+    again = map_slide(store_path(new_out, "big"), new_out)  # an output directory holding reducer/
     np.testing.assert_array_equal(again, read_array(store_path(out, "big"), FEATURE_MAP))
 
 
@@ -219,30 +225,30 @@ def test_damaged_or_mismatched_reducers_are_typed_errors(reduced, tmp_path):
     out, _ = reduced
     bad = tmp_path / "bad"
     shutil.copytree(out / REDUCER_DIR, bad)
-    with np.load(bad / R.REDUCER_ARRAYS, allow_pickle=False) as npz:
+    with np.load(bad / REDUCER_ARRAYS, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     arrays["low"] = arrays["low"] + 1.0
-    np.savez(bad / R.REDUCER_ARRAYS, **arrays)
+    np.savez(bad / REDUCER_ARRAYS, **arrays)
     with pytest.raises(ReducerError, match="content hash"):
-        R.load_reducer(bad)
+        load_reducer(bad)
     with pytest.raises(ReducerError, match="no reducer.json"):
-        R.load_reducer(tmp_path / "nowhere")
+        load_reducer(tmp_path / "nowhere")
 
     renamed = {"name": "stats", "dims": 25, "feature_names": [f"f{i}" for i in range(25)]}
-    other = R.fit_on_sample(np.random.default_rng(0).normal(size=(60, 25)), ReduceConfig(), renamed)
+    other = fit_on_sample(np.random.default_rng(0).normal(size=(60, 25)), ReduceConfig(), renamed)
     with pytest.raises(ReducerMismatchError, match="other feature names") as err:
-        R.map_slide(store_path(out, "plain"), other)
+        map_slide(store_path(out, "plain"), other)
     assert err.value.code == "reducer_mismatch" and "plain.zarr" in str(err.value)
-    narrow = R.fit_on_sample(np.random.default_rng(0).normal(size=(60, 5)), ReduceConfig())
+    narrow = fit_on_sample(np.random.default_rng(0).normal(size=(60, 5)), ReduceConfig())
     with pytest.raises(ReducerMismatchError, match="5 'array' descriptors"):
-        R.map_slide(store_path(out, "plain"), narrow)
+        map_slide(store_path(out, "plain"), narrow)
 
 
 def test_rerun_skips_unchanged_slides_and_redoes_stale_ones(described, tmp_path):
     out = fresh_copy(described, tmp_path)
 
     def run(config=CONFIG):
-        return R.reduce_slides(out, config, runner=LocalRunner(), progress=False)
+        return reduce_slides(out, config, runner=LocalRunner(), progress=False)
 
     def map_stamps():
         return {s: (store_path(out, s) / FEATURE_MAP / "zarr.json").stat().st_mtime_ns for s in SLIDES}
@@ -274,17 +280,17 @@ def test_autoencoder_stage_saves_and_reloads_identical_maps(described, tmp_path)
     out = fresh_copy(described, tmp_path)
     cfg = CONFIG.with_overrides(reduce__method="autoencoder", reduce__components=2, reduce__ae_epochs=5,
                                 reduce__ae_hidden_units=16)
-    summary = R.reduce_slides(out, cfg, runner=LocalRunner(), progress=False)
+    summary = reduce_slides(out, cfg, runner=LocalRunner(), progress=False)
     assert summary["done"] == 4 and summary["method"] == "autoencoder"
-    assert (out / REDUCER_DIR / R.AUTOENCODER_FILE).is_file()
+    assert (out / REDUCER_DIR / AUTOENCODER_FILE).is_file()
     assert not (out / MAPS_DIR / EXPLAINED_VARIANCE_PNG).exists()
-    loaded = R.load_reducer(out / REDUCER_DIR)
+    loaded = load_reducer(out / REDUCER_DIR)
     for slide_id in ("lesion", "sparse"):
         store = store_path(out, slide_id)
         fmap = read_array(store, FEATURE_MAP)
         mask = read_array(store, "tissue_mask")
         assert fmap.shape[-1] == 2 and (fmap[~mask] == -1).all() and ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
-        np.testing.assert_array_equal(R.compute_feature_map(store, loaded), fmap)
+        np.testing.assert_array_equal(compute_feature_map(store, loaded), fmap)
 
 
 def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
@@ -293,11 +299,11 @@ def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
     assert main(["reduce", "--out", str(out), "--components", "1", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "reduce: slides 4, done 4, skipped 0, failed 0, method pca, components 1, reducer fitted" in printed
-    loaded = R.load_reducer(out / REDUCER_DIR)
+    loaded = load_reducer(out / REDUCER_DIR)
     assert loaded.components == 1 and loaded.fit_info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE
     for slide_id in SLIDES:  # computed on the workers, identical to an in-process transform
         store = store_path(out, slide_id)
-        np.testing.assert_array_equal(read_array(store, FEATURE_MAP), R.compute_feature_map(store, loaded))
+        np.testing.assert_array_equal(read_array(store, FEATURE_MAP), compute_feature_map(store, loaded))
 
     assert main(["reduce", "--out", str(out), "--reducer", str(out / "reducer"), "--method", "autoencoder"]) == 2
     assert "--method autoencoder (the reducer has pca) conflicts" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pipeline.describe.runner import describe_slides
 from pipeline.heatmaps import save_overlay_png
 from pipeline.core.outputs import atomic_write_json
 from pipeline.core.parallel import LocalRunner
-from pipeline.reduce import reduce_slides
+from pipeline.reduce.runner import reduce_slides
 from pipeline.report import build_report
 from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.slides.tiling import TileGrid

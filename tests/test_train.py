@@ -216,7 +216,7 @@ def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_
     import pipeline
     from pipeline.describe.runner import describe_slides
     from pipeline.core.parallel import LocalRunner
-    from pipeline.reduce import reduce_slides
+    from pipeline.reduce.runner import reduce_slides
     from pipeline.core.store import read_attrs, store_path
 
     # a cohort described and reduced for real gives the reducer that ships with the model
