@@ -45,7 +45,7 @@ class TilingConfig(_Section):
 
 
 class TissueConfig(_Section):
-    method: Literal["otsu_saturation", "otsu_od"] = "otsu_saturation"
+    method: Literal["otsu_saturation", "otsu_od"] = Field("otsu_saturation", description="tissue detection: Otsu threshold on saturation, or on optical density")
     mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, microns per pixel")
     min_saturation: float = Field(0.07, ge=0, le=1, description="floor under the Otsu threshold so blank glass stays background")
     min_od: float = Field(0.1, ge=0, description="floor under the Otsu threshold for method otsu_od")
@@ -56,11 +56,11 @@ class TissueConfig(_Section):
 
 
 class DescriptorConfig(_Section):
-    name: Literal["stats", "cnn"] = "stats"
+    name: Literal["stats", "cnn"] = Field("stats", description="per-tile descriptor: stats (colour, stain and texture statistics) or cnn (pooled backbone features)")
     batch_tiles: int = Field(64, ge=1, le=4096, description="tiles per vectorised batch")
-    cnn_backbone: Literal["InceptionV3", "MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"] = "MobileNetV2"
+    cnn_backbone: Literal["InceptionV3", "MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"] = Field("MobileNetV2", description="cnn: the keras.applications backbone")
     cnn_weights: str | None = Field("imagenet", description="'imagenet', a local weights file, or null for random init")
-    cnn_input_px: int = Field(224, ge=32, le=1024)
+    cnn_input_px: int = Field(224, ge=32, le=1024, description="cnn: tiles are resized to this input edge")
 
 
 class ReaderConfig(_Section):
@@ -73,16 +73,16 @@ class ReaderConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    kind: Literal["local", "address", "slurm"] = "local"
+    kind: Literal["local", "address", "slurm"] = Field("local", description="local = a LocalCluster here; address = an existing scheduler; slurm = dask-jobqueue")
     workers: int | None = Field(None, ge=1, description="local worker processes; None = one per CPU core")
-    threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = "auto"
+    threads_per_worker: int = Field(1, ge=1, description="threads of each local worker process")
+    memory_limit: str = Field("auto", description="memory limit of each local worker ('auto' = share of this machine)")
     address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://10.0.0.5:8786")
     max_tasks_in_flight: int | None = Field(None, ge=1, description="bound on submitted, unfinished tasks; None = 4 per worker thread")
     retries: int = Field(2, ge=0, le=10, description="times a task is retried when its worker dies")
     slurm: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of dask_jobqueue.SLURMCluster")
-    slurm_jobs: int = Field(2, ge=1)
-    dashboard: bool = True
+    slurm_jobs: int = Field(2, ge=1, description="slurm: jobs to start (each runs slurm.processes workers)")
+    dashboard: bool = Field(True, description="start the Dask dashboard and print its address")
     gpu_placement: Literal["auto", "client", "gpu_worker"] = Field(
         "auto", description="where the model stages (train, Grad-CAM) run: 'auto' = as one task on a worker that "
                             "advertises a GPU resource when the cluster has one, else in this process; 'client' = "
@@ -103,20 +103,20 @@ class ClusterConfig(_Section):
 class ReduceConfig(_Section):
     """Descriptors -> K-component feature maps (see pipeline/reduce.py)."""
 
-    method: Literal["pca", "autoencoder"] = "pca"
+    method: Literal["pca", "autoencoder"] = Field("pca", description="descriptors -> K components: PCA or a dense autoencoder")
     components: int = Field(3, ge=1, le=3, description="K: channels of the feature map (1 is replicated by train)")
     sample_tiles_per_slide: int = Field(2000, ge=10, description="tissue tiles sampled per slide for the fit, at most")
     max_sample_mb: float = Field(1024.0, gt=0, description="bound on the whole fit sample; fewer tiles per slide "
                                                           "are drawn when slides x tiles x dims would exceed it")
     incremental_above_mb: float = Field(256.0, gt=0, description="PCA: fit IncrementalPCA in batches above this "
                                                                 "sample size (bounds the SVD's temporary memory)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the tile sample and of the autoencoder")
     scale_percentiles: tuple[float, float] = Field((1.0, 99.0), description="cohort percentiles mapped to 0 and 1")
-    ae_hidden_units: int = Field(64, ge=4)
-    ae_epochs: int = Field(60, ge=1)
-    ae_batch_size: int = Field(256, ge=8)
-    ae_learning_rate: float = Field(1e-3, gt=0)
-    ae_validation_fraction: float = Field(0.2, gt=0, lt=0.9)
+    ae_hidden_units: int = Field(64, ge=4, description="autoencoder: units of its hidden layers")
+    ae_epochs: int = Field(60, ge=1, description="autoencoder: training epochs at most")
+    ae_batch_size: int = Field(256, ge=8, description="autoencoder: tiles per batch")
+    ae_learning_rate: float = Field(1e-3, gt=0, description="autoencoder: Adam learning rate")
+    ae_validation_fraction: float = Field(0.2, gt=0, lt=0.9, description="autoencoder: share of the sample held out for early stopping")
     ae_patience: int = Field(8, ge=1, description="early stopping: epochs without a better held-out loss")
 
     @model_validator(mode="after")
@@ -150,15 +150,15 @@ class TrainConfig(_Section):
 
     recipe: Literal["auto", "finetune", "scratch"] = Field(
         "auto", description="auto = scratch without pretrained weights, finetune with them")
-    adapter: Literal["replicate", "components"] = "replicate"
+    adapter: Literal["replicate", "components"] = Field("replicate", description="replicate = one component copied to 3 channels; components = 3 components as channels")
     component: int = Field(0, ge=0, le=2, description="component replicated to 3 channels when adapter=replicate")
-    size_strategy: Literal["resize", "pad", "crop", "native"] = "resize"
+    size_strategy: Literal["resize", "pad", "crop", "native"] = Field("resize", description="how maps become network inputs: resize, pad (whole-factor enlarge), crop, native")
     input_px: int = Field(299, ge=75, description="network input edge for resize/pad/crop (InceptionV3 needs >= 75)")
     native_min_px: int = Field(75, ge=75, description="native: smaller maps are padded to this")
     native_max_px: int = Field(1024, ge=75, description="native: larger maps are shrunk by a whole factor to fit")
     native_bucket_px: int = Field(32, ge=1, description="native: batch sizes rounded up to a multiple of this")
     weights: str | None = Field(None, description="'imagenet', a local .h5/.weights.h5 file, or null (random init)")
-    label_kind: Literal["integer", "string"] = "integer"
+    label_kind: Literal["integer", "string"] = Field("integer", description="integer labels (ordinal metrics too) or strings (sorted into classes)")
     head_block: str = Field("mixed10", pattern=r"^mixed(10|[0-9])$",
                             description="InceptionV3 block the head pools (mixed10: the whole network; an earlier "
                                         "block truncates it, for random-init bases and small cohorts)")
@@ -168,25 +168,25 @@ class TrainConfig(_Section):
                                description="first InceptionV3 block trained in phase 2 (mixed0 ... head_block)")
     batchnorm: Literal["frozen", "train"] = Field(
         "frozen", description="BatchNorm in fine-tuning: frozen (inference mode) or trained on batch statistics")
-    dropout: float = Field(0.3, ge=0, lt=1)
-    batch_size: int = Field(8, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the classifier layer")
+    batch_size: int = Field(8, ge=1, description="maps per training batch")
     head_epochs: int = Field(20, ge=0, description="phase 1: base frozen, head trained")
-    head_learning_rate: float = Field(1e-3, gt=0)
+    head_learning_rate: float = Field(1e-3, gt=0, description="finetune: Adam learning rate of phase 1")
     finetune_epochs: int = Field(10, ge=0, description="phase 2: blocks from unfreeze_from up trained too")
-    finetune_learning_rate: float = Field(1e-5, gt=0)
+    finetune_learning_rate: float = Field(1e-5, gt=0, description="finetune: Adam learning rate of phase 2")
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better validation loss")
     min_epochs: int = Field(0, ge=0, description="warm-up epochs of each phase that neither count for early stopping "
                                                  "nor can be the best epoch (a lucky early val_loss on a small "
                                                  "validation set would otherwise end training before it converged)")
-    class_weights: bool = True
-    augment: bool = True
+    class_weights: bool = Field(True, description="weigh classes inversely to their frequency")
+    augment: bool = Field(True, description="flips/rotations, crops and noise on training maps")
     crop_fraction: float = Field(0.85, gt=0, le=1, description="random crops keep at least this fraction of each side")
     noise_std: float = Field(0.02, ge=0, description="Gaussian noise on tissue values (in [0, 1] units)")
     tta: bool = Field(False, description="average predictions over the eight flips/rotations")
-    val_fraction: float = Field(0.2, ge=0, lt=0.9)
-    test_fraction: float = Field(0.2, ge=0, lt=0.9)
+    val_fraction: float = Field(0.2, ge=0, lt=0.9, description="share of slides for validation (early stopping, best epoch)")
+    test_fraction: float = Field(0.2, ge=0, lt=0.9, description="share of slides held out for the test metrics")
     folds: int | None = Field(None, ge=2, description="k-fold cross-validation instead of one test split")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the splits, the initialisation and the augmentation")
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto = mixed float16 on GPU only")
     pooling: Literal["avg", "max"] = Field("avg", description="global pooling of the head block's features")
     epochs: int = Field(60, ge=1, description="scratch: end-to-end training epochs (best validation epoch kept)")
@@ -221,16 +221,16 @@ class TrainConfig(_Section):
 
 class CamConfig(_Section):
     layer: str | None = Field(None, description="layer for Grad-CAM; None = chosen for resolution")
-    class_index: int | None = None
-    window_overlap: float = Field(0.5, ge=0, lt=1)
+    class_index: int | None = Field(None, description="explain this class (model output index); None = the predicted class")
+    window_overlap: float = Field(0.5, ge=0, lt=1, description="crop strategy: overlap of the windows covering a large map")
     reference: bool = Field(False, description="per position, gradient x (activation - activation of the slide's "
                                                "outline filled with its median tissue) instead of plain Grad-CAM")
     augment: bool = Field(True, description="Augmented Grad-CAM: the mean of the CAMs of the eight flips/rotations "
                                             "of the map, each turned back (8x the passes; a finer, steadier peak)")
     smooth_cells: float = Field(1.0, ge=0, description="Gaussian smoothing of the cell CAM within tissue, sigma in "
                                                        "tiles (0 = off)")
-    hot_threshold: float = Field(0.6, gt=0, lt=1)
-    tiff_tile_px: int = Field(256, ge=16)
+    hot_threshold: float = Field(0.6, gt=0, lt=1, description="CAM level whose regions go into the GeoJSON")
+    tiff_tile_px: int = Field(256, ge=16, description="tile edge of the pyramidal heatmap TIFF")
 
 
 class PipelineConfig(_Section):
