@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                 cam = read_array(stores[sid], "cam")
             else:
                 if trained is None:
-                    from pipeline.evaluate import TrainedModel
+                    from pipeline.model.trained import TrainedModel
 
                     trained = TrainedModel(args.out / "model")
                 cam = _variant_cam(spec, trained, read_array(stores[sid], "feature_map"), cache)

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.core.parallel import WORKER_ENV
 
-    # what the workers get: Dask's defaults plus the pipeline's own (pipeline.parallel.WORKER_ENV)
+    # what the workers get: Dask's defaults plus the pipeline's own (pipeline.core.parallel.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update(WORKER_ENV)
     if args.malloc_mmap_threshold:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), task_runner(config.cluster) as runner:
         pids = list(runner.client.run(os.getpid).values())
         # workers import the pipeline (and its codecs) before the clock starts
-        runner.client.run(lambda: __import__("pipeline.describe") and None)
+        runner.client.run(lambda: __import__("pipeline.describe.runner") and None)
         # ... and load the compiled kernels (numba's disk cache; compiled once per machine, seconds)
         runner.client.run(_load_kernels)
         phases = [

@@ -1,7 +1,7 @@
 """Training throughput of the InceptionV3 map classifier (images/s at 299 px), Keras vs a plain PyTorch loop.
 
-Keras path: exactly what ``wsi-pipeline train`` runs: ``pipeline.model.build_model`` (mixed precision on GPU when
-``--mixed-precision auto``), phase ``finetune`` from ``--unfreeze-from`` (BatchNorm frozen), ``model.fit`` on a
+Keras path: exactly what ``wsi-pipeline train`` runs: ``pipeline.model.network.build_model`` (mixed precision on GPU
+when ``--mixed-precision auto``), phase ``finetune`` from ``--unfreeze-from`` (BatchNorm frozen), ``model.fit`` on a
 ``MapBatches`` PyDataset of synthetic maps (numpy augmentation included). The first epoch (graph tracing / XLA
 compilation) is reported separately; throughput is from the following epoch(s).
 
@@ -57,7 +57,9 @@ def keras_throughput(args, maps, y) -> dict:
     import keras
 
     from pipeline.core.config import TrainConfig
-    from pipeline.model import MapBatches, build_model, compile_model, gpu_count, set_phase, use_mixed_precision
+    from pipeline.model.batches import MapBatches
+    from pipeline.model.network import build_model, compile_model, set_phase
+    from pipeline.model.backend import gpu_count, use_mixed_precision
 
     cfg = TrainConfig(input_px=args.input_px, batch_size=args.batch_size, weights=None,
                       mixed_precision=args.mixed_precision, unfreeze_from=args.unfreeze_from)
@@ -95,7 +97,8 @@ def torch_throughput(args, maps, y) -> dict:
         return {"skipped": f"torch/torchvision not importable ({err.name}): install them to compare"}
 
     from pipeline.core.config import TrainConfig
-    from pipeline.model import MapBatches, use_mixed_precision
+    from pipeline.model.batches import MapBatches
+    from pipeline.model.backend import use_mixed_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(input_px=args.input_px, batch_size=args.batch_size, mixed_precision=args.mixed_precision)
@@ -169,7 +172,7 @@ def main() -> None:
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
-    from pipeline.model import gpu_count
+    from pipeline.model.backend import gpu_count
 
     on_gpu = gpu_count() > 0
     args.batch_size = args.batch_size or (32 if on_gpu else 8)

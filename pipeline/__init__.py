@@ -23,7 +23,7 @@ from .slides.open import read_slide_info  # noqa: E402
 
 __all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__"]
 
-from .evaluate import predict_slide  # noqa: E402  (describe + map + predict one slide with a trained model)
+from .predict import predict_slide  # noqa: E402  (describe + map + predict one slide with a trained model)
 
 __all__ += ["predict_slide"]
 

@@ -31,7 +31,7 @@ def model_describe_config(model_dir: str | Path, config: PipelineConfig | None =
     """The config to describe new slides for a saved model: the tiling/tissue/descriptor settings its training slides
     were described with, and the model's reduce/train settings, with ``config``'s cluster, reader and mpp override."""
     from .core.artefacts import read_model_info
-    from .evaluate import describe_config_for
+    from .predict import describe_config_for
 
     return describe_config_for(read_model_info(model_dir), config)
 
@@ -43,7 +43,7 @@ def _is_store(path: Path) -> bool:
 def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineConfig) -> Path:
     """Describe ``slide`` with the settings the model's training slides were described with; its store path."""
     from .describe.runner import describe_slides
-    from .evaluate import describe_config_for
+    from .predict import describe_config_for
     from .core.parallel import LocalRunner
     from .slides.open import slide_id_from_path
     from .core.store import store_path
@@ -94,7 +94,7 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
     """
     from .cam import _entry, default_cam_layer, slide_outputs, split_model, update_store_cam
     from .heatmaps import render_slide_outputs
-    from .evaluate import TrainedModel
+    from .model.trained import TrainedModel
     from .core.outputs import Manifest, output_lock
     from .core.store import read_attrs
 

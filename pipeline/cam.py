@@ -30,7 +30,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import model as model_lib
+from .model.network import HEAD_PREFIX
+from .model.inputs import dihedral, fit_size, to_input
 from .core.config import TrainConfig
 from .core.errors import ModelError
 from .core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG
@@ -97,12 +98,12 @@ def split_model(model, layer: str) -> CamModel:
 
 
 def logits_output(model):
-    """The pre-softmax class scores of a ``pipeline.model`` classifier: its ``head_dense`` layer without the softmax,
-    rebuilt on the same weights (a Dense layer's activation cannot be tapped)."""
+    """The pre-softmax class scores of a ``pipeline.model.network`` classifier: its ``head_dense`` layer without the
+    softmax, rebuilt on the same weights (a Dense layer's activation cannot be tapped)."""
     import keras
 
     try:
-        dense = model.get_layer(f"{model_lib.HEAD_PREFIX}dense")
+        dense = model.get_layer(f"{HEAD_PREFIX}dense")
     except ValueError:
         raise ModelError("the model has no head_dense layer: Grad-CAM needs a model trained by wsi-pipeline",
                          fix="Pass the model directory written by `wsi-pipeline train`.") from None
@@ -304,13 +305,13 @@ def cam_views(fmap: np.ndarray, cfg: TrainConfig, overlap: float = 0.5, referenc
     index = cell_index_image(*fmap.shape[:2])
     views = []
     for k in transforms:
-        turned, turned_index = model_lib.dihedral(channels, k), model_lib.dihedral(index, k)
-        turned_ref = model_lib.dihedral(ref_channels, k) if reference else None
+        turned, turned_index = dihedral(channels, k), dihedral(index, k)
+        turned_ref = dihedral(ref_channels, k) if reference else None
         for r0, r1, c0, c1 in map_windows(*turned.shape[:2], cfg, overlap):
             views.append(CamView(
-                k, model_lib.to_input(model_lib.fit_size(turned[r0:r1, c0:c1], cfg)),
-                model_lib.fit_size(turned_index[r0:r1, c0:c1], cfg),  # padding gets the fill value -1
-                model_lib.to_input(model_lib.fit_size(turned_ref[r0:r1, c0:c1], cfg)) if reference else None))
+                k, to_input(fit_size(turned[r0:r1, c0:c1], cfg)),
+                fit_size(turned_index[r0:r1, c0:c1], cfg),  # padding gets the fill value -1
+                to_input(fit_size(turned_ref[r0:r1, c0:c1], cfg)) if reference else None))
     return views
 
 
@@ -486,7 +487,7 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
     (caption data) or ``error`` (a typed error's record). Keras runs here; the file rendering is the caller's.
     """
     from .core.errors import PipelineError, error_record
-    from .evaluate import TrainedModel
+    from .model.trained import TrainedModel
     from .core.parallel import where_am_i
 
     trained = TrainedModel(model_dir)

@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
     import json as _json
 
     from .core.parallel import task_runner
-    from .train import train
+    from .train.runner import train
 
     log_path = setup_logging(args.out, "train", args.verbose)
     # A cluster is joined only when training may go to its GPU workers; a local one would just sit idle.
@@ -240,7 +240,7 @@ def cmd_train(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .evaluate import evaluate
+    from .evaluate.runner import evaluate
 
     setup_logging(args.out, "evaluate", args.verbose)
     metrics = evaluate(args.out, args.model, args.labels)
@@ -251,7 +251,7 @@ def cmd_evaluate(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def cmd_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .core.artefacts import PREDICT_DIR, PREDICTIONS_CSV
-    from .evaluate import predict_slides
+    from .predict import predict_slides
 
     log_path = setup_logging(args.out, "predict", args.verbose)
     result = predict_slides(args.slides, args.model, args.out, config)

@@ -52,10 +52,10 @@ def run_all(slides: list[str | Path], labels_csv: str | Path, out_dir: str | Pat
     """The whole pipeline; returns a summary per stage and the report path."""
     from .cam import cam_slides
     from .describe.runner import describe_slides
-    from .labels import read_labels
+    from .model.labels import read_labels
     from .reduce.runner import reduce_slides
     from .report import build_report
-    from .train import train
+    from .train.runner import train
 
     config = config or PipelineConfig()
     out_dir = Path(out_dir)

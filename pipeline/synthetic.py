@@ -643,8 +643,8 @@ class SyntheticTissue:
         return (self._interp_points(x_l0, y_l0, _F_L) > 0) & self.tissue_at(x_l0, y_l0)
 
     def lesion_at_tiles(self, grid) -> np.ndarray:
-        """(rows, cols) bool: whether each tile's centre lies in the lesion, for a ``pipeline.tiling.TileGrid`` of
-        this slide (the ground truth a tile-level heatmap is scored against)."""
+        """(rows, cols) bool: whether each tile's centre lies in the lesion, for a
+        ``pipeline.slides.tiling.TileGrid`` of this slide (the ground truth a tile-level heatmap is scored against)."""
         rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
         half = grid.tile_l0_px / 2
         return self.lesion_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)

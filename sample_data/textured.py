@@ -300,7 +300,7 @@ class TexturedTissue:
         return self._at("L", x_l0, y_l0) & self.tissue_at(x_l0, y_l0)
 
     def lesion_at_tiles(self, grid) -> np.ndarray:
-        """(rows, cols) bool: whether each tile's centre lies in the lesion (``pipeline.tiling.TileGrid``)."""
+        """(rows, cols) bool: whether each tile's centre lies in the lesion (``pipeline.slides.tiling.TileGrid``)."""
         rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
         half = grid.tile_l0_px / 2
         return self.lesion_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)

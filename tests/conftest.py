@@ -31,7 +31,7 @@ def fixtures_dir() -> Path:
 
 # --- feature-map store fixtures (train) ---------------------------------------------------------------------------
 # Small slide stores holding only what the train stage reads (feature_map, tissue_mask, attrs), built with the
-# pipeline.store helpers, so model tests need no slides, describe or reduce.
+# pipeline.core.store helpers, so model tests need no slides, describe or reduce.
 
 import numpy as np  # noqa: E402
 

@@ -35,7 +35,7 @@ def load_lab_script():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """OUT/model of a real describe -> reduce -> train run on six generated slides (one model build for the module)."""
-    from pipeline.train import train
+    from pipeline.train.runner import train
 
     root = tmp_path_factory.mktemp("api")
     cohort = make_cohort(root / "cohort", n_per_class=3, width_px=1200, height_px=900, seed=0)

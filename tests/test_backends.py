@@ -26,7 +26,8 @@ JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 CAM_SCRIPT = """
 import sys, numpy as np, keras
 from pipeline.cam import default_cam_layer, slide_cam, split_model
-from pipeline.evaluate import TrainedModel, read_feature_maps
+from pipeline.core.maps import read_feature_maps
+from pipeline.model.trained import TrainedModel
 out, ids, dest = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 assert keras.backend.backend() == "jax"
 trained = TrainedModel(out + "/model")
@@ -63,7 +64,7 @@ def test_training_runs_on_jax(jax_trained):
 def test_jax_model_predicts_the_same_under_tensorflow(jax_trained):
     import keras
 
-    from pipeline.evaluate import TrainedModel
+    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
 
     assert keras.backend.backend() == "tensorflow"
@@ -80,7 +81,7 @@ def test_jax_model_predicts_the_same_under_tensorflow(jax_trained):
 
 def test_gradcam_is_the_same_on_both_backends(jax_trained, tmp_path):
     from pipeline.cam import default_cam_layer, slide_cam, split_model
-    from pipeline.evaluate import TrainedModel
+    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
 
     ids = ["s1_000"]  # a positive slide: its map has the planted disc

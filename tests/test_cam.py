@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import model as model_lib
+from pipeline.model.network import build_model
+from pipeline.model.inputs import dihedral, fit_size, to_input, undo_dihedral
 from pipeline.cam import (augmented_slide_cam, cell_index_image, cells_from_input, default_cam_layer, gradcam,
                           map_windows, reference_map, slide_cam, smooth_cam, split_model, upsample_bilinear,
                           window_origins)
@@ -14,7 +15,7 @@ def test_index_geometry_undoes_each_size_strategy(strategy):
     """An input-sized 'CAM' equal to each pixel's cell index maps back to exactly that index per cell."""
     cfg = TrainConfig(recipe="finetune", size_strategy=strategy, input_px=80)
     rows, cols = 13, 21
-    index = model_lib.fit_size(cell_index_image(rows, cols), cfg)
+    index = fit_size(cell_index_image(rows, cols), cfg)
     cam_input = np.where(index[..., 0] >= 0, index[..., 0], 1e6)  # padding would poison the mean if kept
     sums, counts = cells_from_input(cam_input, index, rows * cols)
     seen = counts > 0
@@ -48,7 +49,7 @@ def small_model():
 
     keras.utils.set_random_seed(1)
     cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=96, weights=None)
-    return model_lib.build_model(2, cfg), cfg
+    return build_model(2, cfg), cfg
 
 
 def test_default_layer_is_finer_than_mixed10(small_model):
@@ -90,7 +91,7 @@ def test_window_mosaic_equals_single_window_on_same_input(small_model):
     fmap[:10, :10] = FEATURE_MAP_FILL
     crop_cfg = TrainConfig(recipe="finetune", size_strategy="crop", input_px=96)
     mosaic, probs, cls = slide_cam(cam_model, fmap, crop_cfg, class_index=0)
-    single, _ = gradcam(cam_model, model_lib.to_input(select_channels(fmap, "replicate"))[None], 0)
+    single, _ = gradcam(cam_model, to_input(select_channels(fmap, "replicate"))[None], 0)
     assert cls == 0 and probs.shape == (2,)
     tissue = np.isfinite(mosaic)
     assert tissue.sum() == 96 * 96 - 100
@@ -151,7 +152,7 @@ def test_augmented_cam_is_the_mean_of_the_eight_turned_back_cams(small_model):
     cam, probs, cls = augmented_slide_cam(cam_model, fmap, cfg)
     plain, plain_probs, plain_cls = slide_cam(cam_model, fmap, cfg)
     assert cls == plain_cls and np.allclose(probs, plain_probs)
-    turned = [plain] + [model_lib.undo_dihedral(slide_cam(cam_model, model_lib.dihedral(fmap, k), cfg, cls)[0], k)
+    turned = [plain] + [undo_dihedral(slide_cam(cam_model, dihedral(fmap, k), cfg, cls)[0], k)
                         for k in range(1, 8)]
     expected = np.mean(turned, axis=0)
     np.testing.assert_array_equal(np.isnan(cam), np.isnan(plain))

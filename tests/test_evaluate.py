@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import compute_metrics, predictions_table, summarise_folds, write_evaluation
-from pipeline.labels import LabelMapping
+from pipeline.evaluate.metrics import compute_metrics, summarise_folds
+from pipeline.evaluate.files import predictions_table, write_evaluation
+from pipeline.model.labels import LabelMapping
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

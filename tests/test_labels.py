@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import LabelsError
-from pipeline.labels import (LabelMapping, check_slides, class_weights, fold_splits, holdout_split, read_labels)
+from pipeline.model.labels import LabelMapping, check_slides, read_labels
+from pipeline.train.splits import class_weights, fold_splits, holdout_split
 
 
 def write(tmp_path, text, name="labels.csv"):

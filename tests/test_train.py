@@ -12,7 +12,8 @@ import yaml
 from pipeline.cli import main
 from pipeline.core.config import config_from_dict
 from pipeline.core.errors import MissingInputError
-from pipeline.train import FoldResult, train
+from pipeline.train.fitting import FoldResult
+from pipeline.train.runner import train
 
 from .conftest import make_map_cohort, planted_map, write_map_store
 
@@ -75,7 +76,7 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     ``mixed10`` head instead 3/5). One plain pass must hit on >= 60%."""
     from pipeline.cam import default_cam_layer, slide_cam_with_models, split_model
     from pipeline.core.config import CamConfig
-    from pipeline.evaluate import TrainedModel
+    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
 
     out = trained["out"]
@@ -183,7 +184,7 @@ def _stand_in_fit(maps, y, split, num_classes, cfg, checkpoint_dir, verbose=0):
 
 
 def test_kfold_pools_out_of_fold_predictions_with_offset_labels(tmp_path, monkeypatch):
-    import pipeline.train as T
+    import pipeline.train.runner as T
 
     monkeypatch.setattr(T, "fit_model", _stand_in_fit)
     labels = make_map_cohort(tmp_path, n_per_class=6, seed=1, size_range=(10, 14), labels=(3, 4, 5), patients=True)

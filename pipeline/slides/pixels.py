@@ -155,7 +155,7 @@ def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
 
 
 def _read_region(handle, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int, path: str) -> np.ndarray:
-    """OpenSlide-semantics region from an OpenSlide handle or a ``pipeline.readers.TileReader``."""
+    """OpenSlide-semantics region from an OpenSlide handle or a ``pipeline.slides.readers.TileReader``."""
     if hasattr(handle, "read_level"):  # a TileReader (direct TIFF reader or wrapped OpenSlide): same pixels
         return handle.read_region(level, x_l0, y_l0, w_lvl, h_lvl)
     return read_level_region(handle, level, x_l0, y_l0, w_lvl, h_lvl, path)
@@ -164,8 +164,8 @@ def _read_region(handle, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: in
 def read_thumbnail(handle, downsample: float, path: str = "", max_strip_px: int = 1 << 24) -> np.ndarray:
     """The whole slide at ``downsample`` (relative to level 0), read in strips so memory stays bounded.
 
-    ``handle``: an OpenSlide handle or a ``pipeline.readers.TileReader`` (whose ``read_region`` returns OpenSlide's
-    pixels), so the thumbnail, and the tissue mask made from it, does not depend on the reader.
+    ``handle``: an OpenSlide handle or a ``pipeline.slides.readers.TileReader`` (whose ``read_region`` returns
+    OpenSlide's pixels), so the thumbnail, and the tissue mask made from it, does not depend on the reader.
     """
     width, height = handle.dimensions
     downsample = max(float(downsample), 1.0)

@@ -129,9 +129,10 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3).
 
     One read covers the span from the first to the last requested column at the read level; each tile is then cut
-    out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a ``pipeline.readers.TileReader`` or an
-    OpenSlide handle. The window is given in read-level pixels (``read_level``), so the direct TIFF reader reads
-    exactly those pixels and OpenSlide reads from ``round(x * downsample)`` in level 0, as it always did.
+    out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a
+    ``pipeline.slides.readers.TileReader`` or an OpenSlide handle. The window is given in read-level pixels
+    (``read_level``), so the direct TIFF reader reads exactly those pixels and OpenSlide reads from
+    ``round(x * downsample)`` in level 0, as it always did.
     """
     cols = np.asarray(cols, dtype=int)
     out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
@@ -158,7 +159,7 @@ def iter_tile_batches(handle, grid: TileGrid, tissue_tiles: np.ndarray, block: t
     """Yield (positions (n, 2) as global row/col, tiles (n, px, px, 3)) for the tissue tiles of one block, in batches.
 
     ``tissue_tiles`` is the block's boolean mask (r1-r0, c1-c0). Rows are read one strip at a time, so memory is one
-    strip plus one batch. ``handle``: a ``pipeline.readers.TileReader`` or an OpenSlide handle.
+    strip plus one batch. ``handle``: a ``pipeline.slides.readers.TileReader`` or an OpenSlide handle.
     """
     handle = as_reader(handle, path)
     r0, r1, c0, c1 = block
