@@ -73,7 +73,7 @@ CLASS_INDEX: int | None = None  # --class-index: the class whose CAM is scored (
 
 
 def _variant_cam(spec: str, trained, fmap: np.ndarray, cache: dict) -> np.ndarray:
-    from pipeline import cam as cam_lib
+    from pipeline.cam import gradients as cam_lib
 
     head, *flags = spec.split(":")
     aug, ref = "aug" in flags, "ref" in flags
@@ -92,45 +92,45 @@ def _variant_cam(spec: str, trained, fmap: np.ndarray, cache: dict) -> np.ndarra
 
 
 def _slide_cam(cam_model, fmap, cfg, method: str, transforms: int, reference: bool = False) -> np.ndarray:
-    """pipeline.cam.slide_cam with a choice of channel weighting (the pipeline's own function for gradcam)."""
-    from pipeline import cam as cam_lib
+    """pipeline.cam.views.slide_cam with a choice of channel weighting (the pipeline's own function for gradcam)."""
+    from pipeline.cam import gradients, views
 
     if method == "gradcam":
         if transforms > 1:
-            return cam_lib.augmented_slide_cam(cam_model, fmap, cfg, CLASS_INDEX, reference=reference)[0]
-        return cam_lib.slide_cam(cam_model, fmap, cfg, class_index=CLASS_INDEX, reference=reference)[0]
+            return views.augmented_slide_cam(cam_model, fmap, cfg, CLASS_INDEX, reference=reference)[0]
+        return views.slide_cam(cam_model, fmap, cfg, class_index=CLASS_INDEX, reference=reference)[0]
     if method in ("logit", "margin"):
         return _logit_cam(cam_model, fmap, cfg, transforms, margin=method == "margin")
-    original = cam_lib.gradcam_from_activations
+    original = views.gradcam_from_activations  # what views.cam_from_passes calls
 
     def layercam(cm, activations, classes, out_hw):
         out = np.empty((len(activations),) + tuple(out_hw), dtype=np.float32)
         for c in np.unique(classes):
             sel = np.flatnonzero(classes == c)
-            grads, _ = cam_lib.class_score_gradients(cm.tail, activations[sel], int(c))
+            grads, _ = gradients.class_score_gradients(cm.tail, activations[sel], int(c))
             low = np.maximum((np.maximum(grads, 0) * activations[sel]).sum(axis=-1), 0.0)
             for i, m in zip(sel, low):
-                out[i] = cam_lib.upsample_bilinear(m, *out_hw)
+                out[i] = gradients.upsample_bilinear(m, *out_hw)
         return out
 
-    cam_lib.gradcam_from_activations = layercam
+    views.gradcam_from_activations = layercam
     try:
-        return cam_lib.slide_cam(cam_model, fmap, cfg)[0]
+        return views.slide_cam(cam_model, fmap, cfg)[0]
     finally:
-        cam_lib.gradcam_from_activations = original
+        views.gradcam_from_activations = original
 
 
 def _logit_cam(cam_model, fmap, cfg, transforms, margin):
     """Grad-CAM of the class score before the softmax (z_c, or z_c - mean_j z_j with ``margin``)."""
     import keras
     import tensorflow as tf
-    from pipeline import cam as cam_lib
+    from pipeline.cam import gradients, views
 
     if not hasattr(cam_model, "_pre"):
         dense = cam_model.full.get_layer("head_dense")
         cam_model._pre = keras.Model(cam_model.full.get_layer(cam_model.layer).output, dense.input)
         cam_model._w, cam_model._b = dense.kernel, dense.bias
-    original = cam_lib.class_score_gradients
+    original = gradients.class_score_gradients  # what gradients.gradcam_from_activations calls
 
     def grads_fn(tail, activations, class_index):
         acts = tf.convert_to_tensor(activations)
@@ -142,11 +142,11 @@ def _logit_cam(cam_model, fmap, cfg, transforms, margin):
             score = tf.reduce_sum(z[:, class_index])
         return tape.gradient(score, acts).numpy(), tf.nn.softmax(z).numpy()
 
-    cam_lib.class_score_gradients = grads_fn
+    gradients.class_score_gradients = grads_fn
     try:
-        return cam_lib.slide_cam(cam_model, fmap, cfg)[0]
+        return views.slide_cam(cam_model, fmap, cfg)[0]
     finally:
-        cam_lib.class_score_gradients = original
+        gradients.class_score_gradients = original
 
 
 def main(argv=None) -> int:

@@ -9,9 +9,9 @@ thumbnail at ``mask_downsample`` 32 (2500 x 1562 x 3). Then runs ``pipeline.heat
 * ``peak_rss_mb``: the child's peak resident memory (``VmHWM``; it is reset before each of the three outputs, via
   ``/proc/self/clear_refs``, so that ``phases`` gives each output's own peak, and ``peak_rss_mb`` is the highest of
   them and of what came before). It includes the interpreter and every import of the task: ``import_rss_mb`` is
-  the part taken before any output is written. The task lives in ``pipeline.heatmaps`` and imports no Keras;
-  ``--with-keras`` is the what-if of a process that also imported ``pipeline.cam`` (Keras/TensorFlow, ~480 MB). ``sampled_rss_mb`` (psutil from
-  the parent every 20 ms) is an independent cross-check;
+  the part taken before any output is written. The task lives in ``pipeline.cam.heatmaps`` and imports no
+  Keras; ``--with-keras`` is the what-if of a process that also imported Keras/TensorFlow (~480 MB).
+  ``sampled_rss_mb`` (psutil from the parent every 20 ms) is an independent cross-check;
 * ``seconds`` (wall time of ``render_slide_outputs``), ``cpu_seconds``, and a per-output breakdown;
 * ``tiff_mb``, ``png_kb``, ``geojson_kb``; the TIFF is opened with OpenSlide: ``dims_ok`` (level 0 is the slide's
   size), ``level_count``, and ``colour_ok`` (the pixel at the hottest cell's centre has that score's colormap colour,
@@ -164,9 +164,9 @@ def child(store: str, out_dir: str, slide_id: str, with_keras: bool = False) -> 
     """Run ``render_slide_outputs`` once in this (fresh) process; print one JSON line about it."""
     if with_keras:
         # what-if: a process that also ran Grad-CAM holds: Keras/TensorFlow imported (workers of `cam` do not import it:
-        # the render task lives in pipeline.heatmaps)
-        import pipeline.cam  # noqa: F401
-    import pipeline.heatmaps as heatmaps
+        # the render task lives in pipeline.cam.heatmaps)
+        import pipeline.model.batches  # noqa: F401  (imports Keras, as the Grad-CAM model code does when it runs)
+    import pipeline.cam.heatmaps as heatmaps
 
     # everything the task imports, before it runs: the interpreter's baseline for this work
     import matplotlib  # noqa: F401
@@ -194,7 +194,7 @@ def child(store: str, out_dir: str, slide_id: str, with_keras: bool = False) -> 
                                 "peak_rss_mb": round(hwm / 1024, 1) if reset else None}
         return wrapper
 
-    # render_slide_outputs imports these from pipeline.heatmaps when it runs: time each one, and its own peak
+    # render_slide_outputs imports these from pipeline.cam.heatmaps when it runs: time each one, and its own peak
     heatmaps.save_overlay_png = timed("overlay_png", heatmaps.save_overlay_png)
     heatmaps.write_heatmap_tiff = timed("heatmap_tiff", heatmaps.write_heatmap_tiff)
     heatmaps.write_hot_regions_geojson = timed("geojson", heatmaps.write_hot_regions_geojson)
@@ -266,7 +266,7 @@ def check_tiff(path: Path, store: Path, width: int, height: int) -> dict:
     import openslide
 
     from pipeline.core.pictures import colormap_lut
-    from pipeline.heatmaps import CMAP_NAME
+    from pipeline.cam.heatmaps import CMAP_NAME
     from pipeline.core.store import read_array
 
     grid = bench_grid(width, height)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wsi-bench-cam"),
                         help="where the fake store is cached and the outputs are written")
     parser.add_argument("--with-keras", action="store_true",
-                        help="what-if: the child also imports pipeline.cam (Keras/TensorFlow), as a process that "
+                        help="what-if: the child also imports Keras/TensorFlow, as a process that "
                              "ran Grad-CAM itself would")
     args = parser.parse_args(argv)
     width, height = QUICK_SIZE if args.quick else FULL_SIZE

@@ -4,12 +4,12 @@
 ``model_describe_config(model_dir)``                    the describe settings a saved model's slides need (here)
 ``describe_slide(path, out, config)``                   slide -> ``OUT/slides/<id>.zarr`` (pipeline.describe)
 ``map_slide(store, reducer)``                           descriptors -> ``feature_map`` (pipeline.reduce)
-``predict_slide(path, model_dir, out, config)``         slide -> predicted label and probabilities (pipeline.evaluate)
+``predict_slide(path, model_dir, out, config)``         slide -> predicted label and probabilities (pipeline.predict)
 ``cam_slide(store_or_slide, model_dir, out, config)``   Grad-CAM of one slide: ``cam`` array + PNG/TIFF/GeoJSON (here)
 =====================================================  ==============================================================
 
-``cam_slide`` is the one-slide form of ``pipeline.cam.cam_slides``: the same layer choice, the same per-slide CAM
-(``slide_cam``, averaged over the fold models of a k-fold model), the same ``cam`` array attributes and the same
+``cam_slide`` is the one-slide form of ``pipeline.cam.runner.cam_slides``: the same layer choice, the same per-slide
+CAM (``slide_cam``, averaged over the fold models of a k-fold model), the same ``cam`` array attributes and the same
 files (``render_slide_outputs``), so a later ``wsi-pipeline cam`` on the same output directory finds the slide current.
 See ``workflows/lab_script.py`` for a runnable example.
 """
@@ -92,8 +92,10 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
     {label: p}, "cam": (rows, cols) float32 array in [0, 1] (NaN off tissue), "png", "tiff", "geojson",
     "skipped": True when the CAM and its files were already current}. Raises the slide's typed error.
     """
-    from .cam import _entry, default_cam_layer, slide_outputs, split_model, update_store_cam
-    from .heatmaps import render_slide_outputs
+    from .cam.runner import cam_entry
+    from .cam.gradients import default_cam_layer, split_model
+    from .cam.runner import slide_outputs, update_store_cam
+    from .cam.heatmaps import render_slide_outputs
     from .model.trained import TrainedModel
     from .core.outputs import Manifest, output_lock
     from .core.store import read_attrs
@@ -122,7 +124,7 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
         cam, probs, cls, skipped = update_store_cam(store, trained, cam_models, layer, config.cam, paths)
         if not skipped:
             truth = {k: str(v) for k, v in (trained.info.get("truth") or {}).items()}
-            entry = _entry(slide_id, paths, probs, cls, trained, truth, None)
+            entry = cam_entry(slide_id, paths, probs, cls, trained, truth, None)
             render_slide_outputs(str(store), paths, config.cam.hot_threshold, config.cam.tiff_tile_px, entry["title"])
             Manifest(home).update_stage(slide_id, "cam", status="done", layer=layer, class_index=cls,
                                         files={k: str(v) for k, v in paths.items()})

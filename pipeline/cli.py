@@ -276,7 +276,7 @@ def _add_cam_parser(sub) -> None:
 
 
 def cmd_cam(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .cam import cam_slides
+    from .cam.runner import cam_slides
     from .core.parallel import task_runner
 
     log_path = setup_logging(args.out, "cam", args.verbose)
@@ -293,7 +293,7 @@ def _add_report_parser(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from .report import build_report
+    from .report.html import build_report
 
     print(f"report: {build_report(args.out)}")
     return 0

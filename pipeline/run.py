@@ -50,11 +50,11 @@ def labels_without_failed_slides(labels_csv: str | Path, out_dir: Path) -> tuple
 def run_all(slides: list[str | Path], labels_csv: str | Path, out_dir: str | Path,
             config: PipelineConfig | None = None, progress: bool | None = None) -> dict:
     """The whole pipeline; returns a summary per stage and the report path."""
-    from .cam import cam_slides
+    from .cam.runner import cam_slides
     from .describe.runner import describe_slides
     from .model.labels import read_labels
     from .reduce.runner import reduce_slides
-    from .report import build_report
+    from .report.html import build_report
     from .train.runner import train
 
     config = config or PipelineConfig()

@@ -79,7 +79,7 @@ def test_lab_script_runs_one_slide_end_to_end(model_dir, tmp_path, capsys):
     assert manifest["slides"]["new_slide"]["stages"]["cam"]["status"] == "done"
 
     # the cohort runner finds the slide current: same CAM hash, layer and files as cam_slides would write
-    from pipeline.cam import cam_slides
+    from pipeline.cam.runner import cam_slides
 
     summary = cam_slides(out, model_dir=model_dir, runner=LocalRunner(), progress=False)
     assert (summary["skipped"], summary["done"], summary["layer"]) == (1, 0, result["layer"])

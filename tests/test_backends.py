@@ -25,7 +25,8 @@ JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 
 CAM_SCRIPT = """
 import sys, numpy as np, keras
-from pipeline.cam import default_cam_layer, slide_cam, split_model
+from pipeline.cam.gradients import default_cam_layer, split_model
+from pipeline.cam.views import slide_cam
 from pipeline.core.maps import read_feature_maps
 from pipeline.model.trained import TrainedModel
 out, ids, dest = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
@@ -80,7 +81,8 @@ def test_jax_model_predicts_the_same_under_tensorflow(jax_trained):
 
 
 def test_gradcam_is_the_same_on_both_backends(jax_trained, tmp_path):
-    from pipeline.cam import default_cam_layer, slide_cam, split_model
+    from pipeline.cam.gradients import default_cam_layer, split_model
+    from pipeline.cam.views import slide_cam
     from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
 

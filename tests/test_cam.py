@@ -3,9 +3,9 @@ import pytest
 
 from pipeline.model.network import build_model
 from pipeline.model.inputs import dihedral, fit_size, to_input, undo_dihedral
-from pipeline.cam import (augmented_slide_cam, cell_index_image, cells_from_input, default_cam_layer, gradcam,
-                          map_windows, reference_map, slide_cam, smooth_cam, split_model, upsample_bilinear,
-                          window_origins)
+from pipeline.cam.views import (augmented_slide_cam, cell_index_image, cells_from_input, map_windows, reference_map,
+                                slide_cam, smooth_cam, window_origins)
+from pipeline.cam.gradients import default_cam_layer, gradcam, split_model, upsample_bilinear
 from pipeline.core.config import TrainConfig
 from pipeline.core.maps import FEATURE_MAP_FILL, select_channels
 
@@ -163,7 +163,7 @@ def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(smal
     """k-fold: the class is picked once from the averaged probabilities, not by each fold model for itself."""
     import keras
 
-    from pipeline.cam import _nan_mean, slide_cam_with_models
+    from pipeline.cam.views import _nan_mean, slide_cam_with_models
     from pipeline.core.config import CamConfig
 
     model, cfg = small_model

@@ -7,8 +7,8 @@ import pytest
 from matplotlib.path import Path as MplPath
 from PIL import Image
 
-from pipeline.heatmaps import (CMAP_NAME, colorize, hot_region_polygons, render_scores, save_contact_sheet,
-                               save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson)
+from pipeline.cam.heatmaps import (CMAP_NAME, colorize, hot_region_polygons, render_scores, save_contact_sheet,
+                                   save_overlay_png, write_heatmap_tiff, write_hot_regions_geojson)
 from pipeline.core.pictures import colormap_lut
 from pipeline.slides.tiling import TileGrid
 

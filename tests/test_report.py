@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from pipeline.describe.runner import describe_slides
-from pipeline.heatmaps import save_overlay_png
+from pipeline.cam.heatmaps import save_overlay_png
 from pipeline.core.outputs import atomic_write_json
 from pipeline.core.parallel import LocalRunner
 from pipeline.reduce.runner import reduce_slides
-from pipeline.report import build_report
+from pipeline.report.html import build_report
 from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.slides.tiling import TileGrid
 
@@ -85,7 +85,7 @@ def test_report_renders_in_headless_chromium(report_out, tmp_path):
 
 
 def test_model_summary_names_weights_head_backend_and_classes():
-    from pipeline.report import _model_summary
+    from pipeline.report.html import _model_summary
 
     info = {"config": {"train": {"weights": None, "recipe": "scratch", "head_block": "mixed2"}},
             "versions": {"backend": "jax"}, "labels": {"values": [0, 1]}}

@@ -74,7 +74,8 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     The default settings (``mixed0`` for a random-init base, Augmented Grad-CAM with a one-tile smoothing,
     ``cam.augment``, ``cam.smooth_cells: 1``) must hit on >= 80%: they hit 5/5 (15/20 of all positive maps; with the
     ``mixed10`` head instead 3/5). One plain pass must hit on >= 60%."""
-    from pipeline.cam import default_cam_layer, slide_cam_with_models, split_model
+    from pipeline.cam.gradients import default_cam_layer, split_model
+    from pipeline.cam.views import slide_cam_with_models
     from pipeline.core.config import CamConfig
     from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .core.outputs import atomic_output_path, atomic_write_text
-from .core.pictures import colormap_lut
-from .slides.tiling import TileGrid
+from ..core.outputs import atomic_output_path, atomic_write_text
+from ..core.pictures import colormap_lut
+from ..slides.tiling import TileGrid
 
 CMAP_NAME = "inferno"
 
@@ -283,10 +283,10 @@ def save_contact_sheet(path: str | Path, entries: list[dict], columns: int = 4, 
 def render_slide_outputs(store: str, paths: dict, threshold: float, tiff_tile_px: int, title: str) -> dict:
     """Worker task: the CAM of one slide (already in its store) -> overlay PNG, pyramidal TIFF, GeoJSON.
 
-    ``paths``: {"png", "tiff", "geojson"} targets. Lives here, not in ``pipeline.cam``, so a worker rendering
+    ``paths``: {"png", "tiff", "geojson"} targets. Lives here, not beside the Grad-CAM code, so a worker rendering
     files never imports Keras (two thirds of its memory otherwise; benchmarks/README.md).
     """
-    from .core.store import read_array, read_attrs
+    from ..core.store import read_array, read_attrs
 
     attrs = read_attrs(store)
     grid = TileGrid.from_dict(attrs["tile_grid"])
