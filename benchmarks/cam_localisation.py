@@ -1,6 +1,6 @@
 """Does the Grad-CAM find the planted lesion? (issue #5)
 
-On a synthetic cohort (``pipeline.synthetic.make_cohort``) run through the pipeline (``wsi-pipeline run``), for each
+On a synthetic cohort (``sample_data.synthetic.make_cohort``) run through the pipeline (``wsi-pipeline run``), for each
 positive slide: the argmax cell of the CAM, its centre in level-0 pixels (the slide's ``tile_grid``), and whether
 ``SyntheticTissue.lesion_at`` is true there (a *hit*). Target: hits on at least 80% of the positive test slides.
 Also reported, over the test positives and over all positives (the test split is small):
@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.core.store import list_stores, read_array, read_attrs  # noqa: E402
-from pipeline.synthetic import cohort_plan  # noqa: E402
+from sample_data.synthetic import cohort_plan  # noqa: E402
 from pipeline.slides.tiling import TileGrid  # noqa: E402
 
 

@@ -54,7 +54,7 @@ QUICK_SIZE = (8000, 6000)
 
 def bench_slide(work_dir: Path, quick: bool, seed: int = 0) -> Path:
     """The synthetic benchmark slide, written once (streamed tile by tile) and reused from ``work_dir``."""
-    from pipeline.synthetic import SyntheticTissue, write_slide
+    from sample_data.synthetic import SyntheticTissue, write_slide
 
     width, height = QUICK_SIZE if quick else FULL_SIZE
     path = work_dir / f"synthetic-{width}x{height}-seed{seed}.svs"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow running from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from pipeline.synthetic import make_cohort  # noqa: E402
+from sample_data.synthetic import make_cohort  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

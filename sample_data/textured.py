@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.jit import njit
-from pipeline.synthetic import _atomic_target, _written_spec, slide_spec, write_slide
+from sample_data.synthetic.writing import atomic_target, slide_spec, write_slide, written_spec
 
 __all__ = ["TexturedTissue", "textured_cohort_plan", "make_textured_cohort"]
 
@@ -399,7 +399,7 @@ def make_textured_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, seed:
     out.mkdir(parents=True, exist_ok=True)
     plan = textured_cohort_plan(n_per_class, seed, width_px, height_px, lesion_fraction, stain_jitter)
     todo = [(out / f"{sid}.svs", t) for sid, _, t in plan
-            if _written_spec(out / f"{sid}.svs") != slide_spec(t, MPP, LEVELS, TILE_PX, QUALITY)]
+            if written_spec(out / f"{sid}.svs") != slide_spec(t, MPP, LEVELS, TILE_PX, QUALITY)]
     if verbose:
         print(f"{out}: keeping {len(plan) - len(todo)} slides, writing {len(todo)}", flush=True)
     write = functools.partial(write_slide, mpp=MPP, levels=LEVELS, tile_px=TILE_PX, quality=QUALITY, style="aperio",
@@ -413,7 +413,7 @@ def make_textured_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, seed:
     text = "slide_id,label\n" + "".join(f"{sid},{lab}\n" for sid, lab, _ in plan)
     lab_path = out / "labels.csv"
     if not (lab_path.exists() and lab_path.read_text() == text):
-        tmp = _atomic_target(lab_path)
+        tmp = atomic_target(lab_path)
         tmp.write_text(text)
         os.replace(tmp, lab_path)
     return out

@@ -97,8 +97,8 @@ def make_map_cohort(out_dir, n_per_class: int = 20, seed: int = 0, size_range=(1
 # --- generated slides (describe) ---
 
 def write_test_slide(path, width=1536, height=1152, seed=0, lesion=False, tissue_fraction=0.5, **kwargs):
-    """A small pyramidal Aperio-style slide (0.25 µm/px, levels 1/4/16) from pipeline.synthetic."""
-    from pipeline.synthetic import SyntheticTissue, write_slide
+    """A small pyramidal Aperio-style slide (0.25 µm/px, levels 1/4/16) from sample_data.synthetic."""
+    from sample_data.synthetic import SyntheticTissue, write_slide
 
     tissue = SyntheticTissue(width, height, seed=seed, lesion=lesion, tissue_fraction=tissue_fraction)
     return write_slide(path, tissue, **kwargs)

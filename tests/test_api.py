@@ -14,7 +14,7 @@ from pipeline.describe.runner import describe_slides
 from pipeline.core.parallel import LocalRunner
 from pipeline.reduce.runner import reduce_slides
 from pipeline.core.store import array_attrs, read_array, read_attrs
-from pipeline.synthetic import make_cohort
+from sample_data.synthetic import make_cohort
 from pipeline.slides.tiling import TileGrid
 from tests.conftest import REPO, write_test_slide
 

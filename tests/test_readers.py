@@ -20,7 +20,7 @@ from pipeline.slides.tiling import read_tile_row, tile_grid
 def synthetic_slides(tmp_path_factory) -> dict:
     """Odd sizes, so level edges cut native tiles: an Aperio-style slide whose level 1 has a fractional downsample
     (3001 / 750, 2003 / 500) and a generic pyramidal TIFF whose levels are exactly 2x and 4x (but not tile multiples)."""
-    from pipeline.synthetic import SyntheticTissue, write_slide
+    from sample_data.synthetic import SyntheticTissue, write_slide
 
     out = tmp_path_factory.mktemp("reader-slides")
     return {

@@ -28,7 +28,7 @@ from pipeline.core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.pictures import display_factor
 from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path
-from pipeline.synthetic import SyntheticTissue, write_slide
+from sample_data.synthetic import SyntheticTissue, write_slide
 from pipeline.slides.tiling import TileGrid
 
 # 0.25 µm/px slides, 64-px tiles at 0.5 µm/px: a 2048 x 1536 slide is a 12 x 16 grid.

@@ -12,7 +12,7 @@ import openslide
 import pytest
 
 from pipeline.core.store import read_array, read_attrs
-from pipeline.synthetic import cohort_plan, make_cohort
+from sample_data.synthetic import cohort_plan, make_cohort
 from pipeline.slides.tiling import TileGrid
 
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Tests for pipeline.synthetic: procedural H&E-like slides written as pyramidal tiled JPEG TIFFs."""
+"""Tests for sample_data.synthetic: procedural H&E-like slides written as pyramidal tiled JPEG TIFFs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 openslide = pytest.importorskip("openslide")
 
-from pipeline.synthetic import (  # noqa: E402
+from sample_data.synthetic import (  # noqa: E402
     BACKGROUND_RGB,
     SyntheticTissue,
     cohort_plan,
@@ -232,7 +232,7 @@ def test_write_flat_image(tmp_path, fmt):
 
 
 def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
-    import pipeline.synthetic as syn
+    import sample_data.synthetic as syn
 
     t = SyntheticTissue(600, 600, seed=1)
 
