@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.store import list_stores, read_array, read_attrs  # noqa: E402
-from pipeline.tiling import TileGrid  # noqa: E402
+from pipeline.core.config import config_from_dict  # noqa: E402
+from pipeline.core.store import list_stores, read_array, read_attrs  # noqa: E402
+from pipeline.slides.tiling import TileGrid  # noqa: E402
 
 BASE_CONFIG = {
     "tiling": {"mpp": 0.5, "tile_px": 128, "chunk_tiles": 16},
@@ -38,8 +38,8 @@ BASE_CONFIG = {
 
 def prepare_cohort(work: Path, seed: int, n_per_class: int, size_px: int) -> tuple[Path, Path, dict]:
     """Cohort slides + describe + reduce (each reused when current); returns (out, labels, plan by slide id)."""
-    from pipeline.describe import describe_slides
-    from pipeline.reduce import reduce_slides
+    from pipeline.describe.runner import describe_slides
+    from pipeline.reduce.runner import reduce_slides
     from sample_data.textured import make_textured_cohort, textured_cohort_plan
 
     slides = work / f"cohort-{seed}"
@@ -55,9 +55,10 @@ def prepare_cohort(work: Path, seed: int, n_per_class: int, size_px: int) -> tup
 
 def cam_hits(out: Path, plan: dict, layers: list[str], test_ids: set[str]) -> dict:
     """Per layer: (hits, positives) over the positive test slides, CAM of each slide's predicted class."""
-    from pipeline.cam import slide_cam_with_models, split_model
-    from pipeline.config import CamConfig
-    from pipeline.evaluate import TrainedModel
+    from pipeline.cam.gradients import split_model
+    from pipeline.cam.runner import slide_cam_with_models
+    from pipeline.core.config import CamConfig
+    from pipeline.model.trained import TrainedModel
 
     trained = TrainedModel(out / "model")
     stores = {s.name[:-5]: s for s in list_stores(out)}
@@ -82,7 +83,7 @@ def cam_hits(out: Path, plan: dict, layers: list[str], test_ids: set[str]) -> di
 
 
 def run_variant(out: Path, labels: Path, plan: dict, overrides: dict, layers: list[str], retrain: bool = True) -> dict:
-    from pipeline.train import train
+    from pipeline.train.runner import train
 
     data = json.loads(json.dumps(BASE_CONFIG))
     data["train"].update(overrides)

@@ -190,7 +190,7 @@ def gradcam_from_activations(cam_model: CamModel, activations: np.ndarray, class
         else:
             low = np.maximum((grads * (activations[sel] - reference[sel])).sum(axis=-1), 0.0)
         for i, cam in zip(sel, low):
-            cams[i] = upsample_bilinear(cam, *out_hw)
+            cams[i] = upsample_cam(cam, *out_hw, RECEPTIVE_GRID.get(cam_model.layer))
     return cams
 
 
@@ -204,14 +204,41 @@ def gradcam(cam_model: CamModel, inputs: np.ndarray, class_index: int | None = N
     return gradcam_from_activations(cam_model, activations, classes, inputs.shape[1:3]), probs
 
 
-def upsample_bilinear(cam: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize of a small CAM to the input size (align-centres, like image resizing)."""
+# Where InceptionV3's activation cells sit on its input: the centre of cell j of a block is input pixel
+# offset + j * jump (the stem's and the two reduction blocks' valid 3x3 convolutions and poolings shift and stride the
+# grid; checked against input gradients in tests/cam/test_gradients.py). Stretching the grid over the whole input
+# instead puts mixed0's edge cells 13 px (three 4-px map cells at 96 px) too far out.
+RECEPTIVE_GRID = {**{f"mixed{i}": (13, 8) for i in range(3)}, **{f"mixed{i}": (21, 16) for i in range(3, 8)},
+                  **{name: (37, 32) for name in ("mixed8", "mixed9", "mixed10")}}
+
+
+def _bilinear_at(cam: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``cam`` sampled at fractional row indices ``ys`` x column indices ``xs`` (already within the grid)."""
     h, w = cam.shape
-    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
     top = cam[y0][:, x0] * (1 - fx) + cam[y0][:, x1] * fx
     bottom = cam[y1][:, x0] * (1 - fx) + cam[y1][:, x1] * fx
     return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def upsample_bilinear(cam: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of a small CAM to the input size (align-centres, like image resizing)."""
+    h, w = cam.shape
+    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
+    return _bilinear_at(cam, ys, xs)
+
+
+def upsample_cam(cam: np.ndarray, out_h: int, out_w: int, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """A layer's CAM laid onto its input pixels: each cell at the centre of its receptive field (``grid`` =
+    (offset, jump) from ``RECEPTIVE_GRID``), bilinear between centres, constant beyond the outer ones. Without a
+    known grid the CAM is stretched over the input (``upsample_bilinear``)."""
+    if grid is None:
+        return upsample_bilinear(cam, out_h, out_w)
+    offset, jump = grid
+    h, w = cam.shape
+    ys = np.clip((np.arange(out_h) - offset) / jump, 0, h - 1)
+    xs = np.clip((np.arange(out_w) - offset) / jump, 0, w - 1)
+    return _bilinear_at(cam, ys, xs)

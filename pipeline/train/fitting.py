@@ -62,7 +62,10 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
     val_data = (MapBatches(pick(split.val), cfg, y[split.val], weights[y[split.val]], seed=seed)
                 if len(split.val) else None)
     plain_train = MapBatches(pick(split.train), cfg, seed=seed)
-    if cfg.calibrate_batchnorm and resolve_weights(cfg.weights) is None and cfg.recipe == "finetune":
+    # Scratch always starts from calibrated BatchNorm statistics: with Keras' defaults (mean 0, variance 1) a random
+    # base's pooled features are ~1e-5 apart, head_norm would scale them up by as much, and once BatchNorm trains the
+    # logits explode (training losses of 1e5 seen).
+    if cfg.recipe == "scratch" or (cfg.calibrate_batchnorm and resolve_weights(cfg.weights) is None):
         calibrate_batchnorm(model, plain_train)
     adapt_head_norm(model, plain_train)
     monitor = "val_loss" if val_data is not None else "loss"
