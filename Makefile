@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(TF_EXTRA)
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test test-quick bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick set: everything but the tests marked slow (trainings, whole runs on Dask clusters); a few minutes.
+test-quick: install browser
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/describe_throughput.py

@@ -1,11 +1,28 @@
 """wsi-pipeline: whole-slide images -> tile descriptors -> feature maps -> InceptionV3 -> Grad-CAM mosaics.
 
+The package follows the walk of the pipeline, one subpackage (or module) per stage, in this order::
+
+    core      config, typed errors, slide stores, output directory, feature-map contract, task runners
+    slides    open slides, read pixels, tile grid, tissue mask                     (stage 1)
+    describe  tiles -> one descriptor per tile, in a Zarr store per slide           (stage 2)
+    reduce    descriptors -> K-channel feature map per slide                       (stage 3)
+    model     InceptionV3 on feature maps, labels, the trained-model directory     (stage 4)
+    evaluate  metrics, plots and files of predictions                              (stage 5)
+    train     splits, fitting, saving and evaluating a model                       (stage 6)
+    predict   new slides end to end with a trained model                           (stage 7)
+    cam       Grad-CAM of each slide, heatmap files                                (stage 8)
+    report    OUT/report.html                                                      (stage 9)
+
+Import rule: a module imports only its own stage, earlier stages and ``core``; ``core`` imports no stage. The entry
+points above them all (``cli``, ``cli_options``, ``run``, ``api``, this file) may import anything.
+``tests/test_layout.py`` checks this.
+
 The Python API for lab scripts (one slide at a time, in-process, no cluster needed)::
 
     import pipeline
     store = pipeline.describe_slide("slide.svs", "out/")
 
-Heavy dependencies (TensorFlow/Keras, Dask) are imported only by the stages that need them.
+Heavy dependencies (TensorFlow/Keras) are imported only when a stage that needs them runs.
 """
 
 from __future__ import annotations
@@ -17,21 +34,13 @@ __version__ = "0.1.0"
 # TensorFlow's C++ start-up banners (CPU instruction sets, absl) say nothing a user can act on; errors still show.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from .api import cam_slide, model_describe_config  # noqa: E402  (Grad-CAM of one slide, a model's describe settings)
 from .core.config import PipelineConfig, load_config  # noqa: E402
 from .describe.runner import describe_slide, describe_slides  # noqa: E402
+from .predict import predict_slide  # noqa: E402  (describe + map + predict one slide with a trained model)
+from .reduce.maps import map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
+from .reduce.reducers import load_reducer  # noqa: E402
 from .slides.open import read_slide_info  # noqa: E402
 
-__all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__"]
-
-from .predict import predict_slide  # noqa: E402  (describe + map + predict one slide with a trained model)
-
-__all__ += ["predict_slide"]
-
-from .reduce.reducers import load_reducer  # noqa: E402  (one slide's feature map with a saved reducer)
-from .reduce.maps import map_slide  # noqa: E402  (one slide's feature map with a saved reducer)
-
-__all__ += ["map_slide", "load_reducer"]
-
-from .api import cam_slide, model_describe_config  # noqa: E402  (Grad-CAM of one slide, a model's describe settings)
-
-__all__ += ["cam_slide", "model_describe_config"]
+__all__ = ["PipelineConfig", "load_config", "describe_slide", "describe_slides", "read_slide_info", "__version__",
+           "predict_slide", "map_slide", "load_reducer", "cam_slide", "model_describe_config"]

@@ -46,6 +46,7 @@ def model_dir(tmp_path_factory):
     return out / "model"
 
 
+@pytest.mark.slow
 def test_lab_script_runs_one_slide_end_to_end(model_dir, tmp_path, capsys):
     slide = write_test_slide(tmp_path / "new slide.svs", width=1300, height=1000, seed=11, lesion=True)
     out = tmp_path / "lab"

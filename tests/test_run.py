@@ -15,6 +15,8 @@ from pipeline.core.store import read_array, read_attrs
 from sample_data.synthetic import cohort_plan, make_cohort
 from pipeline.slides.tiling import TileGrid
 
+pytestmark = pytest.mark.slow  # the whole CLI on a 40-slide cohort, training included
+
 BIN = Path(sys.executable).parent
 CONFIG = """
 tiling: {mpp: 0.5, tile_px: 64, chunk_tiles: 8}

@@ -47,7 +47,7 @@ from .pixels import read_level_region
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 # TIFF compressions decoded directly: the lossless ones give the stored values by construction, JPEG is tested against
-# OpenSlide (tests/test_readers.py), and ``auto`` probes every slide anyway. Others (e.g. Aperio's JPEG 2000, whose
+# OpenSlide (tests/slides/test_readers.py), and ``auto`` probes every slide anyway. Others (e.g. Aperio's JPEG 2000, whose
 # colour handling is OpenSlide's own) stay with OpenSlide.
 DIRECT_COMPRESSIONS = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate"}
 

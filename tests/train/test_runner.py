@@ -15,7 +15,7 @@ from pipeline.core.errors import MissingInputError
 from pipeline.train.fitting import FoldResult
 from pipeline.train.runner import train
 
-from .conftest import make_map_cohort, planted_map, write_map_store
+from ..conftest import make_map_cohort, planted_map, write_map_store
 
 SMALL_TRAIN = """
 train:                        # no weights: the default scratch recipe
@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
             "predictions": (out / "predictions.csv").read_text()}
 
 
+@pytest.mark.slow
 def test_planted_signal_is_learned(trained):
     out = trained["out"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -66,6 +67,7 @@ def test_planted_signal_is_learned(trained):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     """Issue 5's localisation check at the feature-map level: the trained model's Grad-CAM, mapped back onto each
     positive test slide's (variable-size) map, has its maximum inside the planted disc (~15-25% of the tissue, so
@@ -98,6 +100,7 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     assert sum(hits["one pass"]) >= 0.6 * len(positives), hits
 
 
+@pytest.mark.slow
 def test_model_directory(trained):
     model_dir = trained["out"] / "model"
     assert sorted(p.name for p in model_dir.iterdir()) == ["baseline.json", "labels.json", "model.keras",
@@ -111,6 +114,7 @@ def test_model_directory(trained):
     assert splits == {"train", "val", "test"}
 
 
+@pytest.mark.slow
 def test_evaluate_reloads_the_saved_model(trained, capsys):
     out = trained["out"]
     assert main(["evaluate", "--out", str(out)]) == 0
@@ -126,6 +130,7 @@ def read_csv_text(text):
     return list(csv.DictReader(text.splitlines()))
 
 
+@pytest.mark.slow
 def test_rerun_with_same_inputs_is_skipped(trained):
     out = trained["out"]
     stamp = (out / "model" / "model.keras").stat().st_mtime_ns
@@ -134,6 +139,7 @@ def test_rerun_with_same_inputs_is_skipped(trained):
     assert summary["skipped"] and (out / "model" / "model.keras").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_bad_labels_stop_before_training(trained, tmp_path, capsys):
     out = trained["out"]
     bad = tmp_path / "bad.csv"
@@ -145,6 +151,7 @@ def test_bad_labels_stop_before_training(trained, tmp_path, capsys):
     assert (out / "model" / "model.keras").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_warm_up_epochs_do_not_count_for_early_stopping(tmp_path):
     """patience 1 would stop after two epochs; min_epochs 4 keeps the head phase going and picks its best epoch
     only from the epochs after the warm-up."""
@@ -212,6 +219,7 @@ def test_kfold_pools_out_of_fold_predictions_with_offset_labels(tmp_path, monkey
 # --- predict on new slides: describe -> map with the model's reducer -> predict -------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_path):
     import shutil
 

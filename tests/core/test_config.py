@@ -84,6 +84,6 @@ def test_stage_hash_ignores_cluster_but_not_tiling():
 def test_shipped_workflows_validate():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parent.parent / "workflows").glob("*.yaml")):
+    for path in sorted((Path(__file__).parents[2] / "workflows").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.tiling.mpp > 0, path

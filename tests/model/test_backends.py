@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import make_map_cohort
+from ..conftest import make_map_cohort
 
 pytest.importorskip("jax")
+
+pytestmark = pytest.mark.slow  # trains InceptionV3 on the JAX backend in a subprocess
 
 BIN = Path(sys.executable).parent
 CONFIG = """

@@ -1,11 +1,13 @@
+"""A slide's CAM on its tile grid: index geometry, windows, reference maps, smoothing, Augmented Grad-CAM,
+fold models."""
+
 import numpy as np
 import pytest
 
-from pipeline.model.network import build_model
 from pipeline.model.inputs import dihedral, fit_size, to_input, undo_dihedral
 from pipeline.cam.views import (augmented_slide_cam, cell_index_image, cells_from_input, map_windows, reference_map,
                                 slide_cam, smooth_cam, window_origins)
-from pipeline.cam.gradients import default_cam_layer, gradcam, split_model, upsample_bilinear
+from pipeline.cam.gradients import gradcam, split_model
 from pipeline.core.config import TrainConfig
 from pipeline.core.maps import FEATURE_MAP_FILL, select_channels
 
@@ -34,53 +36,6 @@ def test_windows_cover_large_maps():
         covered[r0:r1, c0:c1] += 1
     assert covered.min() >= 1
     assert map_windows(250, 120, TrainConfig(recipe="finetune", size_strategy="resize"), 0.5) == [(0, 250, 0, 120)]
-
-
-def test_bilinear_upsample_keeps_constant_and_range():
-    cam = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
-    up = upsample_bilinear(cam, 8, 8)
-    assert up.shape == (8, 8) and up.min() == 0 and up.max() == 3
-    np.testing.assert_allclose(upsample_bilinear(np.full((3, 3), 0.5), 9, 9), 0.5)
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    import keras
-
-    keras.utils.set_random_seed(1)
-    cfg = TrainConfig(recipe="finetune", size_strategy="resize", input_px=96, weights=None)
-    return build_model(2, cfg), cfg
-
-
-def test_default_layer_is_finer_than_mixed10(small_model):
-    model, cfg = small_model
-    assert default_cam_layer(model, cfg) == "mixed0"  # random-init base: the shallowest block of the finest grid
-    learned = cfg.model_copy(update={"weights": "imagenet"})  # only the rule reads it: nothing is downloaded
-    assert default_cam_layer(model, learned) == "mixed2"  # deepest with >= 96/18 cells: 9x9 (mixed3-7 are 4x4)
-    import keras
-
-    full = keras.Model(model.inputs[0], model.get_layer("mixed10").output)
-    assert full.output.shape[1] == 1
-
-
-def test_gradcam_matches_direct_gradient_tape(small_model):
-    import keras
-    import tensorflow as tf
-
-    model, cfg = small_model
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
-    cams, probs = gradcam(split_model(model, "mixed2"), x, class_index=1)
-    # reference: the textbook formulation on the unsplit model
-    ref_model = keras.Model(model.inputs[0], [model.get_layer("mixed2").output, model.outputs[0]])
-    with tf.GradientTape() as tape:
-        acts, out = ref_model(x, training=False)
-        score = tf.reduce_sum(out[:, 1])
-    grads = tape.gradient(score, acts).numpy()
-    low = np.maximum((grads.mean(axis=(1, 2), keepdims=True) * acts.numpy()).sum(-1), 0)
-    np.testing.assert_allclose(probs, out.numpy(), rtol=1e-5, atol=1e-6)
-    for i in range(2):
-        np.testing.assert_allclose(cams[i], upsample_bilinear(low[i], 96, 96), rtol=1e-4, atol=1e-6)
 
 
 def test_window_mosaic_equals_single_window_on_same_input(small_model):

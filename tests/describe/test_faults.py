@@ -40,7 +40,7 @@ CONFIG = config_from_dict({"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 
                            "cluster": {"workers": 2, "dashboard": False}})
 
 SLOW_BLOCKS = """
-# Dask worker preload for tests/test_faults.py: each describe block waits {delay} s before its real work.
+# Dask worker preload for tests/describe/test_faults.py: each describe block waits {delay} s before its real work.
 # Dask may run a preload more than once in a process: wrap the real function, never an earlier wrapper.
 import time
 
@@ -144,6 +144,7 @@ def _busy_worker(client, out: Path, slide_ids) -> str | None:
     return busy[0] if busy else None
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_slide_is_rescheduled_and_the_run_completes(big_slides, slow_preload, reference, tmp_path):
     slides = [big_slides / "big-0.svs", big_slides / "big-1.svs"]
     slide_ids = ["big-0", "big-1"]
@@ -190,6 +191,7 @@ def _finished_and_partial(out: Path) -> bool:
     return bool(list_stores(out)) and any(markers(out, p.name[: -len(".zarr.partial")]) for p in partial)
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_only_the_missing_work(big_slides, slow_preload, reference, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "config.yaml"

@@ -16,7 +16,7 @@ from pipeline.core.parallel import LocalRunner, TaskFailure, call_task, make_slu
 from pipeline.core.errors import NoTissueError
 from pipeline.core.store import read_array
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -93,6 +93,7 @@ def dask_cluster(tmp_path):
         yield address
 
 
+@pytest.mark.slow
 def test_external_scheduler_equals_in_process(dask_cluster, cmu_slide, fixtures_dir, tmp_path):
     import pipeline
 
@@ -121,10 +122,11 @@ train: {recipe: finetune, input_px: 80, batch_size: 8, head_epochs: 2, finetune_
 """
 
 
+@pytest.mark.slow
 def test_model_stages_land_on_the_gpu_worker_of_a_mixed_cluster(tmp_path):
     """One CPU worker and one advertising GPU=1 (as `dask worker --resources GPU=1` or SLURM gpus_per_job make):
     training and the Grad-CAM model pass run on the GPU worker; the CAM file rendering may use either."""
-    from .conftest import make_map_cohort
+    from ..conftest import make_map_cohort
 
     out = tmp_path / "out"
     labels = make_map_cohort(out, n_per_class=6, seed=3, size_range=(12, 16))
