@@ -36,8 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.core.store import list_stores, read_array, read_attrs  # noqa: E402
-from sample_data.synthetic import cohort_plan  # noqa: E402
 from pipeline.slides.tiling import TileGrid  # noqa: E402
+from sample_data.synthetic import cohort_plan  # noqa: E402
 
 
 def cell_truth(tissue, grid: TileGrid, samples: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +124,7 @@ def _logit_cam(cam_model, fmap, cfg, transforms, margin):
     """Grad-CAM of the class score before the softmax (z_c, or z_c - mean_j z_j with ``margin``)."""
     import keras
     import tensorflow as tf
+
     from pipeline.cam import gradients, views
 
     if not hasattr(cam_model, "_pre"):

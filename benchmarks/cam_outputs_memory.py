@@ -166,14 +166,14 @@ def child(store: str, out_dir: str, slide_id: str, with_keras: bool = False) -> 
         # what-if: a process that also ran Grad-CAM holds: Keras/TensorFlow imported (workers of `cam` do not import it:
         # the render task lives in pipeline.cam.heatmaps)
         import pipeline.model.batches  # noqa: F401  (imports Keras, as the Grad-CAM model code does when it runs)
-    import pipeline.cam.heatmaps as heatmaps
-
     # everything the task imports, before it runs: the interpreter's baseline for this work
     import matplotlib  # noqa: F401
     import matplotlib.pyplot  # noqa: F401
     import skimage.measure  # noqa: F401
     import tifffile  # noqa: F401
     import zarr  # noqa: F401
+
+    import pipeline.cam.heatmaps as heatmaps
 
     import_rss_kb = _vm_kb("VmRSS")
     peak = {"kb": _vm_kb("VmHWM")}
@@ -265,8 +265,8 @@ def run_child(store: Path, out_dir: Path, slide_id: str, with_keras: bool = Fals
 def check_tiff(path: Path, store: Path, width: int, height: int) -> dict:
     import openslide
 
-    from pipeline.core.pictures import colormap_lut
     from pipeline.cam.heatmaps import CMAP_NAME
+    from pipeline.core.pictures import colormap_lut
     from pipeline.core.store import read_array
 
     grid = bench_grid(width, height)

@@ -170,8 +170,8 @@ def run_read_phase(runner, path: str, plan: dict, blocks: list, reader: dict) ->
 
 
 def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float, dict]:
-    from pipeline.describe.runner import describe_slides
     from pipeline.core.outputs import Manifest
+    from pipeline.describe.runner import describe_slides
 
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from pipeline.core.config import PipelineConfig
-    from pipeline.describe.runner import prepare_slide
     from pipeline.core.parallel import default_worker_count, task_runner
-    from pipeline.slides.reader_choice import ReaderChoice
+    from pipeline.describe.runner import prepare_slide
     from pipeline.slides.open import read_slide_info
+    from pipeline.slides.reader_choice import ReaderChoice
     from pipeline.slides.tiling import TileGrid
 
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -57,9 +57,9 @@ def keras_throughput(args, maps, y) -> dict:
     import keras
 
     from pipeline.core.config import TrainConfig
+    from pipeline.model.backend import gpu_count, use_mixed_precision
     from pipeline.model.batches import MapBatches
     from pipeline.model.network import build_model, compile_model, set_phase
-    from pipeline.model.backend import gpu_count, use_mixed_precision
 
     cfg = TrainConfig(input_px=args.input_px, batch_size=args.batch_size, weights=None,
                       mixed_precision=args.mixed_precision, unfreeze_from=args.unfreeze_from)
@@ -97,8 +97,8 @@ def torch_throughput(args, maps, y) -> dict:
         return {"skipped": f"torch/torchvision not importable ({err.name}): install them to compare"}
 
     from pipeline.core.config import TrainConfig
-    from pipeline.model.batches import MapBatches
     from pipeline.model.backend import use_mixed_precision
+    from pipeline.model.batches import MapBatches
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(input_px=args.input_px, batch_size=args.batch_size, mixed_precision=args.mixed_precision)

@@ -42,11 +42,11 @@ def _is_store(path: Path) -> bool:
 
 def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineConfig) -> Path:
     """Describe ``slide`` with the settings the model's training slides were described with; its store path."""
+    from .core.parallel import LocalRunner
+    from .core.store import store_path
     from .describe.runner import describe_slides
     from .predict import describe_config_for
-    from .core.parallel import LocalRunner
     from .slides.open import slide_id_from_path
-    from .core.store import store_path
 
     errors: dict = {}
     describe_slides([slide], out_dir, describe_config_for(trained.info, config), runner=LocalRunner(),
@@ -59,11 +59,11 @@ def _describe_for_model(slide: Path, out_dir: Path, trained, config: PipelineCon
 
 def _ensure_feature_map(store: Path, model_dir: Path) -> None:
     """Map the slide with the reducer saved with the model (unless its map is already from that reducer)."""
-    from .core.errors import MissingInputError
     from .core.artefacts import REDUCER_DIR
+    from .core.errors import MissingInputError
     from .core.maps import has_feature_map
-    from .reduce.reducers import load_reducer
     from .reduce.maps import map_is_current, map_slide
+    from .reduce.reducers import load_reducer
 
     reducer_dir = model_dir / REDUCER_DIR
     if (reducer_dir / "reducer.json").is_file():
@@ -92,13 +92,12 @@ def cam_slide(store_or_slide_path: str | Path, model_dir: str | Path, out: str |
     {label: p}, "cam": (rows, cols) float32 array in [0, 1] (NaN off tissue), "png", "tiff", "geojson",
     "skipped": True when the CAM and its files were already current}. Raises the slide's typed error.
     """
-    from .cam.runner import cam_entry
     from .cam.gradients import default_cam_layer, split_model
-    from .cam.runner import slide_outputs, update_store_cam
     from .cam.heatmaps import render_slide_outputs
-    from .model.trained import TrainedModel
+    from .cam.runner import cam_entry, slide_outputs, update_store_cam
     from .core.outputs import Manifest, output_lock
     from .core.store import read_attrs
+    from .model.trained import TrainedModel
 
     config = config or PipelineConfig()
     model_dir = Path(model_dir)

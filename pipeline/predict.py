@@ -50,8 +50,8 @@ def predict_slides(slides: Sequence[str | Path], model_dir: str | Path, out_dir:
     exception that failed it. A failing slide never stops the others.
     """
     from .describe.runner import assign_slide_ids, describe_slides
-    from .reduce.reducers import load_reducer
     from .reduce.maps import map_slide
+    from .reduce.reducers import load_reducer
     from .slides.open import find_slides
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -10,12 +10,12 @@ import pytest
 
 import pipeline
 from pipeline.core.config import config_from_dict
-from pipeline.describe.runner import describe_slides
 from pipeline.core.parallel import LocalRunner
-from pipeline.reduce.runner import reduce_slides
 from pipeline.core.store import array_attrs, read_array, read_attrs
-from sample_data.synthetic import make_cohort
+from pipeline.describe.runner import describe_slides
+from pipeline.reduce.runner import reduce_slides
 from pipeline.slides.tiling import TileGrid
+from sample_data.synthetic import make_cohort
 from tests.conftest import REPO, write_test_slide
 
 TINY = config_from_dict({

@@ -12,8 +12,8 @@ import openslide
 import pytest
 
 from pipeline.core.store import read_array, read_attrs
-from sample_data.synthetic import cohort_plan, make_cohort
 from pipeline.slides.tiling import TileGrid
+from sample_data.synthetic import cohort_plan, make_cohort
 
 pytestmark = pytest.mark.slow  # the whole CLI on a 40-slide cohort, training included
 

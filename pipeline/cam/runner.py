@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG
 from ..core.maps import FEATURE_MAP, has_feature_map
+from ..core.store import slide_id_of
 from .gradients import default_cam_layer, split_model
 from .views import slide_cam_with_models
 
@@ -60,8 +61,8 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
     (caption data) or ``error`` (a typed error's record). Keras runs here; the file rendering is the caller's.
     """
     from ..core.errors import PipelineError, error_record
-    from ..model.trained import TrainedModel
     from ..core.parallel import where_am_i
+    from ..model.trained import TrainedModel
 
     trained = TrainedModel(model_dir)
     tcfg = trained.train_config
@@ -77,7 +78,7 @@ def iter_store_cams(out_dir, model_dir, config, stores, labels: dict | None = No
                 for sid in split.get(name) or [] if len(splits) == 1}
     for store in stores:
         store = Path(store)
-        slide_id = store.name[: -len(".zarr")]
+        slide_id = slide_id_of(store)
         record = {"slide_id": slide_id, "store": str(store), "layer": layer, "current": False, "computed_on": where}
         paths = slide_outputs(out_dir, slide_id)
         try:
@@ -112,11 +113,11 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
 
     from ..core.config import PipelineConfig
     from ..core.errors import error_record
-    from .heatmaps import render_slide_outputs, save_contact_sheet
     from ..core.outputs import Manifest, output_lock
     from ..core.parallel import GPU_RESOURCES, LocalRunner, gpu_placement
     from ..core.progress import Progress
     from ..core.store import list_stores
+    from .heatmaps import render_slide_outputs, save_contact_sheet
 
     log = logging.getLogger("pipeline")
     config = config or PipelineConfig()

@@ -13,10 +13,10 @@ import contextlib
 import logging
 import os
 import time
-
-import dask
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+import dask
 
 from .config import ClusterConfig
 from .errors import ConfigError, PipelineError

@@ -184,4 +184,4 @@ def list_stores(out_dir: str | Path) -> list[Path]:
 
 def store_ids(out_dir: str | Path) -> set[str]:
     """Slide ids of the complete stores in an output directory."""
-    return {(read_attrs(p) or {}).get("slide_id", p.name[:-len(".zarr")]) for p in list_stores(out_dir)}
+    return {(read_attrs(p) or {}).get("slide_id", slide_id_of(p)) for p in list_stores(out_dir)}

@@ -20,20 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.artefacts import RUN_CONFIG_NAME
-from .descriptors import compute_descriptors, descriptor_names
+from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
 from ..core.parallel import LocalRunner, Task, in_flight_limit, run_bounded, runner_for
 from ..core.progress import Progress
-from ..slides.reader_choice import choose_reader, open_reader
+from ..core.store import (create_partial_store, finalize_store, package_versions, read_attrs, store_is_current,
+                          store_path, write_descriptor_chunk)
 from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
 from ..slides.pixels import read_thumbnail
-from ..core.store import (create_partial_store, finalize_store, package_versions, store_is_current, store_path,
-                         write_descriptor_chunk, read_attrs)
+from ..slides.reader_choice import choose_reader, open_reader
 from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
+from .descriptors import compute_descriptors, descriptor_names
 
 log = logging.getLogger("pipeline")
 

@@ -33,7 +33,6 @@ from ..core.config import TrainConfig
 from ..core.errors import ModelError
 from ..core.maps import FEATURE_MAP_FILL
 
-
 TISSUE_INPUT_LOW = -0.8  # network input of the lowest tissue value; background is INPUT_BACKGROUND
 INPUT_BACKGROUND = -1.0
 MIN_INPUT_PX = 75  # InceptionV3 rejects smaller inputs

@@ -34,7 +34,6 @@ from ..core.outputs import atomic_output_path
 from .backend import dtype_policy, use_mixed_precision
 from .inputs import INPUT_BACKGROUND, input_shape_for, pad_to
 
-
 HEAD_PREFIX = "head_"
 IMAGENET_NOTOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"

@@ -29,7 +29,6 @@ from ..core.maps import FEATURE_MAP_FILL
 from ..core.outputs import replace_directory
 from ..core.store import package_versions
 
-
 REDUCER_JSON = "reducer.json"
 REDUCER_ARRAYS = "reducer.npz"
 AUTOENCODER_FILE = "autoencoder.keras"

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.outputs import Manifest, atomic_write_text
-from ..core.store import list_stores, read_array, slide_id_of
 from ..core.artefacts import (CAM_DIR, EXPLAINED_VARIANCE_PNG, MAPS_DIR, METRICS_JSON, MODEL_DIR, MODEL_INFO,
                               MOSAIC_PNG, PLOTS_DIR, PREDICTIONS_CSV, REPORT_HTML, RUN_CONFIG_NAME)
+from ..core.outputs import Manifest, atomic_write_text
+from ..core.store import list_stores, read_array, slide_id_of
 
 GALLERY_THUMB_PX = 260
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from .open import SlideInfo
-from .readers import DIRECT_VENDORS, OpenSlideReader, TileReader, TiffTileReader
+from .readers import DIRECT_VENDORS, OpenSlideReader, TiffTileReader, TileReader
 
 READER_KINDS = ("auto", "openslide", "tiff")
 

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..core.config import TilingConfig
 from ..core.errors import ResolutionTooLowError
-from .readers import as_reader
 from .open import SlideInfo
 from .pixels import best_level_for_downsample, resample_boxes
+from .readers import as_reader
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,8 @@ def train_task(out_dir: str, labels_csv: str, config_json: dict, verbose: int = 
 
 def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineConfig, plan: TrainPlan, verbose: int,
                       t0: float) -> dict:
-    from ..model.network import resolve_weights
     from ..core.parallel import where_am_i
+    from ..model.network import resolve_weights
 
     cfg = config.train
     table, splits = plan.table, plan.splits

@@ -12,6 +12,7 @@ import numpy as np
 from .noise import (BLOCK, F_D, F_E, F_L, F_T, LATTICE, LES_H, MAX_SS, NE, NH, NQ, NUC_H, PAD, SE, SH, DetailSheet,
                     box_reduce_rgb, box_reduce_words, detail_sheet, lut32, words_to_rgb)
 
+
 def _affine_samples(start_px: int, n: int, ds: float, ss: int) -> tuple[np.ndarray, int | None]:
     """Level-0 integer sample coordinates for ``n`` output pixels from ``start_px`` at downsample ``ds``
     (``ss`` samples per output pixel, output pixel i's samples at positions i*ss .. i*ss+ss-1).

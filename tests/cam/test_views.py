@@ -4,12 +4,12 @@ fold models."""
 import numpy as np
 import pytest
 
-from pipeline.model.inputs import dihedral, fit_size, to_input, undo_dihedral
+from pipeline.cam.gradients import gradcam, split_model
 from pipeline.cam.views import (augmented_slide_cam, cell_index_image, cells_from_input, map_windows, reference_map,
                                 slide_cam, smooth_cam, window_origins)
-from pipeline.cam.gradients import gradcam, split_model
 from pipeline.core.config import TrainConfig
 from pipeline.core.maps import FEATURE_MAP_FILL, select_channels
+from pipeline.model.inputs import dihedral, fit_size, to_input, undo_dihedral
 
 
 @pytest.mark.parametrize("strategy", ["resize", "pad", "crop", "native"])

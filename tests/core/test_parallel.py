@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import config_from_dict, load_config
-from pipeline.core.parallel import LocalRunner, TaskFailure, call_task, make_slurm_cluster
 from pipeline.core.errors import NoTissueError
+from pipeline.core.parallel import LocalRunner, TaskFailure, call_task, make_slurm_cluster
 from pipeline.core.store import read_array
 
 REPO = Path(__file__).resolve().parents[2]

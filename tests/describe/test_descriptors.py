@@ -4,8 +4,8 @@ from PIL import Image
 from skimage.color import rgb2hed
 
 from pipeline.core.config import DescriptorConfig
-from pipeline.describe.stats import STATS_FEATURE_NAMES, stats_descriptors_numpy
 from pipeline.describe.descriptors import compute_descriptors, stats_descriptors
+from pipeline.describe.stats import STATS_FEATURE_NAMES, stats_descriptors_numpy
 from tests.conftest import shared_file
 
 IDX = {name: i for i, name in enumerate(STATS_FEATURE_NAMES)}

@@ -23,10 +23,10 @@ import psutil
 import pytest
 
 from pipeline.core.config import config_from_dict
-from pipeline.describe.runner import describe_slides
 from pipeline.core.outputs import LOCK_NAME
 from pipeline.core.parallel import LocalRunner, task_runner
 from pipeline.core.store import list_stores, progress_dir, read_array, read_attrs, store_path
+from pipeline.describe.runner import describe_slides
 from tests.conftest import write_test_slide
 
 BIN = Path(sys.executable).parent

@@ -12,12 +12,12 @@ import pytest
 
 import pipeline
 from pipeline.core.config import config_from_dict
-from pipeline.describe.runner import describe_slides
-from pipeline.describe.stats import STATS_FEATURE_NAMES
-from pipeline.describe.descriptors import stats_descriptors
 from pipeline.core.errors import MissingMppError, NoTissueError
 from pipeline.core.parallel import LocalRunner, task_runner
 from pipeline.core.store import read_array, read_attrs, store_path
+from pipeline.describe.descriptors import stats_descriptors
+from pipeline.describe.runner import describe_slides
+from pipeline.describe.stats import STATS_FEATURE_NAMES
 from pipeline.slides.tiling import TileGrid
 from tests.conftest import write_test_slide
 

@@ -67,8 +67,8 @@ def test_training_runs_on_jax(jax_trained):
 def test_jax_model_predicts_the_same_under_tensorflow(jax_trained):
     import keras
 
-    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
+    from pipeline.model.trained import TrainedModel
 
     assert keras.backend.backend() == "tensorflow"
     with open(jax_trained / "predictions.csv") as fh:
@@ -85,8 +85,8 @@ def test_jax_model_predicts_the_same_under_tensorflow(jax_trained):
 def test_gradcam_is_the_same_on_both_backends(jax_trained, tmp_path):
     from pipeline.cam.gradients import default_cam_layer, split_model
     from pipeline.cam.views import slide_cam
-    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
+    from pipeline.model.trained import TrainedModel
 
     ids = ["s1_000"]  # a positive slide: its map has the planted disc
     dest = tmp_path / "jax_cams.npz"

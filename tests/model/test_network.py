@@ -4,14 +4,13 @@ weights, mixed precision, a training step."""
 import numpy as np
 import pytest
 
-from pipeline.model.network import (HEAD_PREFIX, build_model, calibrate_batchnorm, compile_model, finetune_start,
-                                    load_model, resolve_weights, save_model, set_phase, trainable_layer_names)
-from pipeline.model.batches import MapBatches, predict_proba
-from pipeline.model.backend import dtype_policy, gpu_count, use_mixed_precision
 from pipeline.core.config import TrainConfig
 from pipeline.core.errors import ModelError
+from pipeline.model.backend import dtype_policy, gpu_count, use_mixed_precision
+from pipeline.model.batches import MapBatches, predict_proba
+from pipeline.model.network import (HEAD_PREFIX, build_model, calibrate_batchnorm, compile_model, finetune_start,
+                                    load_model, resolve_weights, save_model, set_phase, trainable_layer_names)
 from tests.model.test_inputs import tissue_map
-
 
 # --- the model (built once) ----------------------------------------------------------------------------------------
 

@@ -12,23 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reduce.fitting import fit_on_sample, fit_reducer
-from pipeline.reduce.maps import compute_feature_map, map_slide
-from pipeline.reduce.reducers import (AUTOENCODER_FILE, REDUCER_ARRAYS, REDUCER_JSON, descriptor_signature,
-                                      load_reducer)
-from pipeline.reduce.runner import reduce_slides
-from pipeline.reduce.sampling import collect_sample, reduce_settings_hash
 from pipeline.cli import main
 from pipeline.core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
 from pipeline.core.config import PipelineConfig, ReduceConfig
-from pipeline.describe.runner import describe_slides
 from pipeline.core.errors import ReducerError, ReducerMismatchError
 from pipeline.core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.pictures import display_factor
 from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path
-from sample_data.synthetic import SyntheticTissue, write_slide
+from pipeline.describe.runner import describe_slides
+from pipeline.reduce.fitting import fit_on_sample, fit_reducer
+from pipeline.reduce.maps import compute_feature_map, map_slide
+from pipeline.reduce.reducers import AUTOENCODER_FILE, REDUCER_ARRAYS, REDUCER_JSON, descriptor_signature, load_reducer
+from pipeline.reduce.runner import reduce_slides
+from pipeline.reduce.sampling import collect_sample, reduce_settings_hash
 from pipeline.slides.tiling import TileGrid
+from sample_data.synthetic import SyntheticTissue, write_slide
 
 # 0.25 µm/px slides, 64-px tiles at 0.5 µm/px: a 2048 x 1536 slide is a 12 x 16 grid.
 SLIDES = {

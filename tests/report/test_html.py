@@ -8,13 +8,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.describe.runner import describe_slides
 from pipeline.cam.heatmaps import save_overlay_png
 from pipeline.core.outputs import atomic_write_json
 from pipeline.core.parallel import LocalRunner
+from pipeline.core.store import read_array, read_attrs, store_path
+from pipeline.describe.runner import describe_slides
 from pipeline.reduce.runner import reduce_slides
 from pipeline.report.html import build_report
-from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.slides.tiling import TileGrid
 
 

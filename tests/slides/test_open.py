@@ -7,8 +7,8 @@ import openslide
 import pytest
 
 from pipeline.core.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
-from pipeline.slides.pixels import best_level_for_downsample, read_thumbnail, rgba_to_rgb
 from pipeline.slides.open import find_slides, read_slide_info, sanitize_slide_id, slide_fingerprint, slide_id_from_path
+from pipeline.slides.pixels import best_level_for_downsample, read_thumbnail, rgba_to_rgb
 
 
 def test_aperio_metadata(cmu_slide):
@@ -153,8 +153,9 @@ def test_inspect_cli_table(fixtures_dir):
 
 def test_reduce_box_equals_pil_reduce_for_every_factor():
     """The compiled whole-factor shrink (and its numpy fallback) give exactly PIL's Image.reduce pixels."""
-    import pipeline.slides.pixels as slides_mod
     from PIL import Image
+
+    import pipeline.slides.pixels as slides_mod
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import PipelineConfig, TilingConfig
-from pipeline.describe.runner import describe_slide
 from pipeline.core.errors import DirectReadUnsupportedError, TileReadError
-from pipeline.slides.readers import OpenSlideReader, TiffTileReader
-from pipeline.slides.reader_choice import choose_reader, open_reader
-from pipeline.slides.open import read_slide_info
 from pipeline.core.store import read_array, read_attrs
+from pipeline.describe.runner import describe_slide
+from pipeline.slides.open import read_slide_info
+from pipeline.slides.reader_choice import choose_reader, open_reader
+from pipeline.slides.readers import OpenSlideReader, TiffTileReader
 from pipeline.slides.tiling import read_tile_row, tile_grid
 
 

@@ -79,8 +79,8 @@ def test_gradcam_peaks_on_the_planted_disc_of_positive_test_maps(trained):
     from pipeline.cam.gradients import default_cam_layer, split_model
     from pipeline.cam.views import slide_cam_with_models
     from pipeline.core.config import CamConfig
-    from pipeline.model.trained import TrainedModel
     from pipeline.core.maps import read_feature_maps
+    from pipeline.model.trained import TrainedModel
 
     out = trained["out"]
     info = json.loads((out / "model" / "model_info.json").read_text())
@@ -224,10 +224,10 @@ def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_
     import shutil
 
     import pipeline
-    from pipeline.describe.runner import describe_slides
     from pipeline.core.parallel import LocalRunner
-    from pipeline.reduce.runner import reduce_slides
     from pipeline.core.store import read_attrs, store_path
+    from pipeline.describe.runner import describe_slides
+    from pipeline.reduce.runner import reduce_slides
 
     # a cohort described and reduced for real gives the reducer that ships with the model
     cohort = tmp_path / "cohort"
