@@ -56,7 +56,7 @@ def prepare_cohort(work: Path, seed: int, n_per_class: int, size_px: int) -> tup
 def cam_hits(out: Path, plan: dict, layers: list[str], test_ids: set[str]) -> dict:
     """Per layer: (hits, positives) over the positive test slides, CAM of each slide's predicted class."""
     from pipeline.cam.gradients import split_model
-    from pipeline.cam.runner import slide_cam_with_models
+    from pipeline.cam.views import slide_cam_with_models
     from pipeline.core.config import CamConfig
     from pipeline.model.trained import TrainedModel
 

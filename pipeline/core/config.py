@@ -64,7 +64,7 @@ class DescriptorConfig(_Section):
 
 
 class ReaderConfig(_Section):
-    """How tile pixels are read (see pipeline/readers.py). Not part of any stage hash: the pixels are the same."""
+    """How tile pixels are read (see pipeline/slides/readers.py). Not part of any stage hash: the pixels are the same."""
 
     kind: Literal["auto", "openslide", "tiff"] = Field(
         "auto", description="auto = decode tiled TIFF slides (Aperio SVS, generic pyramidal TIFF) directly when their "
@@ -101,7 +101,7 @@ class ClusterConfig(_Section):
 
 
 class ReduceConfig(_Section):
-    """Descriptors -> K-component feature maps (see pipeline/reduce.py)."""
+    """Descriptors -> K-component feature maps (see pipeline/reduce/)."""
 
     method: Literal["pca", "autoencoder"] = Field("pca", description="descriptors -> K components: PCA or a dense autoencoder")
     components: int = Field(3, ge=1, le=3, description="K: channels of the feature map (1 is replicated by train)")
@@ -141,7 +141,7 @@ SCRATCH_DEFAULTS: dict[str, Any] = {
 
 
 class TrainConfig(_Section):
-    """InceptionV3 on the feature maps (see pipeline/model.py for the adapter and size strategies).
+    """InceptionV3 on the feature maps (see pipeline/model/inputs.py for the adapter and size strategies).
 
     ``recipe``: ``finetune`` (pretrained weights: head on a frozen base, then the top blocks at a low learning rate)
     or ``scratch`` (random weights: the network up to ``head_block`` trained end to end). ``auto`` picks ``scratch``

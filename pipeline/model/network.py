@@ -1,19 +1,14 @@
 """InceptionV3 on feature maps: building the network, its training phases, BatchNorm calibration, save/load.
 
 ``keras.applications.InceptionV3(include_top=False)`` is built flat on the input (its layers, ``mixed0`` ...
-``mixed10``, are layers of the model itself, which Grad-CAM needs), then the head on block ``train.head_block``
-(``mixed10`` by default; an earlier block truncates the network): ``head_pool`` (global average pooling),
-``head_norm`` (standardisation with training-set statistics), ``head_dropout``, ``head_dense`` (softmax over K classes,
-float32 also under mixed precision). Phase ``head``: the whole base frozen. Phase ``finetune``: layers from the block
-``train.unfreeze_from`` (e.g. ``mixed9``) to the head block trainable. BatchNormalization layers stay frozen in both
-phases: in Keras a BatchNormalization layer with ``trainable = False`` runs in inference mode (moving statistics),
-which keeps small map batches from wrecking them. Phase ``scratch``: every layer trains (the ``scratch`` recipe).
+``mixed10``, are layers of the model itself, which Grad-CAM needs), then the head on block ``train.head_block`` (an
+earlier block than ``mixed10`` truncates the network): ``head_pool`` (global average or max pooling), ``head_norm``
+(standardisation with training-set statistics), ``head_dropout``, ``head_dense`` (softmax over K classes, float32 also
+under mixed precision).
 
-**Random weights** (``train.weights: null``): the features of a random base's deep blocks keep little of a small map
-(calibrated random ``mixed10`` features at a 96-px input, a linear probe on a 24-slide synthetic cohort: ROC AUC
-0.52; ``mixed0``-``mixed2``: 0.99). For such runs ``head_block: mixed2`` with ``calibrate_batchnorm: true`` (each
-BatchNorm set to the statistics of its input on the training maps, see ``calibrate_batchnorm``) trained to ROC AUC
-1.0 on 40 synthetic slides where the default reached 0.88.
+Phases: ``head`` (the base frozen), ``finetune`` (blocks from ``train.unfreeze_from`` up trainable; BatchNorm stays in
+inference mode so small map batches cannot wreck pretrained statistics) and ``scratch`` (every layer trains, BatchNorm
+on batch statistics). Which phases run is the recipe's choice (``pipeline.train.fitting``; docs/design/classifier.md).
 
 The model uses only public Keras 3 API; Keras is imported inside the functions.
 """

@@ -1,18 +1,18 @@
-"""Stage 6, train: fine-tune InceptionV3 on the feature maps for slide-level classes, then evaluate on held-out slides.
+"""Stage 6, train: InceptionV3 on the feature maps for slide-level classes, then evaluation on held-out slides.
 
 ``train(out_dir, labels_csv, config)``:
 
 1. reads and checks the labels file against the slides in ``OUT`` (every problem is a ``LabelsError`` before any
    model is built), loads the ``feature_map`` of each labelled slide;
 2. splits train/validation/test (stratified, grouped by patient, or the file's split column) or k folds;
-3. per split: builds the model (``pipeline.model``), phase ``head`` (base frozen) then phase ``finetune`` (blocks
-   from ``train.unfreeze_from`` up, lower learning rate), each with early stopping on the validation loss and a best
-   checkpoint; fine-tuning is kept only if it beats the best validation loss of the head phase; balanced class
-   weights as sample weights;
+3. per split: trains one model with the recipe's phases (``fitting``: ``scratch`` end to end without pretrained
+   weights, ``head`` then ``finetune`` with them), keeping the best validation epoch, balanced class weights as
+   sample weights; fits the map-statistics baseline (``pipeline.model.baseline``) on the same training slides;
 4. writes ``OUT/model/``: ``model.keras`` (``fold_<k>.keras`` per fold in k-fold; ``predict`` averages them),
-   ``labels.json`` (the label mapping), ``model_info.json`` (config and its hash, splits, history, versions) and
-   ``reducer/`` (a copy of ``OUT/reducer/``, so ``predict`` maps new slides the same way);
-5. evaluates on the test slides (out-of-fold in k-fold): ``OUT/metrics.json``, ``OUT/predictions.csv``, plots.
+   ``labels.json`` (the label mapping), ``model_info.json`` (config and its hash, splits, history, versions),
+   ``baseline.json`` and ``reducer/`` (a copy of ``OUT/reducer/``, so ``predict`` maps new slides the same way);
+5. evaluates network and baseline on the test slides (out-of-fold in k-fold): ``OUT/metrics.json``,
+   ``OUT/predictions.csv``, plots.
 
 A rerun with the same labels, maps and train settings finds ``model_info.json`` current and skips training
 (``force=True`` retrains). Training runs as one task, not spread over workers (one model at a time saturates a
