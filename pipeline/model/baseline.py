@@ -8,6 +8,7 @@ scored on the same test slides. It is saved as plain JSON (no pickle) and applie
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -53,8 +54,10 @@ def fit_baseline(features: np.ndarray, y: np.ndarray, num_classes: int, seed: in
     z = scaler.transform(features)
     smallest = int(np.bincount(y, minlength=num_classes)[np.unique(y)].min())
     if smallest >= 3:
-        model = LogisticRegressionCV(Cs=list(REGULARISATION), cv=min(5, smallest), class_weight="balanced",
-                                     scoring="neg_log_loss", max_iter=5000, random_state=seed).fit(z, y)
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces new defaults we do not rely on
+            warnings.simplefilter("ignore", FutureWarning)
+            model = LogisticRegressionCV(Cs=list(REGULARISATION), cv=min(5, smallest), class_weight="balanced",
+                                         scoring="neg_log_loss", max_iter=5000, random_state=seed).fit(z, y)
         c = float(np.atleast_1d(model.C_)[0])
     else:  # too few slides of a class for an inner split: the middle candidate
         c = 1.0
