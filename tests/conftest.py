@@ -120,3 +120,25 @@ def small_config():
 
     return config_from_dict({"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 4},
                              "cluster": {"workers": 2, "dashboard": False}})
+
+
+def stored_cam_hits(out_dir, lesion_at_tiles, max_lesion_share: float) -> list[bool]:
+    """For each positive test slide of a run (``predictions.csv``): whether the maximum of its stored ``cam`` lies
+    on a lesion tile. ``lesion_at_tiles(slide_id, grid)`` gives the ground truth; each lesion must be non-empty and
+    cover less than ``max_lesion_share`` of the tissue."""
+    import csv
+
+    from pipeline.core.store import read_array, read_attrs
+    from pipeline.slides.tiling import TileGrid
+
+    with open(Path(out_dir) / "predictions.csv") as fh:
+        positives = [row["slide_id"] for row in csv.DictReader(fh) if row["true_label"] == "1"]
+    hits = []
+    for slide_id in positives:
+        store = Path(out_dir) / "slides" / f"{slide_id}.zarr"
+        cam = read_array(store, "cam")
+        peak = np.unravel_index(np.nanargmax(cam), cam.shape)
+        lesion = lesion_at_tiles(slide_id, TileGrid.from_dict(read_attrs(store)["tile_grid"]))
+        assert 0 < lesion.sum() < max_lesion_share * np.isfinite(cam).sum(), slide_id
+        hits.append(bool(lesion[peak]))
+    return hits
