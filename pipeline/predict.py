@@ -22,7 +22,7 @@ from .core.maps import read_feature_maps
 from .core.outputs import Manifest, atomic_write_json, atomic_write_text, output_lock
 from .core.store import store_path
 from .evaluate.files import predictions_table
-from .model.trained import TrainedModel
+from .model.trained import TrainedModel, saved_train_settings
 
 
 def describe_config_for(info: dict, config: PipelineConfig | None) -> PipelineConfig:
@@ -36,7 +36,7 @@ def describe_config_for(info: dict, config: PipelineConfig | None) -> PipelineCo
     if config.tiling.mpp_override is not None:  # about the new slides' files, not the model
         data["tiling"] = {**data["tiling"], "mpp_override": config.tiling.mpp_override}
     data["reduce"] = info["config"].get("reduce", data["reduce"])
-    data["train"] = info["config"]["train"]
+    data["train"] = saved_train_settings(info)
     return PipelineConfig.model_validate(data)
 
 

@@ -24,7 +24,7 @@ class TrainedModel:
         self.dir = Path(model_dir)
         self.info = read_model_info(self.dir)
         self.mapping = LabelMapping.from_dict(self.info["labels"])
-        self.train_config = TrainConfig.model_validate(self.info["config"]["train"])
+        self.train_config = TrainConfig.model_validate(saved_train_settings(self.info))
         self.models = [load_model(self.dir / name) for name in self.info["models"]]
         baseline_file = self.dir / BASELINE_JSON
         self.baselines = (json.loads(baseline_file.read_text(encoding="utf-8"))["models"]
@@ -45,3 +45,9 @@ class TrainedModel:
 
         chosen = self.models if model_index is None else [self.models[model_index]]
         return np.mean([predict_proba(m, maps, self.train_config) for m in chosen], axis=0)
+
+
+def saved_train_settings(info: dict) -> dict:
+    """The train section a model was trained with (``model_info.json``). Models saved before ``train.recipe`` existed
+    were all fine-tuned, so a missing recipe reads as ``finetune`` (not the ``auto`` of a new config)."""
+    return {"recipe": "finetune", **info["config"]["train"]}
