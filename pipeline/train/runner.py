@@ -192,7 +192,8 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
         for note in split.notes:
             log.warning("train: %s", note)
         results.append(fit_model(maps, y, split, k, cfg, model_dir / CHECKPOINT_DIR, verbose=verbose))
-    baselines = [fit_split_baseline(maps, y, split, k, cfg.seed) for split in splits]
+    statistics = statistics_matrix(maps)  # each slide's map statistics once, for every split's baseline
+    baselines = [fit_split_baseline(statistics, y, split, k, cfg.seed) for split in splits]
     atomic_write_json(model_dir / BASELINE_JSON, {"models": [params for params, _ in baselines]})
     model_names = _save_models(model_dir, results, bool(cfg.folds))
     shutil.rmtree(model_dir / CHECKPOINT_DIR, ignore_errors=True)  # the saved models hold the best weights
@@ -246,12 +247,13 @@ def _fit_and_evaluate(out_dir: Path, labels_csv: str | Path, config: PipelineCon
     return summary
 
 
-def fit_split_baseline(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_classes: int,
+def fit_split_baseline(statistics: np.ndarray, y: np.ndarray, split: Split, num_classes: int,
                        seed: int) -> tuple[dict, np.ndarray]:
-    """The map-statistics baseline fitted on the split's training and validation slides, and its test probabilities."""
+    """The map-statistics baseline fitted on the split's training and validation slides (rows of ``statistics``,
+    ``pipeline.model.baseline.statistics_matrix`` of all maps), and its test probabilities."""
     fit_idx = np.concatenate([split.train, split.val]).astype(np.int64)
-    params = fit_baseline(statistics_matrix([maps[i] for i in fit_idx]), y[fit_idx], num_classes, seed)
-    return params, baseline_proba(params, statistics_matrix([maps[i] for i in split.test]))
+    params = fit_baseline(statistics[fit_idx], y[fit_idx], num_classes, seed)
+    return params, baseline_proba(params, statistics[np.asarray(split.test, dtype=np.int64)])
 
 
 def _save_models(model_dir: Path, results: Sequence[FoldResult], kfold: bool) -> list[str]:
