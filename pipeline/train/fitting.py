@@ -5,6 +5,7 @@ only if it beats the head phase's best validation loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,16 +87,13 @@ def fit_model(maps: Sequence[np.ndarray], y: np.ndarray, split: Split, num_class
             keras.callbacks.ModelCheckpoint(str(ckpt), monitor=monitor, save_best_only=True, save_weights_only=True),
             _epoch_logger(phase, split.fold),
         ]
-        if scratch:
-            # BatchNorm learns here: fast-moving statistics so validation (inference mode) follows the weights,
-            # then exact statistics of the chosen weights on the training maps ("precise BN")
-            with batchnorm_momentum(model, SCRATCH_BATCHNORM_MOMENTUM):
-                fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks,
-                                   verbose=verbose)
-            calibrate_batchnorm(model, plain_train)
-        else:
+        # scratch: BatchNorm learns, with fast-moving statistics so validation (inference mode) follows the weights,
+        # then exact statistics of the chosen weights on the training maps ("precise BN")
+        with batchnorm_momentum(model, SCRATCH_BATCHNORM_MOMENTUM) if scratch else contextlib.nullcontext():
             fitted = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks,
                                verbose=verbose)
+        if scratch:
+            calibrate_batchnorm(model, plain_train)
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         history["phase"].extend([phase] * len(fitted.history[monitor]))
