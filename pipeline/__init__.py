@@ -12,6 +12,7 @@ The package follows the walk of the pipeline, one subpackage (or module) per sta
     predict   new slides end to end with a trained model                           (stage 7)
     cam       Grad-CAM of each slide, heatmap files                                (stage 8)
     report    OUT/report.html                                                      (stage 9)
+    view      wsi-pipeline view OUT: the slides with their overlays in the browser (stage 10)
 
 Import rule: a module imports only its own stage, earlier stages and ``core``; ``core`` imports no stage. The entry
 points above them all (``cli``, ``cli_options``, ``run``, ``api``, this file) may import anything.

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .cli_options import COMMON, add_options, config_overrides, use
 from .core.config import PipelineConfig, load_config
-from .core.errors import ConfigError, LabelsError, OutputLockedError, PipelineError
+from .core.errors import ConfigError, LabelsError, NoRunError, OutputLockedError, PipelineError, PortInUseError
 from .core.outputs import log_file_handler
 
 log = logging.getLogger("pipeline")
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_parsers(sub)
     _add_cam_parser(sub)
     _add_report_parser(sub)
+    _add_view_parser(sub)
     _add_run_parser(sub)
     return parser
 
@@ -299,6 +300,27 @@ def cmd_report(args: argparse.Namespace, config: PipelineConfig) -> int:
     return 0
 
 
+def _add_view_parser(sub) -> None:
+    _command(sub, "view", cmd_view, "zoomable slide viewer in the browser: slides with CAM, feature map and "
+                                    "tissue/QC overlays and regions (local, read-only; Ctrl-C stops it)",
+             ["out", "--port", "--host", "--verbose"])
+
+
+def cmd_view(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .view.server import ViewerServer
+
+    setup_logging(None, "view", args.verbose)
+    server = ViewerServer(args.out, host=args.host, port=args.port)
+    print(f"view: {len(server.app.catalog.slides)} slides of {server.app.catalog.out_dir} at {server.url} "
+          "(Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    print("view: stopped", flush=True)
+    return 0
+
+
 def _add_run_parser(sub) -> None:
     _command(sub, "run", cmd_run, "describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done",
              ["--slides", use("--labels", required=True), "--out", "--mpp", "--tile-px", "--mpp-override", *COMMON])
@@ -325,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config_from_args(args)
         return args.handler(args, config)
-    except (ConfigError, LabelsError, OutputLockedError) as err:
+    except (ConfigError, LabelsError, OutputLockedError, NoRunError, PortInUseError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except PipelineError as err:

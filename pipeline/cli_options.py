@@ -144,6 +144,10 @@ _ALL = (
     Option("-v", "--verbose", action="store_true", help="log progress to the console"),
     Option("--json", action="store_true", help="machine-readable output"),
     Option("--force", action="store_true", help="retrain even when the saved model is current"),
+    # the viewer
+    Option("--port", type=int, default=8765, help="port of the viewer's web server (0: any free port)"),
+    Option("--host", default="127.0.0.1",
+           help="address to listen on; the default serves this machine only (0.0.0.0 opens it to the network)"),
 )
 
 OPTIONS: dict[str, Option] = {opt.name: opt for opt in _ALL}

@@ -133,6 +133,44 @@ class ModelError(PipelineError):
     code = "model_error"
 
 
+# --- the tile encoder: checked before any slide is read (a ConfigError: nothing was done) ---------------------
+
+
+class EncoderError(ConfigError):
+    code = "bad_encoder"
+    default_fix = ("Check descriptor.name / descriptor.model (--descriptor, --encoder-model); see README "
+                   "'Learned tile encoders'.")
+
+
+class EncoderWeightsMissingError(EncoderError):
+    code = "encoder_weights_missing"
+    default_fix = "Put the named file there, or set descriptor.weights (or --encoder-model) to a local file."
+
+
+class EncoderInputSizeError(EncoderError):
+    code = "encoder_input_size"
+    default_fix = "Leave descriptor.input_px unset (the model's own size is used) or set it to the model's input edge."
+
+
+class EncoderOutputError(EncoderError):
+    code = "encoder_output_shape"
+    default_fix = ("Export the encoder so that it returns one pooled vector per tile, shape (n, d): e.g. the class "
+                   "token or a global average pool, not the token or feature-map grid.")
+
+
+# --- the viewer (wsi-pipeline view) ------------------------------------------------------------------------------
+
+
+class NoRunError(PipelineError):
+    code = "no_run"
+    default_fix = "Pass the output directory of a run (the one with manifest.json), e.g. wsi-pipeline view demo_out."
+
+
+class PortInUseError(PipelineError):
+    code = "port_in_use"
+    default_fix = "Choose another port with --port, or stop the program that holds it."
+
+
 def error_record(exc: BaseException) -> dict:
     """Manifest record for any exception: typed errors keep their code, others are 'internal_error'."""
     if isinstance(exc, PipelineError):
