@@ -42,12 +42,13 @@ COMMAND_OPTIONS = {
     "predict": ["--model", "--slides", "--out", "--mpp-override", *COMMON],
     "cam": ["--out", "--model", "--layer", *COMMON],
     "report": ["--out"],
+    "view": ["out", "--port", "--host", "--verbose"],
     "run": ["--slides", "--labels", "--out", "--mpp", "--tile-px", "--mpp-override", *COMMON],
 }
 REQUIRED = {
     "inspect": {"slides"}, "describe": {"--slides", "--out"}, "retry": {"out"}, "reduce": {"--out"},
     "train": {"--out", "--labels"}, "evaluate": {"--out"}, "predict": {"--model", "--slides", "--out"},
-    "cam": {"--out"}, "report": {"--out"}, "run": {"--slides", "--labels", "--out"},
+    "cam": {"--out"}, "report": {"--out"}, "view": {"out"}, "run": {"--slides", "--labels", "--out"},
 }
 COMMON_ARGV = ["--config", "c.yaml", "--workers", "3", "--scheduler", "tcp://h:1", "-v"]
 COMMON_NS = {"config": Path("c.yaml"), "workers": 3, "scheduler": "tcp://h:1", "verbose": True}
@@ -79,6 +80,8 @@ FULL_ARGV = {
     "cam": (["cam", "--out", "o", "--model", "m", "--layer", "mixed5", *COMMON_ARGV],
             {"out": Path("o"), "model": Path("m"), "layer": "mixed5", **COMMON_NS}),
     "report": (["report", "--out", "o"], {"out": Path("o")}),
+    "view": (["view", "o", "--port", "9000", "--host", "0.0.0.0", "-v"],
+             {"out": Path("o"), "port": 9000, "host": "0.0.0.0", "verbose": True}),
     "run": (["run", "--slides", "a.svs", "--labels", "l.csv", "--out", "o", "--mpp", "1", "--tile-px", "128",
              "--mpp-override", "0.25", *COMMON_ARGV],
             {"slides": ["a.svs"], "labels": Path("l.csv"), "out": Path("o"), "mpp": 1.0, "tile_px": 128,
