@@ -10,6 +10,7 @@ results (the cluster size does not), so a rerun redoes exactly what a settings c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -56,20 +57,132 @@ class TissueConfig(_Section):
 
 
 class DescriptorConfig(_Section):
-    name: Literal["stats", "cnn"] = Field("stats", description="per-tile descriptor: stats (colour, stain and texture statistics) or cnn (pooled backbone features)")
+    """The per-tile encoder (see pipeline/describe/encoders/). ``cnn`` and the ``cnn_*`` keys of older configs are read
+    as ``keras`` with ``model``, ``weights`` and ``input_px``."""
+
+    name: Literal["stats", "keras", "onnx", "timm", "cnn"] = Field(
+        "stats", description="per-tile encoder: stats (colour, stain and texture statistics, no model); keras (a "
+                             "keras.applications backbone or a saved .keras model); onnx (an encoder exported to ONNX, "
+                             "run with onnxruntime); timm (a timm or hf-hub: model, needs the timm extra); cnn = keras")
+    model: str | None = Field(None, description="keras: a keras.applications name (default MobileNetV2) or a .keras "
+                                                "file; onnx: the .onnx file; timm: a timm model name or hf-hub:org/name")
+    weights: str | None = Field("pretrained", description="'pretrained' (keras: ImageNet; timm: the model's published "
+                                                          "weights from the local cache), a local weights file, or "
+                                                          "null for random initialisation")
+    input_px: int | None = Field(None, ge=16, le=2048, description="encoder input edge, tiles are resized to it; "
+                                                                   "None = the encoder's own (keras.applications: "
+                                                                   "224, ONNX: the model's fixed size, timm: its "
+                                                                   "pretrained config)")
+    mpp: float | None = Field(None, gt=0, description="µm/px the encoder was trained at (e.g. 0.5 for UNI); when set, "
+                                                      "tiling.mpp x tiling.tile_px / input_px must match it within "
+                                                      "tiling.mpp_tolerance")
+    normalize: Literal["auto", "imagenet", "clip", "zero_one", "none"] = Field(
+        "auto", description="pixel normalisation: auto = the encoder's own (keras.applications preprocess_input, "
+                            "timm pretrained mean/std, ImageNet for ONNX, 0-255 for a saved .keras model)")
+    precision: Literal["auto", "float32", "mixed"] = Field(
+        "auto", description="auto = mixed float16 on a GPU, float32 on CPU")
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm: keyword arguments of "
+                                                                          "timm.create_model (e.g. init_values: 1e-5 "
+                                                                          "and dynamic_img_size: true for UNI)")
     batch_tiles: int = Field(64, ge=1, le=4096, description="tiles per vectorised batch")
-    cnn_backbone: Literal["InceptionV3", "MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"] = Field("MobileNetV2", description="cnn: the keras.applications backbone")
-    cnn_weights: str | None = Field("imagenet", description="'imagenet', a local weights file, or null for random init")
-    cnn_input_px: int = Field(224, ge=32, le=1024, description="cnn: tiles are resized to this input edge")
+    gpu_batch_tiles: int = Field(256, ge=1, le=8192, description="tiles per batch of a learned encoder on a GPU")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_cnn_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(k in data for k in LEGACY_CNN_KEYS):
+            return data
+        data = dict(data)
+        legacy = {new: data.pop(old) for old, new in LEGACY_CNN_KEYS.items() if old in data}
+        if data.get("name") in ("cnn", "keras"):
+            if legacy.get("weights") == "imagenet":
+                legacy["weights"] = "pretrained"
+            data = {**legacy, **data}
+        return data
+
+    def hash_payload(self) -> dict:
+        """The settings that change the descriptor values, for ``stage_hash``.
+
+        The GPU batch size is left out; ``stats`` keeps the payload it had before the encoder keys existed
+        (its stores stay current); a model or weights file enters with the SHA-256 of its content.
+        """
+        if self.name == "stats":
+            return {"name": "stats", "batch_tiles": self.batch_tiles, **LEGACY_STATS_PAYLOAD}
+        data = self.model_dump(mode="json", exclude={"gpu_batch_tiles"})
+        data["files"] = {key: file_sha256(value) for key, value in (("model", self.model), ("weights", self.weights))
+                         if value and Path(value).is_file()}
+        return data
+
+
+# old ``cnn_*`` keys -> encoder keys; the values ``stats`` hashed with before the encoder keys existed
+LEGACY_CNN_KEYS = {"cnn_backbone": "model", "cnn_weights": "weights", "cnn_input_px": "input_px"}
+LEGACY_STATS_PAYLOAD = {"cnn_backbone": "MobileNetV2", "cnn_weights": "imagenet", "cnn_input_px": 224}
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, computed once per process for a given size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _file_sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+class StainConfig(_Section):
+    """Stain normalisation (see pipeline/slides/stain/): each slide's stain is estimated once on its tissue at the
+    tissue-mask resolution and one fixed per-slide transform maps every tile to the target before descriptors."""
+
+    method: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="none = tiles as scanned; macenko = stain vectors and concentrations (optical density); "
+                            "reinhard = CIELAB mean and spread of the tissue")
+    reference_slide: str | None = Field(None, description="the target is this slide's stain; None = fitted on the "
+                                                          "cohort (median of the slides' estimates)")
+    target: dict[str, list] | None = Field(
+        None, description="the target stain itself (macenko: stain_vectors, max_concentrations; reinhard: lab_mean, "
+                          "lab_std); describe writes the fitted one into OUT/config.yaml and the reducer keeps it")
+    background_intensity: float | None = Field(None, gt=1, le=255, description="glass brightness Io in the optical "
+                                                                               "density -ln((I + 1) / Io); None = "
+                                                                               "measured per slide and channel on its "
+                                                                               "glass")
+    luminosity_od: float = Field(0.15, ge=0, description="pixels with an optical density below this in any channel "
+                                                          "are not used for the estimate")
+    angle_percentile: float = Field(1.0, gt=0, lt=50, description="macenko: percentile of the stain angles taken "
+                                                                  "as the two stain vectors")
+    min_tissue_pixels: int = Field(500, ge=10, description="fewer stained pixels at the mask resolution: the slide "
+                                                           "is left as it is, with a warning")
+
+    @model_validator(mode="after")
+    def _target_fits(self):
+        need = {"macenko": ("stain_vectors", "max_concentrations"), "reinhard": ("lab_mean", "lab_std")}
+        if self.target is not None and self.method != "none":
+            missing = [k for k in need[self.method] if k not in self.target]
+            if missing:
+                raise ValueError(f"a {self.method} target needs {', '.join(need[self.method])} (missing "
+                                 f"{', '.join(missing)})")
+        return self
 
 
 class ReaderConfig(_Section):
-    """How tile pixels are read (see pipeline/slides/readers.py). Not part of any stage hash: the pixels are the same."""
+    """How tile pixels are read (see pipeline/slides/readers.py). Only ``scaled_decode`` is part of the describe hash:
+    the readers give the same pixels, the DCT-scaled decode does not."""
 
     kind: Literal["auto", "openslide", "tiff"] = Field(
         "auto", description="auto = decode tiled TIFF slides (Aperio SVS, generic pyramidal TIFF) directly when their "
                             "probe tiles match OpenSlide, OpenSlide otherwise; openslide = always OpenSlide; tiff = "
                             "always the direct reader (slides it cannot read fail)")
+    scaled_decode: bool = Field(
+        False, description="with the direct reader, decode JPEG tiles at 1/2, 1/4 or 1/8 in the DCT domain when the "
+                           "tiles are shrunk at least that much (0.5 µm/px from a 0.25 µm/px scan): faster decoding, "
+                           "pixels ~0.1-0.5 grey levels from the area average on average, but the stain-spread "
+                           "descriptors (hed_std_*) move by 0.1-3 across-tile SDs, so it is off by default "
+                           "(benchmarks/README.md); false = full-size decode and area averaging, OpenSlide's pixels")
 
 
 class ClusterConfig(_Section):
@@ -83,6 +196,10 @@ class ClusterConfig(_Section):
     slurm: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of dask_jobqueue.SLURMCluster")
     slurm_jobs: int = Field(2, ge=1, description="slurm: jobs to start (each runs slurm.processes workers)")
     dashboard: bool = Field(True, description="start the Dask dashboard and print its address")
+    worker_start: Literal["auto", "fork", "spawn"] = Field(
+        "auto", description="how local worker processes start: 'fork' = copies of this process (ready in ~0.1 s "
+                            "with the pipeline already imported), 'spawn' = fresh interpreters that import it again "
+                            "(~2 s); 'auto' = fork on Linux unless TensorFlow, JAX or torch is loaded here (not fork-safe)")
     gpu_placement: Literal["auto", "client", "gpu_worker"] = Field(
         "auto", description="where the model stages (train, Grad-CAM) run: 'auto' = as one task on a worker that "
                             "advertises a GPU resource when the cluster has one, else in this process; 'client' = "
@@ -237,6 +354,7 @@ class PipelineConfig(_Section):
     tiling: TilingConfig = TilingConfig()
     tissue: TissueConfig = TissueConfig()
     descriptor: DescriptorConfig = DescriptorConfig()
+    stain: StainConfig = StainConfig()
     reader: ReaderConfig = ReaderConfig()
     cluster: ClusterConfig = ClusterConfig()
     reduce: ReduceConfig = ReduceConfig()
@@ -249,6 +367,12 @@ class PipelineConfig(_Section):
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         if stage == "describe":
             payload["tiling"].pop("chunk_tiles")  # task size only, not the values
+        if "descriptor" in payload:  # the encoder's identity, weights file content included
+            payload["descriptor"] = self.descriptor.hash_payload()
+        if "stain" in payload and self.stain.method == "none":
+            payload.pop("stain")  # no normalisation: outputs made before the stain section stay current
+        if "tiling" in sections:  # the DCT-scaled decode changes the pixels (the reader kind does not)
+            payload["reader"] = {"scaled_decode": self.reader.scaled_decode}
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -265,10 +389,10 @@ class PipelineConfig(_Section):
 
 # Which sections each stage's output depends on (the reader does not change pixels, so it is not hashed).
 STAGE_SECTIONS = {
-    "describe": ("tiling", "tissue", "descriptor"),
-    "reduce": ("tiling", "tissue", "descriptor", "reduce"),
-    "train": ("tiling", "tissue", "descriptor", "reduce", "train"),
-    "cam": ("tiling", "tissue", "descriptor", "reduce", "train", "cam"),
+    "describe": ("tiling", "tissue", "descriptor", "stain"),
+    "reduce": ("tiling", "tissue", "descriptor", "stain", "reduce"),
+    "train": ("tiling", "tissue", "descriptor", "stain", "reduce", "train"),
+    "cam": ("tiling", "tissue", "descriptor", "stain", "reduce", "train", "cam"),
 }
 
 

@@ -24,16 +24,22 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.parallel import LocalRunner, Task, in_flight_limit, run_bounded, runner_for
+from ..core.parallel import (LocalRunner, Task, in_flight_limit, run_bounded, runner_for, where_am_i,
+                             worker_start_method)
 from ..core.progress import Progress
 from ..core.store import (create_partial_store, finalize_store, package_versions, read_attrs, store_is_current,
                           store_path, write_descriptor_chunk)
 from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
+from ..slides.pixels import load_kernels as load_shrink_kernels
 from ..slides.pixels import read_thumbnail
-from ..slides.reader_choice import choose_reader, open_reader
+from ..slides.reader_choice import ReaderChoice, choose_reader, open_reader
+from ..slides.stain import apply_stain_transform
 from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
-from .descriptors import compute_descriptors, descriptor_names
+from .descriptors import compute_descriptors
+from .encoders import encoder_info, get_encoder, validate_encoder
+from .encoders.placement import block_batch_tiles, block_resources, prefetched
+from .stain_cohort import plan_stain
 
 log = logging.getLogger("pipeline")
 
@@ -41,8 +47,11 @@ log = logging.getLogger("pipeline")
 # --- worker tasks ---------------------------------------------------------------------------------------------------
 
 
-def prepare_slide(path: str, config: PipelineConfig) -> dict:
-    """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only."""
+def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None) -> dict:
+    """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
+
+    ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
+    """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     if grid.rows == 0 or grid.cols == 0:
@@ -50,7 +59,8 @@ def prepare_slide(path: str, config: PipelineConfig) -> dict:
             f"the slide ({info.width_px}x{info.height_px} px at {grid.slide_mpp:.4g} µm/px) is smaller than one "
             f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    reader = choose_reader(info, config.reader.kind, grid.read_level)
+    reader = choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
+                           scaled_decode=config.reader.scaled_decode)
     with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
@@ -68,18 +78,20 @@ def prepare_slide(path: str, config: PipelineConfig) -> dict:
         "tissue_fraction": fraction,
         "tissue_tiles": tiles,
         "thumbnail": thumbnail,
-        "descriptor_names": descriptor_names(config.descriptor),
+        "descriptor_names": (encoder or encoder_info(get_encoder(config.descriptor)))["feature_names"],
+        "encoder": (encoder or encoder_info(get_encoder(config.descriptor)))["identity"],
         "reader": reader.to_dict(),
     }
 
 
-def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str) -> dict:
+def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
+               encoder: dict | None = None) -> dict:
     """``prepare_slide`` plus the slide's partial store (thumbnail, tissue mask, empty descriptor array), made on the
     worker: the thumbnail never travels to the client, and the slide's blocks can start as soon as this returns.
 
     Returns the plan without the thumbnail, with ``store`` and ``already`` (chunk origins an interrupted run wrote).
     """
-    plan = prepare_slide(path, config)
+    plan = prepare_slide(path, config, encoder)
     grid = plan["grid"]
     store, already = create_partial_store(
         out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
@@ -90,27 +102,41 @@ def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, f
 
 def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
                    block: tuple[int, int, int, int], block_tiles: np.ndarray, config: PipelineConfig,
-                   dims: int, reader: dict | None = None) -> dict:
+                   dims: int, reader: dict | None = None, stain: dict | None = None) -> dict:
     """Descriptors of the tissue tiles of one block, written to its Zarr chunk.
 
-    ``reader``: the slide's ``ReaderChoice`` as a dict (None = OpenSlide). Returns {"tiles": number of tiles,
-    "fallback_regions" / "delegated_regions": regions the direct reader read through OpenSlide after a decode failure /
-    because they lie at sub-pixel positions of the level}.
+    ``reader``: the slide's ``ReaderChoice`` as a dict (None = OpenSlide); ``stain``: the slide's fixed stain
+    transform (``pipeline.slides.stain.slide_transform``; None = tiles as read), applied before descriptors.
+    Returns {"tiles": number of tiles, "fallback_regions" / "delegated_regions": regions the direct reader read
+    through OpenSlide after a decode failure /
+    because they lie at sub-pixel positions of the level, "encoded_on": the worker (None in-process) and device}.
+    On an accelerator, tiles are read a few batches ahead of the encoder (``encoders/placement.py``).
     """
+    encoder = get_encoder(config.descriptor)
     grid = TileGrid.from_dict(grid_dict)
     r0, r1, c0, c1 = block
     values = np.full((r1 - r0, c1 - c0, dims), np.nan, dtype=np.float32)
     count = 0
     with open_reader(path, reader) as handle:
-        for positions, tiles in iter_tile_batches(handle, grid, block_tiles, block, config.descriptor.batch_tiles, path):
+        batches = iter_tile_batches(handle, grid, block_tiles, block, block_batch_tiles(encoder, config.descriptor), path)
+        for positions, tiles in (prefetched(batches) if encoder.on_accelerator else batches):
+            tiles = apply_stain_transform(tiles, stain)
             values[positions[:, 0] - r0, positions[:, 1] - c0] = compute_descriptors(tiles, config.descriptor)
             count += len(positions)
         fallbacks, delegated = handle.fallback_regions, handle.delegated_regions
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
-    return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated}
+    return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
+            "encoded_on": where_am_i()["worker"], "device": encoder.spec.device}
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
+
+
+def load_kernels(config: PipelineConfig) -> None:
+    """Load the compiled kernels a tile task uses (shrink; the stats descriptor), in this process."""
+    load_shrink_kernels()
+    if config.descriptor.name == "stats":  # learned encoders load their framework: never before a fork
+        compute_descriptors(np.zeros((1, 8, 8, 3), np.uint8), config.descriptor)
 
 
 @dataclass
@@ -125,6 +151,7 @@ class _SlideJob:
     tiles: int = 0
     fallback_regions: int = 0
     delegated_regions: int = 0
+    encoded_on: set = field(default_factory=set)  # "worker (device)" of its blocks
 
 
 def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
@@ -154,11 +181,13 @@ def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config:
         "mask_downsample": plan["mask_downsample"],
         "tissue_fraction_min": config.tissue.fraction_min,
         "descriptor": {"name": config.descriptor.name, "dims": len(plan["descriptor_names"]),
-                       "feature_names": plan["descriptor_names"]},
+                       "feature_names": plan["descriptor_names"], "encoder": plan["encoder"]},
         "reader": plan["reader"]["kind"],
         "reader_choice": {"requested": plan["reader"]["requested"], "reason": plan["reader"]["reason"]},
+        "pixel_decode": ReaderChoice.from_dict(plan["reader"]).decode,
+        "pixel_decode_reason": plan["reader"].get("decode_reason", ""),
         "config_hash": config.stage_hash("describe"),
-        "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor"}),
+        "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor", "stain"}),
         "versions": package_versions(),
     }
 
@@ -181,20 +210,26 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
     """
     config = config or PipelineConfig()
     out_dir = Path(out_dir)
+    # The encoder is built and tried on two blank tiles first: a bad model stops the run before any slide is read.
+    encoder = validate_encoder(config)
+    if runner is None and config.cluster.kind == "local" and worker_start_method(config.cluster) == "fork":
+        load_kernels(config)  # forked workers inherit them: loaded once per command, not once per worker
     with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:
-        return _describe(inputs, out_dir, config, active, progress, errors)
+        return _describe(inputs, out_dir, config, active, progress, errors, encoder)
 
 
 def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: bool | None,
-              errors: dict | None) -> dict:
+              errors: dict | None, encoder) -> dict:
     errors = {} if errors is None else errors
     t_start = time.monotonic()
     manifest = Manifest(out_dir)
-    # The settings of the last describe run, so `retry` and later stages can reuse them.
-    atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
     paths, ignored = find_slides(inputs)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
+    stain = plan_stain(ids, out_dir, config, runner)  # every slide's stain estimate and the target, before any block
+    config = stain.config
+    # The settings of the last describe run (with the stain target), so `retry` and later stages can reuse them.
+    atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
     collision_keys: set[str] = set()
     for path, slide_id, other in collisions:
         err = DuplicateSlideIdError(f"its slide id '{slide_id}' is already used by {other}", path=path)
@@ -224,6 +259,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         todo.append(_SlideJob(slide_id, str(path), fingerprint))
 
     bar = Progress(total_slides=len(ids), done_slides=skipped, enabled=progress)
+    plan_encoder = encoder_info(encoder)
+    resources = block_resources(encoder, runner, config.cluster)  # GPU workers for a learned encoder, if any
     max_slides_open = max(2, runner.capacity)
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
@@ -251,12 +288,15 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         reader = job.plan["reader"]["kind"]
         finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader,
                                                "reader_fallback_regions": job.fallback_regions,
-                                               "reader_delegated_regions": job.delegated_regions})
+                                               "reader_delegated_regions": job.delegated_regions,
+                                               "encoded_on": sorted(job.encoded_on),
+                                               "stain": stain.store_attrs(job.slide_id)})
         jobs.pop(job.slide_id, None)
         manifest.update_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
                               mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
                               store=str(store_path(out_dir, job.slide_id)), reader=reader,
-                              reader_fallback_regions=job.fallback_regions)
+                              reader_fallback_regions=job.fallback_regions,
+                              stain=stain.manifest_record(job.slide_id))
         done_count += 1
         bar.slide_done()
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
@@ -269,12 +309,13 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             if job is None:  # its slide failed meanwhile
                 continue
             return Task(describe_block, (job.path, job.store, str(out_dir), slide_id, job.plan["grid"], block,
-                                         block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"]),
-                        ("block", slide_id))
+                                         block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"],
+                                         stain.transforms.get(slide_id)),
+                        ("block", slide_id), resources)
         if pending and len(jobs) < max_slides_open:
             job = pending.pop()
             jobs[job.slide_id] = job
-            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint),
+            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
                         ("prepare", job.slide_id))
         return None
 
@@ -315,6 +356,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             job.tiles += int(done.result["tiles"])
             job.fallback_regions += int(done.result["fallback_regions"])
             job.delegated_regions += int(done.result["delegated_regions"])
+            job.encoded_on.add(f"{done.result.get('encoded_on') or 'client'} ({done.result.get('device', 'cpu')})")
             bar.tiles_done(int(done.result["tiles"]))
             job.blocks_left -= 1
             if job.blocks_left == 0:

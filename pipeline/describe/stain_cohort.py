@@ -1,0 +1,157 @@
+"""The stain pass of ``describe``: before any block is described, every slide's stain is estimated once (one task
+per slide: its thumbnail and tissue mask at the mask resolution), the cohort target is fixed, and each slide gets its
+fixed transform.
+
+The target is, in this order: ``stain.target`` when given (``predict`` passes the training cohort's), the estimate of
+``stain.reference_slide``, the target an earlier run fitted into this output directory with the same settings, or the
+median of this cohort's estimates. It goes into the run's config (so into the describe hash, ``OUT/config.yaml`` and
+the store attrs): stores normalised to another target are stale. Estimates and the target are cached in
+``OUT/stain.json`` (keyed by slide fingerprint and settings), so a rerun reads no thumbnail twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.config import PipelineConfig
+from ..core.errors import ConfigError, error_record
+from ..core.outputs import atomic_write_json
+from ..core.parallel import Task, in_flight_limit, run_bounded
+from ..slides.open import read_slide_info, slide_fingerprint
+from ..slides.pixels import read_thumbnail
+from ..slides.reader_choice import open_reader
+from ..slides.stain import estimate_stain, fit_target, slide_transform
+from ..slides.tiling import tile_grid
+from ..slides.tissue import mask_downsample_for, tissue_mask
+
+log = logging.getLogger("pipeline")
+
+STAIN_JSON = "stain.json"
+
+
+def estimate_slide_stain(path: str, config: PipelineConfig) -> dict:
+    """Worker task: the stain record of one slide (``estimate_stain``) from its thumbnail and tissue mask."""
+    info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
+    grid = tile_grid(info, config.tiling)
+    mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
+    with open_reader(path, None) as handle:  # OpenSlide's thumbnail, as plan_slide reads it
+        thumbnail = read_thumbnail(handle, mask_ds, path=path)
+    mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+    return estimate_stain(thumbnail, mask, config.stain)
+
+
+def estimation_hash(config: PipelineConfig) -> str:
+    """Hash of what a slide's estimate depends on (not the target)."""
+    data = config.model_dump(mode="json", include={"tiling", "tissue", "stain"})
+    data["stain"].pop("target")
+    data["stain"].pop("reference_slide")
+    data["tiling"].pop("chunk_tiles")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StainPlan:
+    """The run's config (with the target) and, per slide id, its record and its transform (None: left as is)."""
+
+    config: PipelineConfig
+    records: dict[str, dict] = field(default_factory=dict)
+    transforms: dict[str, dict | None] = field(default_factory=dict)
+    target_source: str = "none"
+
+    def store_attrs(self, slide_id: str) -> dict | None:
+        """What a store records about its stain (None when the run does not normalise)."""
+        if self.config.stain.method == "none":
+            return None
+        record = self.records.get(slide_id) or {"status": "not_estimated", "reason": "no estimate"}
+        normalised = self.transforms.get(slide_id) is not None
+        reason = record.get("reason") if not normalised else None
+        if not normalised and reason is None:
+            reason = "no cohort target (no slide's stain could be estimated)"
+        return {"method": self.config.stain.method, "normalised": normalised, "warning": reason,
+                "estimate": record.get("estimate"), "target_source": self.target_source}
+
+    def manifest_record(self, slide_id: str) -> dict | None:
+        """The manifest's short form: method, normalised, warning, target source."""
+        attrs = self.store_attrs(slide_id)
+        return None if attrs is None else {k: v for k, v in attrs.items() if k != "estimate"}
+
+
+def _load_cache(out_dir: Path) -> dict:
+    try:
+        data = json.loads((out_dir / STAIN_JSON).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runner) -> dict[str, dict]:
+    """slide id -> record for ``todo`` (slide id -> (path, fingerprint)), one task per slide."""
+    tasks = iter([Task(estimate_slide_stain, (path, config), sid) for sid, (path, _) in todo.items()])
+    records = {}
+    for done in run_bounded(runner, lambda: next(tasks, None), in_flight_limit(runner, config.cluster)):
+        if done.error is not None:  # the slide fails again, with its typed error, when it is planned
+            records[done.tag] = {"method": config.stain.method, "status": "failed", "estimate": None,
+                                 "reason": error_record(done.error)["message"], "tissue_pixels": 0}
+        else:
+            records[done.tag] = done.result
+    return records
+
+
+def _reference_target(config: PipelineConfig, runner) -> dict:
+    path = Path(config.stain.reference_slide)
+    if not path.is_file():
+        raise ConfigError("stain.reference_slide does not exist", path=path,
+                          fix="Give an existing slide file, or leave stain.reference_slide empty to fit the target "
+                              "on the cohort.")
+    record = _estimate_all({"reference": (str(path), "")}, config, runner)["reference"]
+    if record["status"] != "estimated":
+        raise ConfigError(f"the stain of stain.reference_slide cannot be estimated: {record['reason']}", path=path,
+                          fix="Choose an H&E slide with enough tissue as the reference.")
+    return record["estimate"]
+
+
+def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runner) -> StainPlan:
+    """Estimate every slide's stain (cached), fix the target, and return the run's config and transforms."""
+    settings = config.stain
+    if settings.method == "none":
+        return StainPlan(config)
+    key = estimation_hash(config)
+    cache = _load_cache(out_dir)
+    cached = cache.get("slides", {}) if cache.get("settings") == key else {}
+    fingerprints, records, todo = {}, {}, {}
+    for slide_id, path in ids.items():
+        try:
+            fingerprints[slide_id] = slide_fingerprint(path)
+        except OSError:
+            fingerprints[slide_id] = "unreadable"
+        entry = cached.get(slide_id) or {}
+        if entry.get("fingerprint") == fingerprints[slide_id] and entry.get("record", {}).get("status") != "failed":
+            records[slide_id] = entry["record"]
+        else:
+            todo[slide_id] = (str(path), fingerprints[slide_id])
+    records.update(_estimate_all(todo, config, runner))
+    saved = cache.get("target") if cache.get("settings") == key else None
+    if settings.target is not None:
+        target, source = settings.target, "given"
+    elif settings.reference_slide:
+        target, source = _reference_target(config, runner), "reference_slide"
+    elif saved and saved.get("value") is not None:
+        target, source = saved["value"], "cohort"  # fitted by an earlier run here: new slides map to the same target
+    else:
+        target, source = fit_target(list(records.values()), settings.method), "cohort"
+    if source == "cohort" and target is not None and not saved:
+        saved = {"value": target, "slides": sorted(s for s, r in records.items() if r.get("status") == "estimated")}
+    entries = {**cached, **{sid: {"fingerprint": fingerprints[sid], "record": rec} for sid, rec in records.items()}}
+    atomic_write_json(out_dir / STAIN_JSON, {"settings": key, "slides": entries,
+                                             "target": saved if source == "cohort" else None})
+    run_config = config.with_overrides(stain__target=target) if target is not None else config
+    plan = StainPlan(run_config, records, target_source=source if target is not None else "none")
+    for slide_id, record in records.items():
+        plan.transforms[slide_id] = slide_transform(record, target, settings)
+        if record["status"] == "not_estimated" or (target is None and record["status"] == "estimated"):
+            log.warning("slide %s: stain left as it is: %s", slide_id, plan.store_attrs(slide_id)["warning"])
+    return plan
