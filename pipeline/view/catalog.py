@@ -7,46 +7,17 @@ never from a URL.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.artefacts import CAM_DIR, METRICS_JSON, PREDICTIONS_CSV
-from ..core.outputs import Manifest
+from ..core.artefacts import CAM_DIR, METRICS_JSON
+from ..core.errors import NoRunError
+from ..core.outputs import MANIFEST_NAME
 from ..core.store import read_attrs, store_path
+from ..report.records import read_predictions, slide_row
 
 ANNOTATIONS_DIR = "annotations"  # OUT/annotations/<slide_id>.geojson, regions a user or QC step placed on a slide
-
-
-def read_predictions(out_dir: Path) -> dict[str, dict]:
-    """``predictions.csv`` rows by slide id ({} when the run has none)."""
-    path = Path(out_dir) / PREDICTIONS_CSV
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        return {row["slide_id"]: row for row in csv.DictReader(fh)}
-
-
-def predicted_probability(row: dict) -> float | None:
-    """Probability of the predicted class in a ``predictions.csv`` row (None when absent)."""
-    value = row.get(f"prob_{row.get('predicted_label')}")
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def failure_of(record: dict) -> dict | None:
-    """The first failure of a slide's manifest record: {stage, code, message}, or None."""
-    if record.get("status") == "failed":
-        err = record.get("error") or {}
-        return {"stage": "describe", "code": err.get("code", ""), "message": err.get("message", "")}
-    for stage, srec in (record.get("stages") or {}).items():
-        if isinstance(srec, dict) and srec.get("status") == "failed":
-            err = srec.get("error") or {}
-            return {"stage": stage, "code": err.get("code", ""), "message": err.get("message", "")}
-    return None
 
 
 def scalar_details(record: dict) -> dict[str, object]:
@@ -82,18 +53,8 @@ class SlideEntry:
     attrs: dict | None = None
 
     def summary(self) -> dict:
-        """The row of the slide list."""
-        fail = failure_of(self.record)
-        pred = self.prediction
-        return {"slide_id": self.slide_id, "status": "failed" if fail else self.record.get("status", "unknown"),
-                "label": pred.get("true_label") or _train_label(self.record),
-                "prediction": pred.get("predicted_label"), "probability": predicted_probability(pred),
-                "tiles": self.record.get("tiles"), "failure": fail}
-
-
-def _train_label(record: dict) -> str | None:
-    label = ((record.get("stages") or {}).get("train") or {}).get("label")
-    return None if label is None else str(label)
+        """The row of the slide list: the report's slide-table columns (``report.records``)."""
+        return slide_row(self.slide_id, self.record, self.prediction)
 
 
 class RunCatalog:
@@ -101,12 +62,16 @@ class RunCatalog:
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir).resolve()
-        manifest = Manifest(self.out_dir)
+        # read here, not through ``Manifest``: that one sets a damaged manifest aside, and the viewer writes nothing
+        try:
+            manifest = json.loads((self.out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise NoRunError(f"cannot read {MANIFEST_NAME} ({err})", path=self.out_dir) from None
         predictions = read_predictions(self.out_dir)
         metrics_path = self.out_dir / METRICS_JSON
         self.metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
         self.slides: dict[str, SlideEntry] = {}
-        for slide_id, record in sorted(manifest.slides.items()):
+        for slide_id, record in sorted((manifest.get("slides") or {}).items()):
             store = store_path(self.out_dir, slide_id)
             attrs = read_attrs(store)
             complete = bool(attrs and attrs.get("complete"))

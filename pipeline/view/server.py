@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 from ..core.errors import NoRunError, PipelineError, PortInUseError
 from ..core.outputs import MANIFEST_NAME
 from ..slides.tiling import TileGrid
+from ..report.records import failures_of
 from .catalog import RunCatalog, SlideEntry, scalar_details
 from .layers import (LAYERS, available_layers, dz_tile_box, dzi_info, layer_legend, layer_table, png_tile,
                      render_cells)
@@ -148,7 +149,8 @@ class ViewerApp:
                 "slides": [e.summary() for e in self.catalog.slides.values()]}
 
     def slide_json(self, entry: SlideEntry) -> dict:
-        out = {**entry.summary(), "details": scalar_details(entry.record), "slide": self.slide_state(entry),
+        out = {**entry.summary(), "failures": failures_of(entry.record), "details": scalar_details(entry.record),
+               "slide": self.slide_state(entry),
                "layers": [], "regions": len(self.catalog.regions(entry))}
         if entry.store is not None:
             from ..core.store import array_attrs

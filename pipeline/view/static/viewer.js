@@ -48,7 +48,7 @@ function renderList() {
     tr.appendChild(el("td", s.label));
     tr.appendChild(el("td", s.prediction, misclassified(s) ? "wrong" : ""));
     tr.appendChild(el("td", fmtProb(s.probability)));
-    tr.title = s.failure ? s.failure.stage + ": " + s.failure.message : "";
+    tr.title = s.failure || "";
     tr.addEventListener("click", function () { location.hash = "slide=" + encodeURIComponent(s.slide_id); });
     body.appendChild(tr);
   });
@@ -187,7 +187,7 @@ function openSlide(slideId) {
     document.getElementById("title").textContent = info.slide_id + (info.label !== null ? " · label " + info.label : "")
       + (info.prediction !== null ? " · predicted " + info.prediction + " (" + fmtProb(info.probability) + ")" : "");
     var messages = [];
-    if (info.failure) messages.push("Failed at " + info.failure.stage + " (" + info.failure.code + "): " + info.failure.message);
+    info.failures.forEach(function (f) { messages.push("Failed at " + f.stage + " (" + f.code + "): " + f.message); });
     if (!info.slide.available) messages.push(info.slide.message);
     var box = document.getElementById("message");
     box.hidden = messages.length === 0;
