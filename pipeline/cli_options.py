@@ -132,6 +132,7 @@ _ALL = (
     ConfigOption("--stride-px", "tiling", "stride_px"),
     ConfigOption("--mpp-override", "tiling", "mpp_override"),
     ConfigOption("--descriptor", "descriptor", "name"),
+    ConfigOption("--encoder-model", "descriptor", "model"),
     ConfigOption("--reader", "reader", "kind"),
     ConfigOption("--workers", "cluster", "workers"),
     ConfigOption("--method", "reduce", "method", dest="reduce_method"),

@@ -116,6 +116,13 @@ def _reduce_2x2_kernel(image, x0, y0, out):
             o[q + 2] = (pair[p + 2] + pair[p + 5]) >> 2
 
 
+def load_kernels() -> None:
+    """Load the compiled shrink kernels now (from numba's disk cache; the first kernel of a process costs ~0.3 s):
+    done once before worker processes are forked, so no worker pays it."""
+    for factor in (2, 3):
+        reduce_box(np.zeros((6, 6, 3), np.uint8), 0, 0, factor, 2, 2)
+
+
 def resample_boxes(image: np.ndarray, out_w: int, out_h: int,
                    boxes: list[tuple[float, float, float, float] | None],
                    dest: np.ndarray | None = None) -> list[np.ndarray]:

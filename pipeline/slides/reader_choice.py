@@ -5,13 +5,14 @@ qualifies and its probe tiles decode to OpenSlide's pixels, else OpenSlide (see 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from .open import SlideInfo
+from .pixels import reduce_box
 from .readers import DIRECT_VENDORS, OpenSlideReader, TiffTileReader, TileReader
 
 READER_KINDS = ("auto", "openslide", "tiff")
@@ -26,6 +27,8 @@ class ReaderChoice:
     reason: str
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
+    jpeg_scale: int = 1                         # DCT-domain scale tiles are decoded at (1 = full size)
+    decode_reason: str = ""
 
     @property
     def fallback(self) -> bool:
@@ -34,13 +37,20 @@ class ReaderChoice:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "requested": self.requested, "reason": self.reason,
                 "level_dimensions": [list(d) for d in self.level_dimensions],
-                "level_downsamples": list(self.level_downsamples)}
+                "level_downsamples": list(self.level_downsamples), "jpeg_scale": self.jpeg_scale,
+                "decode_reason": self.decode_reason}
+
+    @property
+    def decode(self) -> str:
+        """Which decode path ran, as recorded in the store: full-size decode + area average, or DCT-scaled."""
+        return f"jpeg_dct_1/{self.jpeg_scale}" if self.jpeg_scale > 1 else "full"
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReaderChoice":
         return cls(kind=data["kind"], requested=data["requested"], reason=data.get("reason", ""),
                    level_dimensions=tuple(tuple(int(v) for v in d) for d in data["level_dimensions"]),
-                   level_downsamples=tuple(float(d) for d in data["level_downsamples"]))
+                   level_downsamples=tuple(float(d) for d in data["level_downsamples"]),
+                   jpeg_scale=int(data.get("jpeg_scale", 1)), decode_reason=data.get("decode_reason", ""))
 
 
 def direct_read_problem(info: SlideInfo) -> str | None:
@@ -69,13 +79,53 @@ def _probe_regions(reader: TiffTileReader) -> list[tuple[int, int, int, int, int
     return regions
 
 
-def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None) -> ReaderChoice:
+def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None, shrink: float = 1.0,
+                  scaled_decode: bool = False) -> ReaderChoice:
     """The reader for one slide: ``openslide``, ``tiff`` (the slide must qualify), or ``auto``.
 
     ``auto`` uses the direct reader when the slide qualifies, the tiles are read from a level the direct reader
     decodes itself (``read_level`` has a whole-number downsample) and its probe regions decode to exactly OpenSlide's
     pixels; else OpenSlide. ``reason`` says why. Runs where the slide is prepared (a worker).
+    ``scaled_decode``: with the direct reader, JPEG tiles of ``read_level`` that the tile grid shrinks by ``shrink``
+    (>= 2) are decoded at 1/2, 1/4 or 1/8 in the DCT domain when a probe tile stays within ``SCALED_PROBE_TOLERANCE``
+    of the area average (``jpeg_scale``, ``decode_reason``).
     """
+    choice = _choose_kind(info, requested, read_level)
+    if choice.kind != "tiff" or not scaled_decode or read_level is None:
+        return choice
+    scale, why = _scaled_decode_check(info, read_level, shrink)
+    return replace(choice, jpeg_scale=scale, decode_reason=why)
+
+
+# Mean absolute difference (grey levels) allowed between a probe tile decoded at 1/scale and the area average of its
+# full decode; measured 0.1-1.3 on real and generated H&E (tests/slides/test_jpeg.py). A wrong colour space or a
+# broken scaled decoder gives tens.
+SCALED_PROBE_TOLERANCE = 3.0
+
+
+def _scaled_decode_check(info: SlideInfo, level: int, shrink: float) -> tuple[int, str]:
+    """(scale, reason): the DCT-domain scale tiles of ``level`` can be decoded at, checked on a probe tile."""
+    try:
+        with TiffTileReader(info.path, info.level_dimensions, info.level_downsamples, max_jpeg_scale=8) as direct:
+            scale = direct.scale_for(level, shrink)
+            if scale == 1:
+                return 1, (f"full decode: level {level} is not JPEG, its tiles do not divide, or the tiles are "
+                           f"shrunk {shrink:.4g}x (< 2)")
+            lp = direct._levels[level]
+            tx, ty = lp.tiles_across // 2, math.ceil(lp.height / lp.tile_h) // 2
+            w, h = min(lp.tile_w, lp.width - tx * lp.tile_w) // scale, min(lp.tile_h, lp.height - ty * lp.tile_h) // scale
+            x, y = tx * lp.tile_w // scale, ty * lp.tile_h // scale
+            scaled = direct.read_level_scaled(level, x, y, w, h, scale)
+            full = direct.read_level(level, x * scale, y * scale, w * scale, h * scale)
+    except (DirectReadUnsupportedError, TileReadError) as err:
+        return 1, f"full decode: the scaled probe failed ({err.detail})"
+    diff = float(np.abs(scaled.astype(np.int16) - reduce_box(full, 0, 0, scale, w, h)).mean())
+    if diff > SCALED_PROBE_TOLERANCE:
+        return 1, f"full decode: the 1/{scale} probe tile differs from the area average by {diff:.2f} grey levels"
+    return scale, f"JPEG tiles decoded at 1/{scale} (probe tile {diff:.2f} grey levels from the area average)"
+
+
+def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> ReaderChoice:
     if requested not in READER_KINDS:
         raise ValueError(f"unknown reader {requested!r}; expected one of {READER_KINDS}")
 
@@ -113,4 +163,5 @@ def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> 
         choice = ReaderChoice.from_dict(choice)
     if choice is None or choice.kind == "openslide":
         return OpenSlideReader(path)
-    return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback)
+    return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback,
+                          max_jpeg_scale=choice.jpeg_scale)

@@ -40,8 +40,9 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
+from . import jpeg
 from .open import open_handle
-from .pixels import read_level_region
+from .pixels import read_level_region, reduce_box
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages (one page per level, no extra geometry).
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -82,6 +83,10 @@ class TileReader:
     def read_level(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int) -> np.ndarray:
         ds = self.level_downsamples[level]
         return self.read_region(level, int(round(x_lvl * ds)), int(round(y_lvl * ds)), w_lvl, h_lvl)
+
+    def scale_for(self, level: int, factor: float) -> int:
+        """Whole-factor shrink this reader can do while decoding (see ``TiffTileReader``); 1 = none."""
+        return 1
 
     def close(self) -> None:
         pass
@@ -142,6 +147,7 @@ class _LevelPage:
     decode: object               # tifffile's page.decode closure
     jpegtables: bytes | None
     compression: int
+    jpeg_prefix: bytes | None    # for scaled decoding: SOI + colour-space marker + tables (None: not JPEG)
 
 
 class _NotDirect(Exception):
@@ -193,7 +199,9 @@ def _map_levels(tif, level_dimensions: Sequence[Sequence[int]]) -> list[_LevelPa
             tiles_across=math.ceil(int(page.imagewidth) / int(page.tilewidth)),
             offsets=np.asarray(page.dataoffsets, dtype=np.int64),
             bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
-            decode=page.decode, jpegtables=page.jpegtables, compression=int(page.compression)))
+            decode=page.decode, jpegtables=page.jpegtables, compression=int(page.compression),
+            jpeg_prefix=jpeg.stream_prefix(page.jpegtables, rgb=int(page.photometric) == 2)
+            if int(page.compression) == 7 else None))
     return out
 
 
@@ -209,13 +217,14 @@ class TiffTileReader(TileReader):
 
     def __init__(self, path: str | Path, level_dimensions: Sequence[Sequence[int]],
                  level_downsamples: Sequence[float], *, fallback: bool = False,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_jpeg_scale: int = 1):
         import tifffile
 
         self.path = str(path)
         self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
         self.fallback = fallback
+        self.max_jpeg_scale = int(max_jpeg_scale)
         self.fallback_regions = 0
         self.delegated_regions = 0
         self.tiles_decoded = 0
@@ -239,8 +248,8 @@ class TiffTileReader(TileReader):
 
     # -- native tiles --
 
-    def _decode_tile(self, lp: _LevelPage, level: int, ty: int, tx: int) -> np.ndarray | None:
-        """One native tile cropped to the image, or None for a tile the file leaves out."""
+    def _decode_tile(self, lp: _LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
+        """One native tile (at 1/``scale``) cropped to the image, or None for a tile the file leaves out."""
         index = ty * lp.tiles_across + tx
         offset, count = int(lp.offsets[index]), int(lp.bytecounts[index])
         if offset == 0 or count == 0:
@@ -248,20 +257,24 @@ class TiffTileReader(TileReader):
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise ValueError(f"file ends inside tile {index} (wanted {count} bytes at {offset})")
-        tile, _, _ = lp.decode(data, index, jpegtables=lp.jpegtables)
-        tile = tile[0] if tile.ndim == 4 else tile
-        h = min(lp.tile_h, lp.height - ty * lp.tile_h)
-        w = min(lp.tile_w, lp.width - tx * lp.tile_w)
+        if scale == 1:
+            tile, _, _ = lp.decode(data, index, jpegtables=lp.jpegtables)
+            tile = tile[0] if tile.ndim == 4 else tile
+        else:
+            tile = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, scale)
+        tile_w, tile_h = lp.tile_w // scale, lp.tile_h // scale
+        h = min(tile_h, -(-lp.height // scale) - ty * tile_h)
+        w = min(tile_w, -(-lp.width // scale) - tx * tile_w)
         if tile.shape[0] < h or tile.shape[1] < w or tile.shape[-1] != 3:
             raise ValueError(f"tile {index} decodes to shape {tile.shape}, expected at least ({h}, {w}, 3)")
         self.tiles_decoded += 1
         return tile[:h, :w]
 
-    def _tile(self, lp: _LevelPage, level: int, ty: int, tx: int) -> np.ndarray | None:
-        key = (level, ty, tx)
+    def _tile(self, lp: _LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
+        key = (level, ty, tx, scale)
         if key in self._cache:
             return self._cache[key]
-        tile = self._decode_tile(lp, level, ty, tx)
+        tile = self._decode_tile(lp, level, ty, tx, scale)
         size = 0 if tile is None else tile.nbytes
         if self._cache_bytes + size > self._cache_limit:
             self._cache.clear()
@@ -290,26 +303,55 @@ class TiffTileReader(TileReader):
             raise TileReadError(f"decoding level {level} tiles at ({x_lvl}, {y_lvl}) failed: "
                                 f"{type(err).__name__}: {err}", path=self.path) from None
 
-    def _decode_region(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int) -> np.ndarray:
+    def scale_for(self, level: int, factor: float) -> int:
+        """The DCT-domain scale (1, 2, 4 or 8) ``read_level_scaled`` uses for tiles of ``level`` that are shrunk by
+        ``factor`` (level pixels per output pixel): 1 unless the level is JPEG, its downsample is whole and scaled
+        decoding is allowed (``max_jpeg_scale``)."""
         lp = self._levels[level]
+        if self.max_jpeg_scale < 2 or lp.jpeg_prefix is None or not jpeg.available() \
+                or not float(self.level_downsamples[level]).is_integer():
+            return 1
+        return jpeg.scale_for(factor, lp.tile_w, lp.tile_h, self.max_jpeg_scale)
+
+    def read_level_scaled(self, level: int, x_s: int, y_s: int, w_s: int, h_s: int, scale: int) -> np.ndarray:
+        """The level at 1/``scale`` (coordinates and size in scaled pixels), each native JPEG tile decoded at that
+        scale by libjpeg (``pipeline.slides.jpeg``). Not OpenSlide's pixels: close to their ``scale`` x ``scale`` area
+        average. A tile that fails: the region is read at full size (with the usual fallback) and area-averaged."""
+        if scale == 1:
+            return self.read_level(level, x_s, y_s, w_s, h_s)
+        try:
+            return self._decode_region(level, int(x_s), int(y_s), int(w_s), int(h_s), scale)
+        except Exception as err:  # noqa: BLE001 - libjpeg raises ValueError/RuntimeError for damaged tiles
+            if not self.fallback:
+                raise TileReadError(f"decoding level {level} tiles at 1/{scale} at ({x_s}, {y_s}) failed: "
+                                    f"{type(err).__name__}: {err}", path=self.path) from None
+        full = self.read_level(level, x_s * scale, y_s * scale, w_s * scale, h_s * scale)
+        return reduce_box(full, 0, 0, scale, int(w_s), int(h_s))
+
+    def _decode_region(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int,
+                       scale: int = 1) -> np.ndarray:
+        """Pixels of ``level`` at 1/``scale`` (coordinates in those pixels) assembled from native tiles."""
+        lp = self._levels[level]
+        tile_w, tile_h = lp.tile_w // scale, lp.tile_h // scale
+        width, height = -(-lp.width // scale), -(-lp.height // scale)
         out = np.empty((h_lvl, w_lvl, 3), dtype=np.uint8)
         x0, y0 = max(x_lvl, 0), max(y_lvl, 0)
-        x1, y1 = min(x_lvl + w_lvl, lp.width), min(y_lvl + h_lvl, lp.height)
+        x1, y1 = min(x_lvl + w_lvl, width), min(y_lvl + h_lvl, height)
         if x0 >= x1 or y0 >= y1:
             out.fill(BACKGROUND)
             return out
         if (x0, y0, x1, y1) != (x_lvl, y_lvl, x_lvl + w_lvl, y_lvl + h_lvl):
             out.fill(BACKGROUND)  # part of the region lies outside the level
-        ty0, ty1 = y0 // lp.tile_h, (y1 - 1) // lp.tile_h
-        tx0, tx1 = x0 // lp.tile_w, (x1 - 1) // lp.tile_w
+        ty0, ty1 = y0 // tile_h, (y1 - 1) // tile_h
+        tx0, tx1 = x0 // tile_w, (x1 - 1) // tile_w
         self._evict_rows_above(level, ty0)
         for ty in range(ty0, ty1 + 1):
-            ty_top = ty * lp.tile_h
-            sy0, sy1 = max(y0, ty_top), min(y1, ty_top + lp.tile_h)
+            ty_top = ty * tile_h
+            sy0, sy1 = max(y0, ty_top), min(y1, ty_top + tile_h)
             for tx in range(tx0, tx1 + 1):
-                tx_left = tx * lp.tile_w
-                sx0, sx1 = max(x0, tx_left), min(x1, tx_left + lp.tile_w)
-                tile = self._tile(lp, level, ty, tx)
+                tx_left = tx * tile_w
+                sx0, sx1 = max(x0, tx_left), min(x1, tx_left + tile_w)
+                tile = self._tile(lp, level, ty, tx, scale)
                 dst = out[sy0 - y_lvl:sy1 - y_lvl, sx0 - x_lvl:sx1 - x_lvl]
                 if tile is None:
                     dst.fill(BACKGROUND)

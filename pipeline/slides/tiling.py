@@ -139,9 +139,17 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     if len(cols) == 0:
         return out
     reader = as_reader(handle, path)
-    ds = grid.read_downsample
     ix0, iy0, ix1, iy1 = tile_row_window(grid, row, cols)
-    strip = reader.read_level(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+    # Level pixels per output pixel; a reader that decodes JPEG at 1/2, 1/4, 1/8 (DCT-domain scaling) reads the
+    # window at that scale, and only what is left of the shrink is done here (nothing, when the factor is whole).
+    scale = reader.scale_for(grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px)
+    if scale > 1:
+        ix0, iy0 = ix0 // scale, iy0 // scale
+        ix1, iy1 = -(-ix1 // scale), -(-iy1 // scale)
+        strip = reader.read_level_scaled(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0, scale)
+    else:
+        strip = reader.read_level(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+    ds = grid.read_downsample * scale
     y0_l0 = row * grid.stride_l0_px
     top = y0_l0 / ds - iy0
     bottom = min((y0_l0 + grid.tile_l0_px) / ds - iy0, strip.shape[0])

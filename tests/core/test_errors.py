@@ -15,7 +15,8 @@ ALL_ERRORS = sorted((obj for obj in vars(errors).values() if isinstance(obj, typ
                     key=lambda cls: cls.__name__)
 # the abstract bases, and ModelError whose raisers always give their own fix
 WITHOUT_DEFAULT_FIX = {"PipelineError", "SlideError", "ModelError"}
-RUN_LEVEL = {"ConfigError", "LabelsError", "OutputLockedError", "ReducerError", "ModelError"}
+RUN_LEVEL = {"ConfigError", "LabelsError", "OutputLockedError", "ReducerError", "ModelError",
+             "EncoderError", "EncoderWeightsMissingError", "EncoderInputSizeError", "EncoderOutputError"}
 
 
 def _ids(classes):
