@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .qc_config import AnnotationsConfig, QcConfig
 
 
 class _Section(BaseModel):
@@ -355,6 +356,8 @@ class PipelineConfig(_Section):
     tissue: TissueConfig = TissueConfig()
     descriptor: DescriptorConfig = DescriptorConfig()
     stain: StainConfig = StainConfig()
+    qc: QcConfig = QcConfig()
+    annotations: AnnotationsConfig = AnnotationsConfig()
     reader: ReaderConfig = ReaderConfig()
     cluster: ClusterConfig = ClusterConfig()
     reduce: ReduceConfig = ReduceConfig()
@@ -371,6 +374,12 @@ class PipelineConfig(_Section):
             payload["descriptor"] = self.descriptor.hash_payload()
         if "stain" in payload and self.stain.method == "none":
             payload.pop("stain")  # no normalisation: outputs made before the stain section stay current
+        if "annotations" in payload:  # which classes count; the files themselves enter each slide's fingerprint
+            payload["annotations"].pop("dir")
+            if self.annotations.dir is None:
+                payload.pop("annotations")
+        if "qc" in payload and not self.qc.detectors:
+            payload.pop("qc")  # QC off: stores made before QC existed stay current
         if "tiling" in sections:  # the DCT-scaled decode changes the pixels (the reader kind does not)
             payload["reader"] = {"scaled_decode": self.reader.scaled_decode}
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -389,10 +398,10 @@ class PipelineConfig(_Section):
 
 # Which sections each stage's output depends on (the reader does not change pixels, so it is not hashed).
 STAGE_SECTIONS = {
-    "describe": ("tiling", "tissue", "descriptor", "stain"),
-    "reduce": ("tiling", "tissue", "descriptor", "stain", "reduce"),
-    "train": ("tiling", "tissue", "descriptor", "stain", "reduce", "train"),
-    "cam": ("tiling", "tissue", "descriptor", "stain", "reduce", "train", "cam"),
+    "describe": ("tiling", "tissue", "descriptor", "stain", "qc", "annotations"),
+    "reduce": ("tiling", "tissue", "descriptor", "stain", "qc", "annotations", "reduce"),
+    "train": ("tiling", "tissue", "descriptor", "stain", "qc", "annotations", "reduce", "train"),
+    "cam": ("tiling", "tissue", "descriptor", "stain", "qc", "annotations", "reduce", "train", "cam"),
 }
 
 

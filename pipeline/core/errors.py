@@ -122,6 +122,23 @@ class ReducerMismatchError(SlideError):
                    "or fit a new reducer on this cohort: wsi-pipeline reduce --out OUT without --reducer.")
 
 
+class AnnotationError(SlideError):
+    code = "bad_annotation"
+    default_fix = ("Export the slide's annotations again from QuPath (File > Export objects as GeoJSON, full-resolution "
+                   "pixel coordinates) as <slide_id>.geojson, or remove the file.")
+
+
+class AnnotationGeometryError(AnnotationError):
+    code = "annotation_geometry"
+    default_fix = "Keep only Polygon and MultiPolygon annotations (with holes if needed) in the GeoJSON file."
+
+
+class AnnotationOutsideSlideError(AnnotationError):
+    code = "annotation_outside_slide"
+    default_fix = ("Check that the GeoJSON belongs to this slide and uses level-0 pixel coordinates (QuPath's export "
+                   "of the full-resolution image), not microns or another slide's pixels.")
+
+
 class ReducerError(PipelineError):
     """A saved reducer that cannot be used, or a cohort a reducer cannot be fitted on (stops the reduce run)."""
 

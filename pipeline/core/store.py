@@ -6,11 +6,14 @@ Layout of one store (a Zarr group):
 array                     shape / dtype                 meaning
 ========================  ===========================  ==================================================
 ``descriptors``           (rows, cols, dims) float32    one vector per tile; NaN where a tile is not tissue
-``tissue_mask``           (rows, cols) bool             tile counts as tissue (fraction >= threshold)
+``tissue_mask``           (rows, cols) bool             tile described: tissue (fraction >= threshold) QC kept
 ``tissue_fraction``       (rows, cols) float32          fraction of the tile's footprint that is tissue
 ``thumbnail``             (h, w, 3) uint8               the slide at the tissue-mask resolution
 ``feature_map``           (rows, cols, K) float32       written by the reduce stage
 ``cam``                   (rows, cols) float32          written by the CAM stage
+``qc_code``               (rows, cols) uint8            why QC left a tissue tile out (0 kept; pipeline/core/qc_codes)
+``tile_annotation``       (rows, cols) uint16           annotation class covering the tile (0 none; attrs: classes)
+``qc_scores``             (rows, cols, k) float32       tile QC detectors' scores (attrs: detectors)
 ========================  ===========================  ==================================================
 
 Group attributes record the slide fingerprint, mpp and its source, the tile grid (level-0 geometry), the descriptor
@@ -136,6 +139,12 @@ def write_descriptor_chunk(path: str | Path, out_dir: str | Path, slide_id: str,
     marker = progress_dir(out_dir, slide_id) / f"{r0}_{c0}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+
+
+def write_tile_block(path: str | Path, name: str, block: tuple[int, int, int, int], values: np.ndarray) -> None:
+    """Write one block of a per-tile array (a whole chunk of it: one writer per chunk)."""
+    r0, r1, c0, c1 = block
+    zarr.open_array(str(Path(path) / name), mode="r+")[r0:r1, c0:c1] = values
 
 
 def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, Any]) -> Path:

@@ -31,7 +31,9 @@ from ..core.store import (create_partial_store, finalize_store, package_versions
                           store_path, write_descriptor_chunk)
 from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
 from ..slides.pixels import load_kernels as load_shrink_kernels
+from ..slides.annotations import annotation_digest, unmatched_annotation_files
 from ..slides.pixels import read_thumbnail
+from ..slides.qc.slide import block_scores, finalise_slide_qc, plan_slide_qc, write_block_scores, write_slide_qc
 from ..slides.reader_choice import ReaderChoice, choose_reader, open_reader
 from ..slides.stain import apply_stain_transform
 from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
@@ -47,7 +49,7 @@ log = logging.getLogger("pipeline")
 # --- worker tasks ---------------------------------------------------------------------------------------------------
 
 
-def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None) -> dict:
+def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None) -> dict:
     """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
 
     ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
@@ -71,12 +73,17 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
         raise NoTissueError(
             f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "
             f"(tissue covers {mask.mean():.1%} of the slide)", path=path)
+    qc = plan_slide_qc(thumbnail, mask, mask_ds, grid, tiles, config, slide_id or slide_id_from_path(path))
+    if not (tiles & (qc["qc_code"] == 0)).any():
+        raise NoTissueError(f"QC excluded all {int(tiles.sum())} tissue tiles (codes {np.unique(qc['qc_code'])})",
+                            path=path, fix="Check the slide and its annotations; loosen or drop detectors in qc.")
     return {
         "info": info.to_dict(),
         "grid": grid.to_dict(),
         "mask_downsample": mask_ds,
         "tissue_fraction": fraction,
-        "tissue_tiles": tiles,
+        "tissue_tiles": tiles & (qc["qc_code"] == 0),  # the tiles to describe
+        "qc": qc,
         "thumbnail": thumbnail,
         "descriptor_names": (encoder or encoder_info(get_encoder(config.descriptor)))["feature_names"],
         "encoder": (encoder or encoder_info(get_encoder(config.descriptor)))["identity"],
@@ -91,12 +98,13 @@ def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, f
 
     Returns the plan without the thumbnail, with ``store`` and ``already`` (chunk origins an interrupted run wrote).
     """
-    plan = prepare_slide(path, config, encoder)
+    plan = prepare_slide(path, config, encoder, slide_id)
     grid = plan["grid"]
     store, already = create_partial_store(
         out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
         len(plan["descriptor_names"]), config.tiling.chunk_tiles, plan["tissue_fraction"], plan["tissue_tiles"],
         plan.pop("thumbnail"))
+    write_slide_qc(store, plan.pop("qc"), config, config.tiling.chunk_tiles, fresh=not already)
     return {**plan, "store": str(store), "already": sorted(already)}
 
 
@@ -116,14 +124,20 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
     grid = TileGrid.from_dict(grid_dict)
     r0, r1, c0, c1 = block
     values = np.full((r1 - r0, c1 - c0, dims), np.nan, dtype=np.float32)
+    scores = np.full((r1 - r0, c1 - c0, 0), np.nan, dtype=np.float32)  # QC scores of the pixels as scanned
     count = 0
     with open_reader(path, reader) as handle:
         batches = iter_tile_batches(handle, grid, block_tiles, block, block_batch_tiles(encoder, config.descriptor), path)
         for positions, tiles in (prefetched(batches) if encoder.on_accelerator else batches):
+            batch_scores = block_scores(tiles, config)
+            if batch_scores.shape[1] != scores.shape[2]:
+                scores = np.full((r1 - r0, c1 - c0, batch_scores.shape[1]), np.nan, dtype=np.float32)
+            scores[positions[:, 0] - r0, positions[:, 1] - c0] = batch_scores
             tiles = apply_stain_transform(tiles, stain)
             values[positions[:, 0] - r0, positions[:, 1] - c0] = compute_descriptors(tiles, config.descriptor)
             count += len(positions)
         fallbacks, delegated = handle.fallback_regions, handle.delegated_regions
+    write_block_scores(store, block, scores)  # before the chunk's done marker
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
     return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
             "encoded_on": where_am_i()["worker"], "device": encoder.spec.device}
@@ -246,11 +260,15 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         log.info("Dask dashboard: %s", runner.dashboard_link)
         print(f"Dask dashboard: {runner.dashboard_link}", flush=True)
 
+    manifest.data["annotation_warnings"] = [f"{p}: no slide with this id in the run; the file is not used"
+                                            for p in unmatched_annotation_files(config.annotations.dir, ids)]
     todo: list[_SlideJob] = []
     skipped = 0
     for slide_id, path in ids.items():
         try:
             fingerprint = slide_fingerprint(path)
+            digest = annotation_digest(config.annotations.dir, slide_id)  # an edited annotation makes it stale
+            fingerprint += f"+annotations:{digest}" if digest else ""
         except OSError as err:
             fingerprint = f"unreadable:{err.__class__.__name__}"
         if _is_current(out_dir, slide_id, fingerprint, config):
@@ -286,7 +304,9 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         info = job.plan["info"]
         seconds = round(time.monotonic() - job.started, 3)
         reader = job.plan["reader"]["kind"]
-        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader,
+        qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles)
+        job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
+        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
                                                "reader_fallback_regions": job.fallback_regions,
                                                "reader_delegated_regions": job.delegated_regions,
                                                "encoded_on": sorted(job.encoded_on),
@@ -295,7 +315,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         manifest.update_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
                               mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
                               store=str(store_path(out_dir, job.slide_id)), reader=reader,
-                              reader_fallback_regions=job.fallback_regions,
+                              reader_fallback_regions=job.fallback_regions, qc=qc_counts,
                               stain=stain.manifest_record(job.slide_id))
         done_count += 1
         bar.slide_done()

@@ -1,0 +1,100 @@
+"""QC and annotations of one slide in the describe stage: planned on the thumbnail (thumbnail detectors and the
+slide's annotation file), scored in the block tasks (tile detectors), decided when the slide is finalised.
+
+Store arrays (``pipeline/core/store.py``): ``qc_code`` (rows, cols) uint8, the reason a tissue tile was left out
+(``pipeline/core/qc_codes.py``; attrs: the code table); ``tile_annotation`` (rows, cols) uint16, the annotation class
+covering each tile (0 none, i = ``annotation_classes[i - 1]``, a store attribute); ``qc_scores`` (rows, cols, k)
+float32, the tile detectors' scores (attrs: their names). ``tissue_mask`` holds the tiles described: tissue that QC
+kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...core.qc_codes import QC_CODES, qc_counts
+from ...core.store import array_attrs, read_array, write_array, write_tile_block
+from ..annotations import annotation_file, annotation_qc, read_annotations, tile_annotation
+from . import decide_tile_qc, thumbnail_qc, tile_detector_names, tile_scores
+
+SCORES = "qc_scores"
+
+
+def plan_slide_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample: float, grid, tissue_tiles: np.ndarray,
+                  config, slide_id: str) -> dict:
+    """{"qc_code", "tile_annotation", "annotation_classes", "annotation_file"} of a slide's tissue tiles.
+
+    An annotation's exclusion wins over a detector's (it is the pathologist's call). Raises the annotation file's
+    typed error (``AnnotationError`` and subclasses).
+    """
+    codes = thumbnail_qc(thumbnail, tissue_px, mask_downsample, grid, tissue_tiles, config.qc)
+    labels, classes = np.zeros(grid.shape, np.uint16), []
+    path = annotation_file(config.annotations.dir, slide_id)
+    if path is not None:
+        annotations = read_annotations(path, grid.slide_width_px, grid.slide_height_px)
+        labels, classes = tile_annotation(annotations, grid)
+        by_annotation = annotation_qc(annotations, grid, config.annotations.exclude, config.annotations.include)
+        codes = np.where(by_annotation != 0, by_annotation, codes).astype(np.uint8)
+    codes[~tissue_tiles] = 0
+    return {"qc_code": codes, "tile_annotation": labels, "annotation_classes": classes,
+            "annotation_file": str(path) if path else None}
+
+
+def write_slide_qc(store, qc: dict, config, chunk_tiles: int, fresh: bool) -> None:
+    """The planned arrays into a partial store; an empty ``qc_scores`` when the store is new (``fresh``)."""
+    write_array(store, "qc_code", qc["qc_code"], attrs={"codes": QC_CODES})
+    write_array(store, "tile_annotation", qc["tile_annotation"],
+                attrs={"classes": qc["annotation_classes"], "file": qc["annotation_file"]})
+    names = tile_detector_names(config.qc)
+    if names and (fresh or array_attrs(store, SCORES) is None):
+        rows, cols = qc["qc_code"].shape
+        write_array(store, SCORES, np.full((rows, cols, len(names)), np.nan, np.float32),
+                    chunks=(chunk_tiles, chunk_tiles, len(names)), attrs={"detectors": names}, fill_value=np.nan)
+
+
+def block_scores(tiles: np.ndarray, config) -> np.ndarray:
+    """(n, k) tile-detector scores of a batch (k = 0 without tile detectors)."""
+    return tile_scores(tiles, tile_detector_names(config.qc))
+
+
+def write_block_scores(store, block: tuple[int, int, int, int], scores: np.ndarray) -> None:
+    """One block's (r1 - r0, c1 - c0, k) scores into its own ``qc_scores`` chunk (nothing when k = 0)."""
+    if scores.shape[-1]:
+        write_tile_block(store, SCORES, block, scores)
+
+
+def finalise_slide_qc(store, config, chunk_tiles: int) -> tuple[dict[str, int], int]:
+    """Decide the tile detectors over the slide's scores; the tiles they exclude lose their descriptors (NaN) and
+    leave ``tissue_mask``. Returns ({reason: tiles excluded}, tiles excluded now)."""
+    names = tile_detector_names(config.qc)
+    codes = read_array(store, "qc_code")
+    kept = read_array(store, "tissue_mask").astype(bool)
+    flagged = np.zeros(kept.shape, bool)
+    if names and array_attrs(store, SCORES) is not None:
+        new = decide_tile_qc(read_array(store, SCORES), names, kept, config.qc)
+        flagged = new != 0
+    if flagged.any():
+        codes = np.where(flagged, new, codes).astype(np.uint8)
+        kept &= ~flagged
+        _clear_descriptors(store, flagged, chunk_tiles)
+        write_array(store, "qc_code", codes, attrs={"codes": QC_CODES})
+        write_array(store, "tissue_mask", kept)
+    fraction = read_array(store, "tissue_fraction")
+    fraction_min = config.tissue.fraction_min
+    tissue = fraction > 0 if fraction_min == 0 else fraction >= fraction_min
+    return qc_counts(codes, tissue), int(flagged.sum())
+
+
+def _clear_descriptors(store, flagged: np.ndarray, chunk_tiles: int) -> None:
+    """NaN descriptors of the flagged tiles, one whole chunk at a time (read, modify, write)."""
+    import zarr
+
+    arr = zarr.open_array(str(store) + "/descriptors", mode="r+")
+    rows, cols = flagged.shape
+    for r0 in range(0, rows, chunk_tiles):
+        for c0 in range(0, cols, chunk_tiles):
+            sub = flagged[r0:r0 + chunk_tiles, c0:c0 + chunk_tiles]
+            if sub.any():
+                values = arr[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]]
+                values[sub] = np.nan
+                arr[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = values
