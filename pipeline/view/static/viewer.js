@@ -69,7 +69,7 @@ function slideUrl(kind) { return "/slides/" + encodeURIComponent(state.current) 
 function ensureViewer() {
   if (viewer) return viewer;
   viewer = OpenSeadragon({id: "osd", prefixUrl: "/static/openseadragon/images/", showNavigator: true,
-                          maxZoomPixelRatio: 4, animationTime: 0.3, crossOriginPolicy: false});
+                          maxZoomPixelRatio: 4, animationTime: 0.3, crossOriginPolicy: false, drawer: "canvas"});
   window.wsiViewer = viewer;
   viewer.addHandler("tile-loaded", function (e) {
     var which = e.tiledImage === state.overlay ? "overlay" : "slide";
