@@ -65,7 +65,7 @@ def write_fake_run(out: str | Path, n_slides: int, seed: int = 0, failed_every: 
                              "train": {"status": "done", "label": label, "split": "test" if test else "train"},
                              "cam": {"status": "done"}}}
         slides[sid] = record
-        _picture(rng, (330, 250), bool(label)).save(out / "cam" / f"{sid}.png")
+        _picture(rng, (770, 580), bool(label)).save(out / "cam" / f"{sid}.png")  # the size the cam stage writes
         if test:
             wrong = (i // 2) % wrong_every == 0
             pred = 1 - label if wrong else label
