@@ -32,8 +32,8 @@ th{background:#f4f4f4} .plots img{max-width:420px;margin:4px;border:1px solid #e
 #slides th[data-key]{cursor:pointer} #slides th.asc::after{content:" \\25B2"} #slides th.desc::after{content:" \\25BC"}
 #slides td.pics{white-space:nowrap} #slides td.pics img{max-height:90px;max-width:120px;margin-right:4px;
 vertical-align:middle;border:1px solid #eee} .controls{margin:8px 0} #filter{width:320px}
-.sheet{display:flex;flex-wrap:wrap;gap:12px} .sheet figure{margin:0;width:320px}
-.sheet img{max-width:320px;border:1px solid #eee} .sheet figcaption{font-size:.9em;line-height:1.3}
+.sheet{display:flex;flex-wrap:wrap;gap:12px} .sheet figure{margin:0;width:260px}
+.sheet img{max-width:260px;border:1px solid #eee} .sheet figcaption{font-size:.9em;line-height:1.3}
 .ok{color:#1a7f37} .bad{color:#b42318} pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:320px;font-size:.8em}
 .muted{color:#777;font-size:.85em}
 .warning{color:#a40000;font-weight:600}
