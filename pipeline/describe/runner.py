@@ -41,7 +41,7 @@ from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_ma
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
-from .stain_cohort import plan_stain
+from .stain_cohort import discard_kept_thumbnails, plan_stain, take_kept_thumbnail
 
 log = logging.getLogger("pipeline")
 
@@ -49,10 +49,12 @@ log = logging.getLogger("pipeline")
 # --- worker tasks ---------------------------------------------------------------------------------------------------
 
 
-def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None) -> dict:
+def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None,
+                  thumbnail: np.ndarray | None = None) -> dict:
     """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
 
     ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
+    ``thumbnail``: the slide at the mask resolution when the stain pass already read it; None = read here.
     """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
@@ -63,8 +65,9 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     reader = choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
                            scaled_decode=config.reader.scaled_decode)
-    with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
-        thumbnail = read_thumbnail(handle, mask_ds, path=path)
+    if thumbnail is None:
+        with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
+            thumbnail = read_thumbnail(handle, mask_ds, path=path)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
     # fraction_min 0 means "any tissue at all", not "every tile"
@@ -98,7 +101,7 @@ def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, f
 
     Returns the plan without the thumbnail, with ``store`` and ``already`` (chunk origins an interrupted run wrote).
     """
-    plan = prepare_slide(path, config, encoder, slide_id)
+    plan = prepare_slide(path, config, encoder, slide_id, take_kept_thumbnail(out_dir, slide_id, fingerprint, config))
     grid = plan["grid"]
     store, already = create_partial_store(
         out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
@@ -140,7 +143,7 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
     write_block_scores(store, block, scores)  # before the chunk's done marker
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
     return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
-            "encoded_on": where_am_i()["worker"], "device": encoder.spec.device}
+            "encoded_on": where_am_i()["worker"], "device": f"{encoder.spec.device}, {encoder.spec.precision}"}
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -383,6 +386,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                 finish(job)
 
     bar.close()
+    discard_kept_thumbnails(out_dir)  # those of slides that failed before their plan
     seconds = time.monotonic() - t_start
     summary = {"slides": len(ids) + len(collisions), "done": done_count, "skipped": skipped,
                "failed": failed_count + len(collisions), "ignored": len(ignored), "seconds": round(seconds, 2)}

@@ -14,13 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..core.config import PipelineConfig
 from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
 from ..core.parallel import Task, in_flight_limit, run_bounded
+from ..core.store import slides_dir
 from ..slides.open import read_slide_info, slide_fingerprint
 from ..slides.pixels import read_thumbnail
 from ..slides.reader_choice import open_reader
@@ -31,17 +36,46 @@ from ..slides.tissue import mask_downsample_for, tissue_mask
 log = logging.getLogger("pipeline")
 
 STAIN_JSON = "stain.json"
+KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: the stain pass's thumbnails, taken by plan_slide
 
 
-def estimate_slide_stain(path: str, config: PipelineConfig) -> dict:
-    """Worker task: the stain record of one slide (``estimate_stain``) from its thumbnail and tissue mask."""
+def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> Path:
+    return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npy"
+
+
+def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
+    """Worker task: the stain record of one slide (``estimate_stain``) from its thumbnail and tissue mask.
+
+    ``keep``: a path to leave the thumbnail at, so that ``plan_slide`` does not read it again.
+    """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     with open_reader(path, None) as handle:  # OpenSlide's thumbnail, as plan_slide reads it
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
+    if keep:
+        tmp = Path(f"{keep}.tmp-{os.getpid()}.npy")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, thumbnail, allow_pickle=False)
+        os.replace(tmp, keep)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
     return estimate_stain(thumbnail, mask, config.stain)
+
+
+def take_kept_thumbnail(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig
+                        ) -> np.ndarray | None:
+    """The thumbnail the stain pass left for this slide, fingerprint and settings (the file is removed), or None."""
+    path = _kept_path(out_dir, slide_id, fingerprint, config)
+    try:
+        thumbnail = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    path.unlink(missing_ok=True)
+    return thumbnail
+
+
+def discard_kept_thumbnails(out_dir: str | Path) -> None:
+    shutil.rmtree(slides_dir(out_dir) / KEPT_THUMBNAILS, ignore_errors=True)
 
 
 def estimation_hash(config: PipelineConfig) -> str:
@@ -88,9 +122,12 @@ def _load_cache(out_dir: Path) -> dict:
         return {}
 
 
-def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runner) -> dict[str, dict]:
-    """slide id -> record for ``todo`` (slide id -> (path, fingerprint)), one task per slide."""
-    tasks = iter([Task(estimate_slide_stain, (path, config), sid) for sid, (path, _) in todo.items()])
+def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runner, out_dir: Path | None = None
+                  ) -> dict[str, dict]:
+    """slide id -> record for ``todo`` (slide id -> (path, fingerprint)), one task per slide; with ``out_dir`` each
+    task leaves its thumbnail for ``plan_slide``."""
+    keep = {sid: str(_kept_path(out_dir, sid, fp, config)) if out_dir else None for sid, (_, fp) in todo.items()}
+    tasks = iter([Task(estimate_slide_stain, (path, config, keep[sid]), sid) for sid, (path, _) in todo.items()])
     records = {}
     for done in run_bounded(runner, lambda: next(tasks, None), in_flight_limit(runner, config.cluster)):
         if done.error is not None:  # the slide fails again, with its typed error, when it is planned
@@ -133,7 +170,8 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
             records[slide_id] = entry["record"]
         else:
             todo[slide_id] = (str(path), fingerprints[slide_id])
-    records.update(_estimate_all(todo, config, runner))
+    discard_kept_thumbnails(out_dir)
+    records.update(_estimate_all(todo, config, runner, out_dir))
     saved = cache.get("target") if cache.get("settings") == key else None
     if settings.target is not None:
         target, source = settings.target, "given"
