@@ -174,10 +174,12 @@ class ReaderConfig(_Section):
     """How tile pixels are read (see pipeline/slides/readers.py). Only ``scaled_decode`` is part of the describe hash:
     the readers give the same pixels, the DCT-scaled decode does not."""
 
-    kind: Literal["auto", "openslide", "tiff"] = Field(
-        "auto", description="auto = decode tiled TIFF slides (Aperio SVS, generic pyramidal TIFF) directly when their "
-                            "probe tiles match OpenSlide, OpenSlide otherwise; openslide = always OpenSlide; tiff = "
-                            "always the direct reader (slides it cannot read fail)")
+    kind: Literal["auto", "openslide", "tiff", "dicom"] = Field(
+        "auto", description="auto = decode tiled TIFF slides (Aperio SVS, generic pyramidal TIFF) directly and DICOM "
+                            "series through wsidicom when their probe tiles match OpenSlide, OpenSlide otherwise; "
+                            "openslide = always OpenSlide; tiff = always the direct reader (slides it cannot read "
+                            "fail); dicom = always wsidicom (DICOM only). DICOM series OpenSlide cannot open are "
+                            "always read through wsidicom")
     scaled_decode: bool = Field(
         False, description="with the direct reader, decode JPEG tiles at 1/2, 1/4 or 1/8 in the DCT domain when the "
                            "tiles are shrunk at least that much (0.5 µm/px from a 0.25 µm/px scan): faster decoding, "

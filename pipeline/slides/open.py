@@ -57,17 +57,28 @@ def find_slides(inputs: list[str | Path]) -> tuple[list[Path], list[dict]]:
     """Expand files and directories into slide paths (sorted, de-duplicated) and a list of ignored files.
 
     Directories are scanned one level deep (MRXS companion folders are skipped). Multi-file DICOM slides are kept
-    as one slide per folder: OpenSlide finds the other instances itself.
+    as one slide per folder: a sub-folder of ``.dcm`` instances is one slide (named after the folder), and of the
+    ``.dcm`` files directly in the directory the first stands for the series (the readers find the other instances).
     """
     slides: list[Path] = []
     ignored: list[dict] = []
     seen: set[Path] = set()
     for item in inputs:
         item = Path(item)
-        if item.is_dir():
+        if item.is_dir() and _is_dicom_series_folder(item):
+            if item.resolve() not in seen:  # a folder of DICOM instances given as such: one slide
+                seen.add(item.resolve())
+                slides.append(item)
+        elif item.is_dir():
             dicom_dirs_done: set[Path] = set()
             for child in sorted(item.iterdir()):
-                if child.name.startswith(".") or child.is_dir():
+                if child.name.startswith("."):
+                    continue
+                if child.is_dir():
+                    # a folder of DICOM instances is one slide (its series); other folders (MRXS data) are skipped
+                    if any(p.suffix.lower() == ".dcm" for p in child.iterdir()) and child.resolve() not in seen:
+                        seen.add(child.resolve())
+                        slides.append(child)
                     continue
                 suffix = child.suffix.lower()
                 if suffix not in SLIDE_EXTENSIONS:
@@ -91,10 +102,21 @@ def find_slides(inputs: list[str | Path]) -> tuple[list[Path], list[dict]]:
     return slides, ignored
 
 
+def _is_dicom_series_folder(folder: Path) -> bool:
+    """Every slide-format file of the folder is a DICOM instance (and there is one): the folder is one slide."""
+    files = [p.suffix.lower() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() in SLIDE_EXTENSIONS]
+    return bool(files) and all(suffix == ".dcm" for suffix in files)
+
+
 def slide_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
     """Content fingerprint: size plus hashes of the first and last MiB (fast on multi-GB files, changes on edits)."""
     path = Path(path)
     digest = hashlib.sha256()
+    if path.is_dir():  # a DICOM series: every instance counts
+        for child in sorted(p for p in path.iterdir() if p.is_file()):
+            digest.update(f"{child.name}:{slide_fingerprint(child, block)}".encode())
+        return digest.hexdigest()[:24]
     size = path.stat().st_size
     digest.update(str(size).encode())
     with open(path, "rb") as fh:
@@ -136,6 +158,11 @@ def open_handle(path: Path):
     """(handle, backend) of a slide: OpenSlide, else the plain-image fallback (``image``); errors are typed."""
     if not path.exists():
         raise UnsupportedFormatError("file does not exist", path=path, fix="Check the path for typos.")
+    if path.is_dir():  # a folder of DICOM instances: OpenSlide opens the series from any one of them
+        instances = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+        if not instances:
+            raise UnsupportedFormatError("a folder without DICOM (.dcm) instances", path=path)
+        path = instances[0]
     if path.is_file() and path.stat().st_size == 0:
         raise CorruptSlideError("file is empty (0 bytes)", path=path)
     if path.is_file() and _has_tiff_header(path):
@@ -240,10 +267,46 @@ def _mpp_from_image(path: Path) -> tuple[float | None, str]:
     return None, "none"
 
 
+def _dicom_slide_info(path: Path, mpp_override: float | None, opened_error: Exception) -> SlideInfo:
+    """``SlideInfo`` of a DICOM series OpenSlide cannot open, from wsidicom (backend ``dicom``)."""
+    from .dicom import dicom_metadata, explain_unreadable, open_wsidicom
+
+    try:
+        slide = open_wsidicom(path)
+    except Exception as err:  # noqa: BLE001 - wsidicom's and pydicom's own types
+        raise explain_unreadable(path, getattr(opened_error, "detail", str(opened_error)),
+                                 f"{type(err).__name__}: {err}") from None
+    try:
+        meta = dicom_metadata(slide)
+        associated = tuple(name for name, images in (("label", slide.labels), ("macro", slide.overviews)) if images)
+    finally:
+        slide.close()
+    mpp, source = (meta["mpp"], "slide_metadata") if meta["mpp"] else (None, "none")
+    slide_mpp = mpp
+    if mpp_override is not None:
+        mpp, source = float(mpp_override), "override"
+    dims = meta["level_dimensions"]
+    return SlideInfo(path=str(path), slide_id=slide_id_from_path(path), backend="dicom", vendor="dicom",
+                     width_px=dims[0][0], height_px=dims[0][1], level_count=len(dims), level_dimensions=dims,
+                     level_downsamples=meta["level_downsamples"], mpp=mpp, mpp_source=source, slide_mpp=slide_mpp,
+                     objective_power=None, fingerprint=slide_fingerprint(path), associated_images=associated)
+
+
 def read_slide_info(path: str | Path, mpp_override: float | None = None) -> SlideInfo:
-    """Metadata of one slide; ``mpp_source`` says where the resolution came from."""
+    """Metadata of one slide; ``mpp_source`` says where the resolution came from.
+
+    A DICOM series OpenSlide cannot open (a transfer syntax it lacks, e.g. RLE or JPEG-LS) is read through wsidicom
+    (``backend`` ``dicom``); one that neither opens gets an error naming what its headers lack.
+    """
     path = Path(path)
-    handle, backend = open_handle(path)
+    try:
+        handle, backend = open_handle(path)
+    except (UnsupportedFormatError, CorruptSlideError) as err:
+        from .dicom import is_dicom
+
+        if path.exists() and is_dicom(path):
+            return _dicom_slide_info(path, mpp_override, err)
+        raise
     try:
         props = handle.properties
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR)

@@ -1,5 +1,7 @@
 """Which reader a slide is read with (``reader.kind``): ``auto`` takes the direct TIFF reader when the slide
-qualifies and its probe tiles decode to OpenSlide's pixels, else OpenSlide (see ``pipeline.slides.readers``).
+qualifies and its probe tiles decode to OpenSlide's pixels, wsidicom for DICOM series (always for series OpenSlide
+cannot open; for the others when its probe tiles match OpenSlide's), else OpenSlide (see ``pipeline.slides.readers``
+and ``pipeline.slides.dicom``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
+from .dicom import DicomReader
 from .open import SlideInfo
 from .pixels import reduce_box
 from .readers import DIRECT_VENDORS, OpenSlideReader, TiffTileReader, TileReader
 
-READER_KINDS = ("auto", "openslide", "tiff")
+READER_KINDS = ("auto", "openslide", "tiff", "dicom")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,12 @@ def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> Rea
     def choice(kind: str, reason: str) -> ReaderChoice:
         return ReaderChoice(kind, requested, reason, info.level_dimensions, info.level_downsamples)
 
+    if info.backend == "dicom":  # OpenSlide could not open the series: wsidicom is the only reader
+        if requested == "tiff":
+            raise DirectReadUnsupportedError("the direct TIFF reader cannot read a DICOM series", path=info.path)
+        return choice("dicom", "a DICOM series OpenSlide cannot open (e.g. its transfer syntax): read by wsidicom")
+    if requested == "dicom" or (requested == "auto" and info.vendor == "dicom"):
+        return _dicom_choice(info, requested, choice)
     if requested == "openslide":
         return choice("openslide", "requested")
     problem = direct_read_problem(info)
@@ -157,11 +166,33 @@ def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> Rea
     return choice("tiff", "qualified: tiled TIFF pages, probe tiles identical to OpenSlide")
 
 
+def _dicom_choice(info: SlideInfo, requested: str, choice) -> ReaderChoice:
+    """wsidicom for a DICOM series OpenSlide opens too, when its probe regions give OpenSlide's pixels."""
+    if info.vendor != "dicom":
+        raise DirectReadUnsupportedError(f"wsidicom reads DICOM series only (OpenSlide vendor '{info.vendor}')",
+                                         path=info.path)
+    if requested == "dicom":
+        return choice("dicom", "requested")
+    try:
+        with DicomReader(info.path, info.level_dimensions) as dicom, OpenSlideReader(info.path) as reference:
+            w, h = info.level_dimensions[0]
+            regions = [(0, w // 2 // 256 * 256, h // 2 // 256 * 256, min(w, 256), min(h, 256))]
+            regions += [(level, 0, 0, min(lw, 256), min(lh, 256)) for level, (lw, lh) in enumerate(info.level_dimensions)]
+            for region in regions:
+                if not np.array_equal(dicom.read_region(*region), reference.read_region(*region)):
+                    return choice("openslide", f"wsidicom's pixels differ from OpenSlide's at level {region[0]}")
+    except TileReadError as err:
+        return choice("openslide", f"wsidicom probe failed: {err.detail}")
+    return choice("dicom", "DICOM series: wsidicom decodes its frames, probe tiles identical to OpenSlide")
+
+
 def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> TileReader:
     """Open the chosen reader for one task (use as a context manager); ``None`` = OpenSlide."""
     if isinstance(choice, dict):
         choice = ReaderChoice.from_dict(choice)
     if choice is None or choice.kind == "openslide":
         return OpenSlideReader(path)
+    if choice.kind == "dicom":
+        return DicomReader(path, choice.level_dimensions)
     return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback,
                           max_jpeg_scale=choice.jpeg_scale)

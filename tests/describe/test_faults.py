@@ -278,35 +278,47 @@ def test_second_run_on_the_same_output_refuses_naming_the_holder(big_slides, slo
 
 
 def test_unreadable_dicom_files_fail_with_typed_codes_and_the_rest_goes_on(fixtures_dir, tmp_path):
+    import pydicom
+
     dicom = (fixtures_dir / "boxes_0.dcm").read_bytes()  # a 16x16 px DICOM WSI instance at 0.499 µm/px
     slides = tmp_path / "slides"
     slides.mkdir()
     write_test_slide(slides / "good.svs", width=700, height=600, seed=3)
-    (slides / "broken-scan.dcm").write_bytes(dicom[:3000])  # cut inside its metadata: OpenSlide cannot open it
+    (slides / "broken-scan.dcm").write_bytes(dicom[:3000])  # cut inside its metadata: no reader can open it
     files = {"noise/noise.dcm": np.random.default_rng(1).bytes(len(dicom)),  # random bytes named .dcm
              "cut/cut-pixels.dcm": dicom[:-500],  # opens, but its pixel data is cut short
-             # DICOM folders often name their instances alike: each clash keeps its own failure record
+             # DICOM folders often name their instances alike: given as files, each clash keeps its own record
              **{f"other-{x}/scan.dcm": dicom[:3000] for x in "abc"}}
     for name, data in files.items():
         (tmp_path / name).parent.mkdir()
         (tmp_path / name).write_bytes(data)
-    folders = [slides] + [(tmp_path / name).parent for name in files]
+    # a valid VL whole-slide series whose instances lack ImageType: OpenSlide "Couldn't get image flavor", wsidicom
+    # finds no level; the file is fine, the format is not one any reader supports
+    (tmp_path / "no-image-type").mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        ds = pydicom.dcmread(fixtures_dir / name)
+        del ds.ImageType
+        ds.save_as(tmp_path / "no-image-type" / name)
+    inputs = [slides, tmp_path / "noise", tmp_path / "cut", tmp_path / "no-image-type",
+              *(tmp_path / f"other-{x}" / "scan.dcm" for x in "abc")]
     out = tmp_path / "out"
     config = config_from_dict({"tiling": {"mpp": 0.5, "tile_px": 8}})  # tiles small enough for a 16-px slide
-    summary = describe_slides(folders, out, config, runner=LocalRunner(), progress=False)
+    summary = describe_slides(inputs, out, config, runner=LocalRunner(), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())["slides"]
-    outcome = {key: (r["status"], (r["error"] or {}).get("code"), Path(r["path"]).parent.name)
+    outcome = {key: (r["status"], (r["error"] or {}).get("code"), str(Path(r["path"]).relative_to(tmp_path)))
                for key, r in manifest.items()}
-    assert outcome.pop("good") == ("done", None, "slides")
-    assert outcome.pop("broken-scan") == ("failed", "corrupt_slide", "slides")
-    assert outcome.pop("noise") == ("failed", "unsupported_format", "noise")
-    assert outcome.pop("cut-pixels") == ("failed", "unreadable_tiles", "cut")
-    assert outcome.pop("scan") == ("failed", "corrupt_slide", "other-a")  # first in sorted order keeps the id
-    assert sorted(outcome.values()) == [("failed", "duplicate_slide_id", "other-b"),
-                                        ("failed", "duplicate_slide_id", "other-c")]
+    assert outcome.pop("good") == ("done", None, "slides/good.svs")
+    assert outcome.pop("broken-scan") == ("failed", "corrupt_slide", "slides/broken-scan.dcm")
+    assert outcome.pop("noise") == ("failed", "unsupported_format", "noise")  # a folder of instances is one slide
+    assert outcome.pop("cut") == ("failed", "unreadable_tiles", "cut")
+    assert outcome.pop("no-image-type") == ("failed", "unsupported_format", "no-image-type")
+    assert "ImageType (0008,0008)" in manifest["no-image-type"]["error"]["message"]
+    assert outcome.pop("scan") == ("failed", "corrupt_slide", "other-a/scan.dcm")  # first in sorted order keeps the id
+    assert sorted(outcome.values()) == [("failed", "duplicate_slide_id", "other-b/scan.dcm"),
+                                        ("failed", "duplicate_slide_id", "other-c/scan.dcm")]
     for record in manifest.values():
         if record["status"] == "failed":
             assert record["path"] in record["error"]["message"] and "Fix:" in record["error"]["message"]
-    assert (summary["slides"], summary["done"], summary["failed"]) == (7, 1, 6)
+    assert (summary["slides"], summary["done"], summary["failed"]) == (8, 1, 7)
     assert read_attrs(store_path(out, "good"))["complete"]
     assert [p.name for p in (out / "slides").glob("*.zarr")] == ["good.zarr"]
