@@ -29,10 +29,11 @@ def he_tiles():
                      for n in names])
 
 
-def tiny_onnx_model(path, input_px: int | None = 32, pool: bool = True, seed: int = 0):
+def tiny_onnx_model(path, input_px: int | None = 32, pool: bool = True, seed: int = 0, batch: int | str = "n"):
     """A 3x3 convolution (3 -> 4 channels), ReLU, global average pool and flatten: (n, 3, px, px) -> (n, 4).
 
-    ``input_px`` None: a symbolic input size; ``pool`` False: the (n, 4, h, w) feature map comes out instead.
+    ``input_px`` None: a symbolic input size; ``pool`` False: the (n, 4, h, w) feature map comes out instead;
+    ``batch``: the batch axis (a name: any size).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -45,12 +46,12 @@ def tiny_onnx_model(path, input_px: int | None = 32, pool: bool = True, seed: in
              helper.make_node("Relu", ["c"], ["r"])]
     if pool:
         nodes += [helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["y"])]
-        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
     else:
         nodes += [helper.make_node("Identity", ["r"], ["y"])]
-        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, size, size])
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, size, size])
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                             ["n", 3, size, size])], [out],
+                                                                             [batch, 3, size, size])], [out],
                               initializer=[weight, bias])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
@@ -167,6 +168,10 @@ def test_input_size_the_model_does_not_take(tmp_path):
     path = tiny_onnx_model(tmp_path / "fixed.onnx", input_px=32)
     with pytest.raises(EncoderInputSizeError, match="takes 32-px input but descriptor.input_px is 64"):
         get_encoder(DescriptorConfig(name="onnx", model=str(path), input_px=64))
+    single = tiny_onnx_model(tmp_path / "single.onnx", batch=1)
+    with pytest.raises(EncoderInputSizeError, match="fixed batch size of 1") as err:
+        get_encoder(DescriptorConfig(name="onnx", model=str(single)))
+    assert "dynamic_axes" in err.value.fix
     free = tiny_onnx_model(tmp_path / "free.onnx", input_px=None)
     encoder = validate_encoder(config_from_dict({"tiling": {"tile_px": 64},
                                                  "descriptor": {"name": "onnx", "model": str(free), "input_px": 48}}))

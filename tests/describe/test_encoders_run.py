@@ -48,7 +48,7 @@ def test_describe_with_an_onnx_encoder(cohort, tmp_path):
     assert attrs["descriptor"]["dims"] == 4 and attrs["descriptor"]["feature_names"][0] == "enc_0"
     assert (encoder["kind"], encoder["input_px"], encoder["normalize"]) == ("onnx", 16, "imagenet")
     assert encoder["file_sha256"]["model"] == get_encoder(config.descriptor).spec.file_sha256["model"]
-    assert attrs["encoded_on"] == ["client (cpu)"]
+    assert attrs["encoded_on"] == ["client (cpu, float32)"]
     # the stored vectors are the encoder's on the tiles read from the slide
     values = read_array(store, "descriptors")
     tissue = read_array(store, "tissue_mask") & np.isfinite(values[..., 0])  # tissue tiles QC kept

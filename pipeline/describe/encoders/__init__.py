@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def validate_encoder(config: PipelineConfig) -> Encoder:
         raise cls(f"the encoder fails on a batch of {spec.input_px}-px tiles: {type(err).__name__}: {err}",
                   path=spec.model) from None
     if out.shape[1] != spec.dims:  # a model with a symbolic output width: now known
-        encoder.spec = EncoderSpec(**{**spec.identity(), "dims": int(out.shape[1])})
+        encoder.spec = replace(spec, dims=int(out.shape[1]))
     check_resolution(config, encoder.spec)
     return encoder
 

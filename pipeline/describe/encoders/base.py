@@ -42,8 +42,9 @@ class EncoderSpec:
     file_sha256: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
-        """Stored in each slide store: which encoder made the descriptors (weights by content, not by path)."""
-        return asdict(self)
+        """Stored in each slide store: which encoder made the descriptors (weights by content, not by path). The
+        device is left out: blocks may run elsewhere than the client that checked the encoder (see ``encoded_on``)."""
+        return {k: v for k, v in asdict(self).items() if k != "device"}
 
 
 class Encoder:

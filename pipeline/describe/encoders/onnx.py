@@ -29,6 +29,10 @@ def input_layout(shape: list, path) -> tuple[str, int | None]:
     else:
         raise EncoderInputSizeError(f"the model input {shape} has no axis of 3 colour channels", path=path,
                                     fix="Export the encoder with a fixed channel axis of 3 (NCHW or NHWC).")
+    if isinstance(shape[0], int) and shape[0] > 0:
+        raise EncoderInputSizeError(f"the model input {shape} has a fixed batch size of {shape[0]}", path=path,
+                                    fix="Export it with a dynamic batch axis, e.g. torch.onnx.export(..., "
+                                        "dynamic_axes={'x': {0: 'n'}, 'y': {0: 'n'}}).")
     fixed = {d for d in spatial if isinstance(d, int) and d > 0}
     if len(fixed) > 1:
         raise EncoderInputSizeError(f"the model takes non-square {spatial[0]}x{spatial[1]} input", path=path)
