@@ -324,7 +324,8 @@ def cmd_view(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def _add_run_parser(sub) -> None:
     _command(sub, "run", cmd_run, "describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done",
-             ["--slides", use("--labels", required=True), "--out", "--mpp", "--tile-px", "--mpp-override", *COMMON])
+             ["--slides", use("--labels", required=True), "--out", "--mpp", "--tile-px", "--mpp-override",
+              "--descriptor", "--encoder-model", *COMMON])
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:

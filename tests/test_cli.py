@@ -44,7 +44,8 @@ COMMAND_OPTIONS = {
     "cam": ["--out", "--model", "--layer", *COMMON],
     "report": ["--out"],
     "view": ["out", "--port", "--host", "--verbose"],
-    "run": ["--slides", "--labels", "--out", "--mpp", "--tile-px", "--mpp-override", *COMMON],
+    "run": ["--slides", "--labels", "--out", "--mpp", "--tile-px", "--mpp-override", "--descriptor",
+            "--encoder-model", *COMMON],
 }
 REQUIRED = {
     "inspect": {"slides"}, "describe": {"--slides", "--out"}, "retry": {"out"}, "reduce": {"--out"},
@@ -85,9 +86,9 @@ FULL_ARGV = {
     "view": (["view", "o", "--port", "9000", "--host", "0.0.0.0", "-v"],
              {"out": Path("o"), "port": 9000, "host": "0.0.0.0", "verbose": True}),
     "run": (["run", "--slides", "a.svs", "--labels", "l.csv", "--out", "o", "--mpp", "1", "--tile-px", "128",
-             "--mpp-override", "0.25", *COMMON_ARGV],
+             "--mpp-override", "0.25", "--descriptor", "timm", "--encoder-model", "resnet50", *COMMON_ARGV],
             {"slides": ["a.svs"], "labels": Path("l.csv"), "out": Path("o"), "mpp": 1.0, "tile_px": 128,
-             "mpp_override": 0.25, **COMMON_NS}),
+             "mpp_override": 0.25, "descriptor": "timm", "encoder_model": "resnet50", **COMMON_NS}),
 }
 
 
