@@ -87,6 +87,12 @@ def mpp(record: dict, prediction: dict) -> float | None:
     return record.get("mpp")
 
 
+def qc_excluded(record: dict, prediction: dict) -> int | None:
+    """Tissue tiles QC left out (the manifest's ``qc`` counts by reason), None when the run recorded none."""
+    counts = record.get("qc")
+    return int(sum(counts.values())) if isinstance(counts, dict) else None
+
+
 def failure(record: dict, prediction: dict) -> str | None:
     fail = failure_of(record)
     return f"{fail['stage']}: {fail['code']}" if fail else None
@@ -95,7 +101,7 @@ def failure(record: dict, prediction: dict) -> str | None:
 # column name -> function of (manifest record, prediction row); the order is the table's
 COLUMNS: dict[str, Callable[[dict, dict], object]] = {
     "status": status, "label": true_label, "prediction": predicted_label, "probability": probability,
-    "split": split, "tiles": tiles, "mpp": mpp, "failure": failure,
+    "split": split, "tiles": tiles, "qc_excluded": qc_excluded, "mpp": mpp, "failure": failure,
 }
 
 

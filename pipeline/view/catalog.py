@@ -1,8 +1,8 @@
 """What a run holds, for the viewer: one record per slide of ``OUT/manifest.json``, its store and its files.
 
 The manifest is the only way in: a slide id that is not one of its keys is unknown, and every file the viewer reads
-is named here from the run's own records (the store, ``cam/<id>.geojson``, the slide file the run described),
-never from a URL.
+is named here from the run's own records (the store, ``cam/<id>.geojson``, the slide file and the annotation file the
+run read), never from a URL.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from pathlib import Path
 from ..core.artefacts import CAM_DIR, METRICS_JSON
 from ..core.errors import NoRunError
 from ..core.outputs import MANIFEST_NAME
-from ..core.store import read_attrs, store_path
+from ..core.store import array_attrs, read_attrs, store_path
 from ..report.records import read_predictions, slide_row
-
-ANNOTATIONS_DIR = "annotations"  # OUT/annotations/<slide_id>.geojson, regions a user or QC step placed on a slide
-
 
 def scalar_details(record: dict) -> dict[str, object]:
     """Every number or short string of a manifest record and its stage records, as ``stage.key`` (what the page
@@ -98,14 +95,18 @@ class RunCatalog:
         return None, str(recorded)
 
     def regions(self, entry: SlideEntry) -> list[dict]:
-        """GeoJSON FeatureCollections drawn on the slide: the CAM's hot regions and any annotations of the run."""
+        """GeoJSON FeatureCollections drawn on the slide: the CAM's hot regions and the annotation file the run read
+        for the slide (recorded in its store's ``tile_annotation`` array)."""
+        sources = [("CAM hot regions", self.out_dir / CAM_DIR / f"{entry.slide_id}.geojson")]
+        annotation_file = ((array_attrs(entry.store, "tile_annotation") or {}) if entry.store else {}).get("file")
+        if annotation_file:
+            sources.append(("annotations", Path(annotation_file)))
         found = []
-        for kind, path in (("CAM hot regions", self.out_dir / CAM_DIR / f"{entry.slide_id}.geojson"),
-                           ("annotations", self.out_dir / ANNOTATIONS_DIR / f"{entry.slide_id}.geojson")):
+        for kind, path in sources:
             if path.is_file():
                 try:
                     data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                     continue
                 found.append({"name": kind, "collection": data})
         return found

@@ -1,7 +1,8 @@
 """Deep Zoom geometry and the overlay layers of a slide, rendered from its store at the zoom level asked.
 
 A layer is a table of one RGBA colour per tile-grid cell (``cam``: the Grad-CAM through ``inferno``;
-``feature_map``: the map's colours; ``tissue``: kept tissue, and tiles QC excluded coloured by reason), plus one
+``feature_map``: the map's colours; ``tissue``: kept tissue, and the tiles QC excluded (``qc_code``, reasons in
+``core.qc_codes``) coloured by reason), plus one
 transparent cell for everything off the grid. A Deep Zoom tile of the layer is that table gathered at the cell of
 each of its pixels (``cam.heatmaps.cell_index``: the same placement as the pyramidal heatmap TIFF), so nothing is
 resampled and a tile costs the same at every zoom. The overlays share the slide's level-0 size, so OpenSeadragon
@@ -20,6 +21,7 @@ from PIL import Image
 from ..cam.heatmaps import CMAP_NAME, cell_index
 from ..core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from ..core.pictures import SINGLE_COMPONENT_CMAP, colormap_lut, feature_map_rgb
+from ..core.qc_codes import QC_NAMES
 from ..core.store import array_attrs, read_array
 from ..slides.tiling import TileGrid
 
@@ -112,12 +114,10 @@ def tissue_colours(tissue_mask: np.ndarray, qc_code: np.ndarray | None = None) -
 
 
 def qc_code_names(store: Path) -> dict[int, str]:
-    """Names of the QC codes a store's ``qc_code`` array records in its attributes ({} when it has none)."""
-    attrs = array_attrs(store, "qc_code") or {}
-    names = attrs.get("names") or attrs.get("codes") or {}
-    if isinstance(names, list):
-        return {i: str(n) for i, n in enumerate(names)}
-    return {int(k): str(v) for k, v in names.items() if str(k).lstrip("-").isdigit()}
+    """{code: reason} of a store's ``qc_code`` array: the table it was written with (its ``codes`` attribute,
+    reason -> code), else the current one (``core.qc_codes``)."""
+    codes = (array_attrs(store, "qc_code") or {}).get("codes") or {}
+    return {**QC_NAMES, **{int(code): str(name) for name, code in codes.items()}}
 
 
 def _hex(rgb) -> str:

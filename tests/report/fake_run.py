@@ -28,10 +28,10 @@ def _picture(rng: np.random.Generator, size: tuple[int, int], hot: bool) -> Imag
 
 
 def write_fake_run(out: str | Path, n_slides: int, seed: int = 0, failed_every: int = 17,
-                   wrong_every: int = 9) -> Path:
+                   wrong_every: int = 9, cam_px: tuple[int, int] = (770, 580)) -> Path:
     """``n_slides`` slides ``s00000``...: every ``failed_every``-th failed at describe (no store), the others done,
     labels alternate 0/1, half of them in the test split with a prediction, every ``wrong_every``-th test slide
-    misclassified. Returns ``out``."""
+    misclassified; CAM pictures of ``cam_px`` (the cam stage's size by default). Returns ``out``."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     (out / "maps").mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def write_fake_run(out: str | Path, n_slides: int, seed: int = 0, failed_every: 
                              "train": {"status": "done", "label": label, "split": "test" if test else "train"},
                              "cam": {"status": "done"}}}
         slides[sid] = record
-        _picture(rng, (770, 580), bool(label)).save(out / "cam" / f"{sid}.png")  # the size the cam stage writes
+        _picture(rng, cam_px, bool(label)).save(out / "cam" / f"{sid}.png")
         if test:
             wrong = (i // 2) % wrong_every == 0
             pred = 1 - label if wrong else label

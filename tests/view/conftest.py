@@ -5,6 +5,7 @@ describe, no model), so the fixture costs the slide's writing and little more.""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ import pytest
 
 from pipeline.cam.heatmaps import write_hot_regions_geojson
 from pipeline.core.outputs import atomic_write_json
+from pipeline.core.qc_codes import QC_CODES
 from pipeline.core.store import create_partial_store, finalize_store, write_array
 from pipeline.slides.tiling import TileGrid
 
 WIDTH_PX, HEIGHT_PX, TILE_L0_PX = 1536, 1152, 128
-QC_NAMES = {"0": "kept", "1": "pen mark", "2": "blur"}
 
 
 def lesion_grid() -> TileGrid:
@@ -25,7 +26,7 @@ def lesion_grid() -> TileGrid:
 
 
 def write_store(out: Path, slide_id: str, slide_path: Path, grid: TileGrid, tissue: np.ndarray, cam: np.ndarray,
-                qc_code: np.ndarray) -> None:
+                qc_code: np.ndarray, annotation_file: Path | None = None) -> None:
     attrs = {"stage": "describe", "slide_id": slide_id, "slide_path": str(slide_path), "fingerprint": slide_id,
              "mpp": 0.25, "mpp_source": "slide_metadata", "tile_grid": grid.to_dict(), "mask_downsample": 16.0,
              "config_hash": "view-test"}
@@ -35,7 +36,9 @@ def write_store(out: Path, slide_id: str, slide_path: Path, grid: TileGrid, tiss
     fmap = np.where(tissue[..., None], np.linspace(0, 1, tissue.size * 3).reshape(*tissue.shape, 3), -1.0)
     write_array(store, "feature_map", fmap.astype(np.float32), attrs={"components": 3})
     write_array(store, "cam", cam.astype(np.float32), attrs={"class_label": "1", "probabilities": [0.1, 0.9]})
-    write_array(store, "qc_code", qc_code.astype(np.uint8), attrs={"names": QC_NAMES})
+    write_array(store, "qc_code", qc_code.astype(np.uint8), attrs={"codes": QC_CODES})  # as describe writes them
+    write_array(store, "tile_annotation", np.zeros(grid.shape, np.uint16),
+                attrs={"classes": ["Tumor"], "file": str(annotation_file) if annotation_file else None})
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +58,14 @@ def view_run(tmp_path_factory) -> dict:
     cam = np.where(tissue, np.where(lesion, 1.0, 0.0), np.nan)
     qc = np.zeros(grid.shape, np.uint8)
     edge = np.argwhere(tissue & ~lesion)[0]
-    qc[tuple(edge)] = 1  # one tissue tile excluded as a pen mark
-    write_store(out, "lesion", slide, grid, tissue, cam, qc)
+    qc[tuple(edge)] = QC_CODES["pen"]  # one tissue tile excluded as a pen mark
+    annotation = root / "annotations" / "lesion.geojson"  # a QuPath export the run read
+    annotation.parent.mkdir()
+    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[100, 100], [400, 100], [400, 300],
+                                                                             [100, 100]]]},
+        "properties": {"classification": {"name": "Tumor", "color": [0, 200, 0]}}}]}))
+    write_store(out, "lesion", slide, grid, tissue, cam, qc, annotation)
     write_store(out, "moved", root / "gone" / "moved.svs", grid, tissue, cam, qc)
     write_hot_regions_geojson(out / "cam" / "lesion.geojson", cam, grid, 0.5, "lesion")
     records = {

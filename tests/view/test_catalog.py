@@ -21,7 +21,8 @@ def test_catalog_holds_the_manifest_slides_and_their_files(view_run):
     path, recorded = catalog.slide_file(catalog.get("moved"))
     assert path is None and recorded.endswith("gone/moved.svs")
     assert catalog.get("broken").store is None
-    assert [r["name"] for r in catalog.regions(lesion)] == ["CAM hot regions"]
+    assert [r["name"] for r in catalog.regions(lesion)] == ["CAM hot regions", "annotations"]
+    assert catalog.regions(catalog.get("broken")) == []
 
 
 def test_relative_slide_path_is_found_from_the_output_parent(view_run, tmp_path, monkeypatch):

@@ -60,8 +60,11 @@ def test_slide_json_has_layers_legends_and_sizes(server, view_run):
     assert [layer["name"] for layer in info["layers"]] == ["cam", "feature_map", "tissue"]
     legends = {layer["name"]: layer["legend"] for layer in info["layers"]}
     assert legends["cam"]["kind"] == "gradient" and legends["cam"]["stops"][-1] == "#fcffa4"  # inferno's top
-    assert ["#e63232", "excluded: pen mark"] in legends["tissue"]["items"]  # the QC code's name, from its array
-    assert info["regions"] == 1 and info["details"]["tiles"] == int(view_run["tissue"].sum())
+    assert ["#e63232", "excluded: pen"] in legends["tissue"]["items"]  # the QC code's reason
+    assert info["regions"] == 2 and info["details"]["tiles"] == int(view_run["tissue"].sum())
+    regions = json.loads(get(server, "/api/slides/lesion/regions")[1])
+    assert [r["name"] for r in regions] == ["CAM hot regions", "annotations"]
+    assert regions[1]["collection"]["features"][0]["properties"]["classification"]["name"] == "Tumor"
 
 
 @pytest.mark.parametrize("path", ["/api/slides/nope", "/api/slides/..", "/api/slides/%2e%2e/regions",

@@ -84,7 +84,8 @@ def test_slide_opens_with_cam_tiles_at_several_zoom_levels(page, view_run):
     assert len(slide_levels) >= 3 and len(overlay_levels) >= 3
     assert max(slide_levels) == 11  # full resolution of a 1536-px slide (Deep Zoom levels 0..11)
     assert page.inner_text("#legend").startswith("Grad-CAM of class 1")
-    assert page.eval_on_selector_all("svg.regions path", "ps => ps.length") >= 1  # the hot region
+    strokes = page.eval_on_selector_all("svg.regions path", "ps => ps.map(p => p.getAttribute('stroke'))")
+    assert "rgb(0,200,0)" in strokes and len(strokes) >= 2  # the annotation in its class colour, the hot region
     page.evaluate("window.wsiViewer.viewport.goHome(true)")
     page.wait_for_function(LOADED)
 
@@ -119,7 +120,7 @@ def test_cam_overlay_lies_on_the_lesion_and_toggles_and_fades(page, view_run):
         assert abs(half[channel] - (bare[channel] + int(inferno[255][channel])) / 2) <= 25, (half, bare)
     page.check("input[name=layer][value=tissue]")
     page.wait_for_function("document.body.dataset.overlayReady === 'tissue'")
-    assert "excluded: pen mark" in page.inner_text("#legend")
+    assert "excluded: pen" in page.inner_text("#legend")
     page.check("input[name=layer][value=cam]")
     page.wait_for_function("document.body.dataset.overlay === 'cam' && " + LOADED)
 

@@ -108,7 +108,7 @@ function drawRegions(collections) {
         }).join(" ");
         var path = document.createElementNS("http://www.w3.org/2000/svg", "path");
         path.setAttribute("d", d);
-        path.setAttribute("stroke", colour ? "rgb(" + colour.join(",") + ")" : "#00e0ff");
+        path.setAttribute("stroke", Array.isArray(colour) ? "rgb(" + colour.join(",") + ")" : "#00e0ff");
         var title = document.createElementNS("http://www.w3.org/2000/svg", "title");
         title.textContent = item.name + ((f.properties || {}).name ? ": " + f.properties.name : "");
         path.appendChild(title);
