@@ -16,7 +16,8 @@ ALL_ERRORS = sorted((obj for obj in vars(errors).values() if isinstance(obj, typ
 # the abstract bases, and ModelError whose raisers always give their own fix
 WITHOUT_DEFAULT_FIX = {"PipelineError", "SlideError", "ModelError"}
 RUN_LEVEL = {"ConfigError", "LabelsError", "OutputLockedError", "ReducerError", "ModelError",
-             "EncoderError", "EncoderWeightsMissingError", "EncoderInputSizeError", "EncoderOutputError"}
+             "EncoderError", "EncoderWeightsMissingError", "EncoderInputSizeError", "EncoderOutputError",
+             "NoRunError", "PortInUseError"}
 
 
 def _ids(classes):
