@@ -24,12 +24,12 @@ demo: install
 	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 20
 	$(BIN)/wsi-pipeline run --slides sample_data/cohort --labels sample_data/cohort/labels.csv --out $(DEMO_OUT) --config workflows/demo.yaml
 
-# The report test renders OUT/report.html in headless Chromium: install Debian's package when we can (root + apt),
-# otherwise that one test skips with a message.
+# The browser tests (the report, the viewer) drive Debian's Chromium through Playwright (the dev extra; no
+# `playwright install`): install the package when we can (root + apt), otherwise those tests skip with a message.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
-	  echo "chromium could not be installed: the report rendering test will be skipped"
+	  echo "chromium could not be installed: the browser tests (report, viewer) will be skipped"
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
