@@ -207,6 +207,18 @@ def route(app: ViewerApp, raw_path: str) -> tuple[bytes, str]:
     raise NotFound("no such path")
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def host_allowed(bound_address: str, host_header: str) -> bool:
+    """A server bound to this machine only answers requests addressed to it (``Host: localhost``/``127.0.0.1``):
+    a web page that rebinds its own domain name to 127.0.0.1 cannot read the run through the user's browser."""
+    if bound_address not in LOOPBACK_NAMES and not bound_address.startswith("127."):
+        return True
+    name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    return name in LOOPBACK_NAMES or name.startswith("127.")
+
+
 def _json(data) -> tuple[bytes, str]:
     return json.dumps(data, default=str).encode("utf-8"), "application/json"
 
@@ -217,6 +229,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the http.server name
         app: ViewerApp = self.server.app  # type: ignore[attr-defined]
         try:
+            if not host_allowed(self.server.server_address[0], self.headers.get("Host", "")):
+                raise NotFound("unknown host")
             body, ctype = route(app, self.path)
             status = 200
         except NotFound as err:

@@ -76,6 +76,16 @@ def test_anything_outside_the_run_is_404(server, path):
     assert get(server, path)[0] == 404
 
 
+def test_requests_for_another_host_name_are_refused(server):
+    """DNS rebinding: a page of evil.example whose name now points to 127.0.0.1 cannot read the run."""
+    host, port = server.httpd.server_address[:2]
+    for name, status in ((f"evil.example:{port}", 404), (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200)):
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/api/run", headers={"Host": name})
+        assert conn.getresponse().status == status, name
+        conn.close()
+
+
 def test_slide_tiles_at_several_levels(server):
     top = dz_level_count(1536, 1152) - 1
     for level in (top, top - 2, top - 5):
