@@ -26,17 +26,26 @@ from .model.trained import TrainedModel, saved_train_settings
 
 
 def describe_config_for(info: dict, config: PipelineConfig | None) -> PipelineConfig:
-    """The settings to describe new slides with: the training slides' tiling/tissue/descriptor settings (as their
-    stores recorded them), with the caller's cluster, reader and mpp override."""
+    """The settings to describe new slides with: the training slides' tiling/tissue/descriptor/stain settings (as
+    their stores recorded them; the stain target too), with the caller's cluster, reader and mpp override."""
     config = config or PipelineConfig()
     data = config.model_dump(mode="python")
     for section, values in (info.get("describe_config") or {}).items():
-        if section in ("tiling", "tissue", "descriptor"):
+        if section in ("tiling", "tissue", "descriptor", "stain"):
             data[section] = values
     if config.tiling.mpp_override is not None:  # about the new slides' files, not the model
         data["tiling"] = {**data["tiling"], "mpp_override": config.tiling.mpp_override}
     data["reduce"] = info["config"].get("reduce", data["reduce"])
     data["train"] = saved_train_settings(info)
+    return PipelineConfig.model_validate(data)
+
+
+def with_reducer_stain(config: PipelineConfig, stain: dict | None) -> PipelineConfig:
+    """``config`` with the stain settings and target saved with the reducer (new slides map to the cohort's target)."""
+    if not stain:
+        return config
+    data = config.model_dump(mode="python")
+    data["stain"] = stain
     return PipelineConfig.model_validate(data)
 
 
@@ -62,7 +71,7 @@ def predict_slides(slides: Sequence[str | Path], model_dir: str | Path, out_dir:
         raise ModelError(f"no {REDUCER_DIR}/ saved with the model", path=model_dir,
                          fix="Retrain with `wsi-pipeline train` after `reduce` (it copies OUT/reducer/ into the model).")
     reducer = load_reducer(reducer_dir)
-    dcfg = describe_config_for(trained.info, config)
+    dcfg = with_reducer_stain(describe_config_for(trained.info, config), reducer.fit_info.get("stain"))
     errors = {} if errors is None else errors
     describe_slides(list(slides), out_dir, dcfg, runner=runner, progress=progress, errors=errors)
     paths, _ = find_slides(slides)

@@ -14,7 +14,7 @@ import numpy as np
 from ..core.config import PipelineConfig, ReduceConfig
 from ..core.errors import ReducerError
 from .reducers import SPECTRUM_COMPONENTS, TRANSFORM_BATCH_ROWS, AutoencoderReducer, PCAReducer, Reducer
-from .sampling import collect_sample, fit_inputs
+from .sampling import cohort_stain, collect_sample, fit_inputs
 
 log = logging.getLogger("pipeline")
 
@@ -184,6 +184,7 @@ def fit_reducer(stores: Sequence[str | Path], config: PipelineConfig | None = No
     reducer = fit_on_sample(sample, config.reduce, descriptor, info)
     reducer.fit_info["seconds"] = round(time.monotonic() - t0, 3)
     reducer.fit_info["reduce_config"] = config.reduce.model_dump(mode="json")
+    reducer.fit_info["stain"] = cohort_stain(stores)  # the target travels with the reducer (plain JSON)
     log.info("reduce: fitted %s (%d components) on %d tiles from %d slides in %.1f s", reducer.method,
              reducer.components, len(sample), len(info["sample_tiles"]), time.monotonic() - t0)
     return reducer

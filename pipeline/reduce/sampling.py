@@ -101,6 +101,15 @@ def fit_inputs(stores: Sequence[str | Path], config: PipelineConfig) -> dict:
     return {"stores": dict(sorted(stores_info.items())), "config_hash": reduce_settings_hash(config.reduce)}
 
 
+def cohort_stain(stores: Sequence[str | Path]) -> dict | None:
+    """The stain settings (method, target, ...) most of the stores were described with; None when they were not
+    normalised. Saved with the reducer, so new slides mapped with it are normalised to the same target."""
+    votes = Counter(json.dumps(((read_attrs(s) or {}).get("config") or {}).get("stain"), sort_keys=True)
+                    for s in stores)
+    stain = json.loads(votes.most_common(1)[0][0]) if votes else None
+    return stain if stain and stain.get("method", "none") != "none" else None
+
+
 def tiles_per_slide(config: PipelineConfig, n_slides: int, dims: int) -> int:
     """Per-slide sample size: ``sample_tiles_per_slide``, lowered so the whole sample fits ``max_sample_mb``."""
     budget = int(config.reduce.max_sample_mb * 2**20 / (4 * max(1, dims) * max(1, n_slides)))
