@@ -32,8 +32,8 @@ from ..core.outputs import MANIFEST_NAME
 from ..slides.tiling import TileGrid
 from ..report.records import failures_of
 from .catalog import RunCatalog, SlideEntry, scalar_details
-from .layers import (LAYERS, available_layers, dz_tile_box, dzi_info, layer_legend, layer_table, png_tile,
-                     render_cells)
+from .layers import (DZ_OVERLAP_PX, DZ_TILE_PX, LAYERS, available_layers, dz_tile_box, dzi_info, layer_legend,
+                     layer_table, png_tile, render_cells)
 
 log = logging.getLogger("pipeline")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -92,7 +92,7 @@ class ViewerApp:
                                 fix="Move the file back, or rerun the pipeline on its new place; the overlays still "
                                     "show on their own.")
         handle, _ = open_handle(path)
-        dz = DeepZoomGenerator(handle, tile_size=254, overlap=1, limit_bounds=False)
+        dz = DeepZoomGenerator(handle, tile_size=DZ_TILE_PX, overlap=DZ_OVERLAP_PX, limit_bounds=False)
         with self._lock:
             if entry.slide_id in self._open:  # another request opened it meanwhile
                 handle.close()
