@@ -2,7 +2,6 @@
 pages in a real (headless) browser."""
 
 import json
-import os
 import re
 
 import numpy as np
@@ -16,7 +15,7 @@ from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.describe.runner import describe_slides
 from pipeline.reduce.runner import reduce_slides
 from pipeline.report.html import build_report
-from pipeline.report.sections import PAGE_ROWS, model_summary, sheet_selection
+from pipeline.report.sections import PAGE_ROWS
 from pipeline.slides.tiling import TileGrid
 
 from .browser import browser  # noqa: F401  (module-scoped Chromium fixture)
@@ -71,39 +70,6 @@ def test_report_links_its_pictures_as_files(report_out):
         thumb = read_array(store_path(out, "slide-a"), "thumbnail")
         assert img.format == "JPEG" and abs(img.size[0] / img.size[1] - thumb.shape[1] / thumb.shape[0]) < 0.05
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
-
-
-def test_thumbnails_are_made_once_and_remade_when_their_source_changes(tmp_path):
-    out = write_fake_run(tmp_path / "run", 6, cam_px=(240, 180))
-    build_report(out)
-    cam_thumb = out / "report_files" / "s00000.cam.jpg"
-    slide_thumb = out / "report_files" / "s00000.slide.jpg"
-    before = {p: p.stat().st_mtime_ns for p in (cam_thumb, slide_thumb)}
-    os.utime(cam_thumb, ns=(before[cam_thumb] + 10**9,) * 2)  # newer than its source: kept as it is
-    kept = cam_thumb.stat().st_mtime_ns
-    build_report(out)
-    assert cam_thumb.stat().st_mtime_ns == kept and slide_thumb.stat().st_mtime_ns == before[slide_thumb]
-    source = out / "cam" / "s00000.png"
-    Image.new("RGB", (100, 50), (0, 0, 255)).save(source)  # smaller than the thumbnail size: kept as it is
-    os.utime(source, ns=(kept + 10**9,) * 2)
-    build_report(out)
-    with Image.open(cam_thumb) as img:  # remade from the new picture
-        assert img.size == (100, 50) and np.asarray(img.convert("RGB"))[25, 50, 2] > 200
-
-
-def test_sheet_holds_the_most_confident_per_class_and_every_misclassified_slide():
-    pics = {"cam": "x"}
-    rows = [{"slide_id": f"c{i}", "label": "0", "prediction": "0", "probability": p, "pictures": pics}
-            for i, p in enumerate([0.6, 0.99, 0.7, 0.95, 0.8, 0.97])]
-    rows += [{"slide_id": "w1", "label": "1", "prediction": "0", "probability": 0.51, "pictures": pics},
-             {"slide_id": "w2", "label": "0", "prediction": "1", "probability": 0.9, "pictures": pics},
-             {"slide_id": "p1", "label": "1", "prediction": "1", "probability": 0.8, "pictures": pics},
-             {"slide_id": "nocam", "label": "1", "prediction": "0", "probability": 0.9, "pictures": {}},
-             {"slide_id": "train", "label": "1", "prediction": None, "probability": None, "pictures": pics}]
-    groups = {heading: [r["slide_id"] for r in group] for heading, group in sheet_selection(rows, per_class=3)}
-    assert groups == {"most confident correct predictions of class 0": ["c1", "c5", "c3"],
-                      "most confident correct predictions of class 1": ["p1"],
-                      "misclassified slides (2)": ["w2", "w1"]}
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +128,3 @@ def test_report_renders_whole_in_chromium(browser, report_out):  # noqa: F811
     pixels = np.asarray(Image.open(__import__("io").BytesIO(page.screenshot(full_page=True))).convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, plots and images, not a blank page
     page.close()
-
-
-def test_model_summary_names_weights_head_backend_and_classes():
-    info = {"config": {"train": {"weights": None, "recipe": "scratch", "head_block": "mixed2"}},
-            "versions": {"backend": "jax"}, "labels": {"values": [0, 1]}}
-    assert model_summary(info) == ("InceptionV3, weights random init, recipe scratch, head on mixed2, jax backend"
-                                   " · classes 0, 1")
-    info["config"]["train"].update(weights="imagenet", recipe="finetune")
-    assert model_summary(info).startswith("InceptionV3, weights imagenet, recipe finetune, head on mixed2")
