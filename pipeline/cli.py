@@ -78,7 +78,7 @@ def _add_describe_parsers(sub) -> None:
              ["slides", "--json", "--mpp-override"])
     _command(sub, "describe", cmd_describe, "tile slides and write per-tile descriptors to Zarr stores",
              ["--slides", "--out", "--mpp", "--tile-px", "--stride-px", "--mpp-override", "--descriptor",
-              "--encoder-model", "--reader", *COMMON])
+              "--encoder-model", "--reader", "--stain", "--annotations", *COMMON])
     _command(sub, "retry", cmd_retry, "describe again only the slides that failed (settings of the last run)",
              ["out", "--mpp-override", *COMMON])
 
@@ -325,7 +325,7 @@ def cmd_view(args: argparse.Namespace, config: PipelineConfig) -> int:
 def _add_run_parser(sub) -> None:
     _command(sub, "run", cmd_run, "describe -> reduce -> train -> evaluate -> cam -> report, resuming what is done",
              ["--slides", use("--labels", required=True), "--out", "--mpp", "--tile-px", "--mpp-override",
-              "--descriptor", "--encoder-model", *COMMON])
+              "--descriptor", "--encoder-model", "--stain", "--annotations", *COMMON])
 
 
 def cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:

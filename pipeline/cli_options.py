@@ -134,6 +134,8 @@ _ALL = (
     ConfigOption("--descriptor", "descriptor", "name"),
     ConfigOption("--encoder-model", "descriptor", "model"),
     ConfigOption("--reader", "reader", "kind"),
+    ConfigOption("--stain", "stain", "method", dest="stain_method"),
+    ConfigOption("--annotations", "annotations", "dir"),
     ConfigOption("--workers", "cluster", "workers"),
     ConfigOption("--method", "reduce", "method", dest="reduce_method"),
     ConfigOption("--components", "reduce", "components", dest="reduce_components"),

@@ -17,6 +17,7 @@ import numpy as np
 from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG
 from ..core.maps import FEATURE_MAP, has_feature_map
 from ..core.store import slide_id_of
+from .annotations import write_annotation_agreement
 from .gradients import default_cam_layer, split_model
 from .views import slide_cam_with_models
 
@@ -172,8 +173,10 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         entries.sort(key=lambda e: -e["score"])
         if entries:
             save_contact_sheet(out_dir / MOSAIC_PNG, [{"image": e["png"], "caption": e["caption"]} for e in entries])
+        agreement = write_annotation_agreement(out_dir, stores, config.annotations.cam_classes)
         summary = {"slides": len(stores), "done": done, "skipped": skipped, "failed": failed, "layer": layer,
-                   "seconds": round(time.monotonic() - t0, 2)}
+                   "seconds": round(time.monotonic() - t0, 2),
+                   **({"annotation_agreement": agreement["overall"]} if agreement else {})}
         manifest.data["runs"].append({"command": "cam", "finished": time.time(), **summary})
         manifest.save()
     return summary

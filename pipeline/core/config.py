@@ -378,6 +378,7 @@ class PipelineConfig(_Section):
             payload.pop("stain")  # no normalisation: outputs made before the stain section stay current
         if "annotations" in payload:  # which classes count; the files themselves enter each slide's fingerprint
             payload["annotations"].pop("dir")
+            payload["annotations"].pop("cam_classes")  # read by the CAM metrics only
             if self.annotations.dir is None:
                 payload.pop("annotations")
         if "qc" in payload and not self.qc.detectors:

@@ -23,10 +23,10 @@ class QcConfig(_Section):
     pen_distance: float = Field(4.0, gt=0, description="pen: robust (Mahalanobis) colour distance from the slide's "
                                                       "tissue beyond which a thumbnail pixel is ink")
     pen_tile_fraction: float = Field(0.1, gt=0, le=1, description="pen: a tile is excluded when this share of it is ink")
-    blur_ratio: float = Field(0.45, gt=0, lt=1, description="blur: a tile is out of focus when its variance of the "
-                                                           "Laplacian is below this share of the slide's 75th "
-                                                           "percentile")
-    debris_tile_fraction: float = Field(0.5, gt=0, le=1, description="debris: a tile is excluded when this share of "
+    blur_ratio: float = Field(0.3, gt=0, lt=1, description="blur: a tile is out of focus when its Laplacian energy "
+                                                          "over grey variance is below this share of the slide's "
+                                                          "75th percentile")
+    debris_tile_fraction: float = Field(0.7, gt=0, le=1, description="debris: a tile is excluded when this share of "
                                                                      "it is near-black or near-white")
 
     @model_validator(mode="before")
@@ -51,3 +51,6 @@ class AnnotationsConfig(_Section):
                                                                            "classes are not described")
     include: list[str] = Field([], description="when a slide has annotations of these classes, only tiles inside "
                                                "them are described")
+    cam_classes: dict[str, str] = Field({}, description="model label -> annotation class its CAM should point at "
+                                                         "(pointing game, IoU in metrics.json); a label not listed "
+                                                         "is matched to the annotation class of the same name")

@@ -52,7 +52,7 @@ def unmatched_annotation_files(annotations_dir: str | Path | None, slide_ids) ->
     return sorted(str(p) for p in Path(annotations_dir).glob(f"*{SUFFIX}") if p.name[:-len(SUFFIX)] not in ids)
 
 
-def _features(data, path: Path) -> list[dict]:
+def _features(data, path: Path | None) -> list[dict]:
     if isinstance(data, list):
         return data
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -76,7 +76,7 @@ def parse_annotations(text: bytes | str, width_px: float, height_px: float, path
     import shapely
     import shapely.geometry
 
-    path = Path(path)
+    path = Path(path) if path else None
     try:
         data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

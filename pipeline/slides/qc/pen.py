@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
+GLASS_MIN = 225  # pixels whose darkest channel is at least this bright are glass, not ink
 
 
 def colour_features(rgb: np.ndarray) -> np.ndarray:
@@ -30,6 +31,7 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
     from sklearn.covariance import MinCovDet
 
     features = colour_features(thumbnail)
+    tissue_px = tissue_px & (thumbnail.min(axis=-1) < GLASS_MIN)  # glass the mask closed over is no colour model
     candidates = features[tissue_px]
     out = np.zeros(tissue_px.shape, dtype=bool)
     if len(candidates) < MIN_PIXELS:

@@ -1,0 +1,154 @@
+"""Artifact QC with real pixels: pen strokes drawn on the real Aperio slide and on a generated real-texture slide,
+a blurred region, debris, the detector registry and ``qc: []``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.core.config import config_from_dict
+from pipeline.core.errors import ConfigError
+from pipeline.core.parallel import LocalRunner
+from pipeline.core.qc_codes import DETECTOR_NAMES, QC_CODES, qc_counts
+from pipeline.core.store import read_array, read_attrs, store_path
+from pipeline.describe.runner import describe_slides
+from pipeline.slides.qc import registry, thumbnail_qc
+from pipeline.slides.qc.blur import _laplacian_variance_numpy, blurred_tiles, focus_scores
+from pipeline.slides.qc.debris import debris_pixels
+from pipeline.slides.tiling import TileGrid
+from sample_data.artefacts import ArtefactTissue, ImageTissue, PenStroke
+from sample_data.synthetic.writing import write_slide
+
+INKED_MIN = 0.25  # a tile is "inked" when ink covers at least a quarter of it
+
+
+def _describe(slide_path, out, qc=("pen", "blur", "debris"), tile_px=256):
+    config = config_from_dict({"qc": list(qc), "tiling": {"tile_px": tile_px}})
+    summary = describe_slides([slide_path], out, config, runner=LocalRunner(), progress=False)
+    assert summary["done"] == 1, json.loads((out / "manifest.json").read_text())
+    return store_path(out, slide_path.stem)
+
+
+def _stained_share(slide, grid) -> np.ndarray:
+    """(rows, cols) share of each tile's level-0 pixels that are stained (not near-white) before the artefacts."""
+    rgb = slide.base.render(0, 0, slide.width_px, slide.height_px)
+    stained = rgb.min(axis=-1) < 215
+    n = int(round(grid.tile_l0_px))
+    return np.array([[stained[r * n:(r + 1) * n, c * n:(c + 1) * n].mean() for c in range(grid.cols)]
+                     for r in range(grid.rows)])
+
+
+def _outcome(store, slide):
+    """(inked tiles excluded share, clean tissue tiles lost share, counts) against the generator's ground truth.
+
+    Inked: tissue tiles (the tissue mask's) ink covers a quarter of at least; clean: tiles at least half stained
+    tissue before the strokes were drawn, with no ink and no blur."""
+    grid = TileGrid.from_dict(read_attrs(store)["tile_grid"])
+    tissue = read_array(store, "tissue_fraction") >= 0.5
+    excluded = read_array(store, "qc_code") != 0
+    ink = slide.ink_fraction_at_tiles(grid)
+    inked = tissue & (ink >= INKED_MIN)
+    clean = tissue & (ink == 0) & (slide.blur_fraction_at_tiles(grid) == 0) & (_stained_share(slide, grid) >= 0.5)
+    return (excluded[inked].mean(), excluded[clean].mean(), int(inked.sum()), int(clean.sum()))
+
+
+@pytest.fixture(scope="module")
+def inked_cmu(tmp_path_factory, cmu_slide):
+    """The real CMU-1 Aperio region (0.499 µm/px) with a blue, a green, a black and a red stroke across its tissue,
+    written as a pyramidal Aperio-style TIFF with the same mpp."""
+    import openslide
+
+    with openslide.OpenSlide(str(cmu_slide)) as handle:
+        rgb = np.asarray(handle.read_region((0, 0), 0, handle.dimensions).convert("RGB"))
+    h, w = rgb.shape[:2]
+    strokes = [PenStroke(colour, (w * cx, h * cy), 0.3 * min(w, h), start, 0.8 * np.pi, 0.05 * min(w, h), 0.75)
+               for colour, cx, cy, start in (("blue", 0.35, 0.3, 0.0), ("green", 0.65, 0.55, 1.5),
+                                              ("black", 0.4, 0.75, 3.0), ("red", 0.6, 0.3, 4.5))]
+    slide = ArtefactTissue(ImageTissue(rgb), seed=1, strokes=strokes, regions=[])
+    path = tmp_path_factory.mktemp("inked_cmu") / "cmu_inked.svs"
+    write_slide(path, slide, mpp=0.499, levels=(1, 4), tile_px=256, quality=90, objective_power=20)
+    return path, slide
+
+
+def test_pen_on_the_real_aperio_slide_is_excluded(inked_cmu, tmp_path):
+    path, slide = inked_cmu
+    store = _describe(path, tmp_path / "out", tile_px=128)  # 64 µm tiles: ~400 tissue tiles on this small region
+    inked_excluded, clean_lost, n_inked, n_clean = _outcome(store, slide)
+    print(f"CMU: {n_inked} inked tiles, {inked_excluded:.1%} excluded; {n_clean} clean, {clean_lost:.1%} lost")
+    assert n_inked >= 15 and n_clean >= 30
+    assert inked_excluded >= 0.95
+    assert clean_lost <= 0.02
+    codes = read_array(store, "qc_code")
+    assert np.isnan(read_array(store, "descriptors")[codes != 0]).all()  # excluded tiles are not described
+    assert not read_array(store, "tissue_mask")[codes != 0].any()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["slides"]["cmu_inked"]["qc"]["pen"] == int((codes == QC_CODES["pen"]).sum())
+
+
+@pytest.fixture(scope="module")
+def artefact_slide(tmp_path_factory):
+    """A generated real-texture slide with two strokes and a blurred region (ground truth from the generator)."""
+    from sample_data.textured import TexturedTissue
+
+    slide = ArtefactTissue(TexturedTissue(3000, 3000, seed=11, tissue_fraction=0.6), seed=5, pens=2, blurs=1,
+                           colours=("blue", "black"))
+    path = tmp_path_factory.mktemp("artefacts") / "textured_artefacts.svs"
+    write_slide(path, slide, mpp=0.5, levels=(1, 4), tile_px=256, quality=85, objective_power=20)
+    return path, slide
+
+
+def test_pen_and_blur_on_a_generated_slide(artefact_slide, tmp_path):
+    path, slide = artefact_slide
+    store = _describe(path, tmp_path / "out")
+    inked_excluded, clean_lost, n_inked, n_clean = _outcome(store, slide)
+    assert n_inked >= 10 and inked_excluded >= 0.95
+    assert clean_lost <= 0.02
+    grid = TileGrid.from_dict(read_attrs(store)["tile_grid"])
+    tissue = read_array(store, "tissue_fraction") >= 0.5
+    blurred = tissue & (slide.blur_fraction_at_tiles(grid) > 0.5) & (slide.ink_fraction_at_tiles(grid) == 0)
+    codes = read_array(store, "qc_code")
+    assert blurred.sum() >= 5
+    assert (codes[blurred] == QC_CODES["blur"]).mean() >= 0.9
+    assert np.isnan(read_array(store, "descriptors")[codes == QC_CODES["blur"]]).all()
+    assert read_attrs(store)["qc"] == qc_counts(codes, tissue)
+
+    off = _describe(path, tmp_path / "off", qc=())
+    assert not read_array(off, "qc_code").any()
+    assert np.array_equal(read_array(off, "tissue_mask"), tissue)  # qc: [] describes every tissue tile
+
+
+def test_debris_pixels_and_tiles():
+    thumb = np.full((40, 40, 3), (200, 120, 180), np.uint8)
+    thumb[:10, :10] = 20    # dirt
+    thumb[30:, 30:] = 245   # a bubble the tissue mask closed over
+    tissue_px = np.ones((40, 40), bool)
+    flagged = debris_pixels(thumb, tissue_px)
+    assert flagged[:10, :10].all() and flagged[30:, 30:].all() and flagged.sum() == 200
+    grid = TileGrid(400, 400, 0.5, 0.5, 100, 100, 4, 4, 100.0, 100.0, 0, 1.0)  # tiles of 10x10 thumbnail px
+    codes = thumbnail_qc(thumb, tissue_px, 10.0, grid, np.ones((4, 4), bool), config_from_dict({"qc": ["debris"]}).qc)
+    expected = np.zeros((4, 4), np.uint8)
+    expected[0, 0] = expected[3, 3] = QC_CODES["debris"]
+    assert np.array_equal(codes, expected)
+
+
+def test_focus_score_kernel_matches_numpy_and_blur_is_relative():
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, (5, 32, 40, 3), dtype=np.uint8)
+    assert np.allclose(focus_scores(tiles), _laplacian_variance_numpy(tiles), rtol=1e-4, equal_nan=True)
+    assert np.isnan(focus_scores(np.full((1, 16, 16, 3), 240, np.uint8)))[0]  # glass has no focus
+    scores = np.r_[np.full(20, 100.0), [10.0, 44.0, 46.0, np.nan]]
+    assert blurred_tiles(scores, 0.45).tolist() == [False] * 20 + [True, True, False, False]
+    assert not blurred_tiles(np.array([1.0, 100.0]), 0.45).any()  # too few tiles to know the slide's sharpness
+
+
+def test_registry_and_config():
+    assert set(registry()) == set(DETECTOR_NAMES) == {"pen", "blur", "debris"}
+    assert all(QC_CODES[name] == d.code for name, d in registry().items())
+    assert config_from_dict({"qc": []}).qc.detectors == []
+    assert config_from_dict({}).qc.detectors == ["pen", "blur", "debris"]
+    with pytest.raises(ConfigError, match="qc"):
+        config_from_dict({"qc": ["pen", "ink"]})
+    on, off = config_from_dict({}), config_from_dict({"qc": []})
+    assert on.stage_hash("describe") != off.stage_hash("describe")
