@@ -148,9 +148,9 @@ _ALL = (
     Option("--json", action="store_true", help="machine-readable output"),
     Option("--force", action="store_true", help="retrain even when the saved model is current"),
     # the viewer
-    Option("--port", type=int, default=8765, help="port of the viewer's web server (0: any free port)"),
+    Option("--port", type=int, default=8765, help="port of the viewer's web server (default 8765; 0: any free port)"),
     Option("--host", default="127.0.0.1",
-           help="address to listen on; the default serves this machine only (0.0.0.0 opens it to the network)"),
+           help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)"),
 )
 
 OPTIONS: dict[str, Option] = {opt.name: opt for opt in _ALL}
