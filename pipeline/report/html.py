@@ -18,7 +18,7 @@ from pathlib import Path
 from ..core.artefacts import (CAM_DIR, EXPLAINED_VARIANCE_PNG, MAPS_DIR, METRICS_JSON, MODEL_DIR, MODEL_INFO,
                               MOSAIC_PNG, PLOTS_DIR, REPORT_HTML, RUN_CONFIG_NAME)
 from ..core.outputs import Manifest, atomic_write_text
-from ..core.store import list_stores, slide_id_of
+from ..core.store import slide_id_of, slides_dir
 from .records import failures_of, read_predictions, slide_row
 from .sections import (TABLE_SCRIPT, cam_sheet, esc, failures_table, linked_pictures, metrics_table, model_summary,
                        slide_table)
@@ -47,7 +47,8 @@ def _read_json(path: Path) -> dict:
 def slide_rows(out_dir: Path, manifest: Manifest) -> list[dict]:
     """One row per slide (the manifest's, and any store the manifest lacks) with its pictures and CAM files."""
     predictions = read_predictions(out_dir)
-    ids = sorted(set(manifest.slides) | {slide_id_of(p) for p in list_stores(out_dir)})
+    # store names, not their attributes: finished stores are the only ``<id>.zarr`` (builds are ``.zarr.partial``)
+    ids = sorted(set(manifest.slides) | {slide_id_of(p) for p in slides_dir(out_dir).glob("*.zarr")})
     pictures = make_thumbs(out_dir, ids)
     rows = []
     for slide_id in ids:

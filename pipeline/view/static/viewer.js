@@ -33,7 +33,7 @@ function renderList() {
   var rows = state.slides.filter(function (s) {
     if (status === "misclassified" ? !misclassified(s) : (status && s.status !== status)) return false;
     if (!text) return true;
-    return [s.slide_id, s.status, s.label, s.prediction].some(function (v) {
+    return [s.slide_id, s.status, s.label, s.prediction, s.failure].some(function (v) {
       return v !== null && String(v).toLowerCase().indexOf(text) >= 0;
     });
   }).sort(compare);
