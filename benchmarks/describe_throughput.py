@@ -9,6 +9,18 @@ b. ``tiff_read``: the same windows through the direct TIFF tile reader.
 c. ``describe_openslide``: ``describe_slides`` end to end (tissue mask, tiles, descriptors, Zarr store), reader openslide.
 d. ``describe_tiff``: the same with reader tiff.
 
+End to end (issue 18), each as a whole process, timed from outside:
+
+p. ``plain_script``: ``benchmarks/plain_openslide_script.py`` (openslide-python, Otsu on a thumbnail, ``read_region``
+   512 px + 2x reduce, per-tile mean/std, ``multiprocessing.Pool(workers)``) on the slide;
+w. ``command``: ``wsi-pipeline describe --workers N`` on the slide (default settings, fresh output directory);
+P. / W. the same two on a directory of ``--dir-slides`` small slides (cached in the work dir);
+f. ``floor``: the per-tile CPU cost of reading + describing (``describe_block``'s loop without the store write, one
+   process, compiled kernels loaded) x tissue tiles / workers: what no scheduler can beat on these cores.
+Targets: command >= 2.5x faster than the plain script on the slide and on the directory, the command's own run
+(``seconds`` in its summary) <= 1.25x the floor, the directory at >= 85% of the slide's tiles/s, peak RSS per worker
+< 1.5 GB (every process of the command's tree, sampled with psutil).
+
 Megapixels are the read-level pixels of the tissue tiles (tiles x (tile edge at the read level)^2), the same number
 for every phase, so throughput ratios are inverse time ratios. Targets: (c)/(a) throughput >= 0.7 (describe costs
 little beyond reading) and (d) time <= 0.4 x (a) time (the direct reader makes describe 2.5x faster than OpenSlide can
@@ -16,6 +28,7 @@ even read), with peak RSS per worker under 1.5 GB (sampled with psutil on the wo
 per phase are reported too: on a machine shared with other jobs they compare more steadily than wall time.
 
     python benchmarks/describe_throughput.py                    # builds /tmp/wsi-bench/synthetic-40000x25000-seed0.svs once
+    python benchmarks/describe_throughput.py --phases fpwPW --repeat 3   # command vs plain script, slide + directory
     python benchmarks/describe_throughput.py --quick            # an 8000 x 6000 slide, for a quick look
     python benchmarks/describe_throughput.py --slide my.svs --workers 4
     python benchmarks/describe_throughput.py --repeat 2         # interleaved repeats; each phase's fastest run is kept
@@ -184,6 +197,227 @@ def run_describe_phase(runner, path: Path, out_dir: Path, config) -> tuple[float
     return seconds, record
 
 
+# --- end to end: the whole command against the plain script --------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+PLAIN_SCRIPT = Path(__file__).resolve().parent / "plain_openslide_script.py"
+DIR_SLIDE_SIZE = (5120, 3840)
+
+
+def small_slides_dir(work_dir: Path, count: int, seed: int = 100) -> Path:
+    """``count`` small Aperio-style slides (5120 x 3840 px at 0.25 µm/px, ~40 tissue tiles each), written once."""
+    from sample_data.synthetic import SyntheticTissue, write_slide
+
+    folder = work_dir / f"small-{count}x{DIR_SLIDE_SIZE[0]}x{DIR_SLIDE_SIZE[1]}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = folder / f"small-{i:03d}.svs"
+        if not path.exists():
+            write_slide(path, SyntheticTissue(*DIR_SLIDE_SIZE, seed=seed + i, tissue_fraction=0.5), mpp=0.25)
+    return folder
+
+
+class TreeRss:
+    """Peak RSS of every process under ``root`` (the command, its forked or spawned workers), sampled every 50 ms."""
+
+    def __init__(self, root: int):
+        import psutil
+
+        self.root = psutil.Process(root)
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except Exception:  # noqa: BLE001 - the command ended
+                procs = []
+            for proc in procs:
+                try:
+                    self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), proc.memory_info().rss)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return sorted((round(v / 2**20, 1) for v in self.peak.values()), reverse=True)
+
+
+def run_process(cmd: list[str]) -> tuple[float, list[float], str]:
+    """(wall seconds, peak RSS MB of each process in its tree, stderr+stdout tail) of one whole process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rss = TreeRss(proc.pid)
+    output, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    peaks = rss.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {output[-2000:]}")
+    return seconds, peaks, output[-400:]
+
+
+def run_plain(target: Path, out: Path, workers: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, peaks, _ = run_process([sys.executable, str(PLAIN_SCRIPT), str(target), str(out), "--processes",
+                                     str(workers)])
+    return {"seconds": round(seconds, 2), "peak_rss_mb": peaks[:workers + 1]}
+
+
+def run_command(target: Path, out: Path, workers: int, extra: list[str]) -> dict:
+    from pipeline.core.outputs import Manifest
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(BIN / "wsi-pipeline"), "describe", "--slides", str(target), "--out", str(out), "--workers",
+           str(workers), *extra]
+    seconds, peaks, _ = run_process(cmd)
+    manifest = Manifest(out)
+    run = manifest.data["runs"][-1]
+    tiles = sum(r.get("tiles", 0) for r in manifest.slides.values())
+    return {"seconds": round(seconds, 2), "run_seconds": run["seconds"], "tiles": tiles, "done": run["done"],
+            "failed": run["failed"], "tiles_per_s": round(tiles / seconds, 1), "peak_rss_mb": peaks[:workers + 1]}
+
+
+def measure_floor(path: Path, config, max_tiles: int = 600) -> dict:
+    """CPU seconds per tissue tile of reading + describing, one process, over whole blocks of the slide."""
+    from pipeline.describe.descriptors import compute_descriptors
+    from pipeline.describe.runner import load_kernels, prepare_slide
+    from pipeline.slides.reader_choice import open_reader
+    from pipeline.slides.tiling import TileGrid, iter_tile_batches
+
+    load_kernels(config)
+    plan = prepare_slide(str(path), config)
+    grid = TileGrid.from_dict(plan["grid"])
+    tissue = plan["tissue_tiles"]
+    blocks = sorted((b for b in grid.chunks(config.tiling.chunk_tiles) if tissue[b[0]:b[1], b[2]:b[3]].any()),
+                    key=lambda b: -int(tissue[b[0]:b[1], b[2]:b[3]].sum()))
+    tiles, cpu0 = 0, time.process_time()
+    for b in blocks:
+        with open_reader(str(path), plan["reader"]) as handle:
+            for _, batch in iter_tile_batches(handle, grid, tissue[b[0]:b[1], b[2]:b[3]], b,
+                                              config.descriptor.batch_tiles, str(path)):
+                compute_descriptors(batch, config.descriptor)
+                tiles += len(batch)
+        if tiles >= max_tiles:
+            break
+    return {"cpu_ms_per_tile": round((time.process_time() - cpu0) / tiles * 1e3, 3), "tiles_measured": tiles,
+            "reader": plan["reader"]["kind"], "pixel_decode": plan["reader"].get("jpeg_scale", 1)}
+
+
+def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
+    """Phases f, p, w, P, W (see the module docstring), interleaved over ``--repeat`` rounds; fastest run kept."""
+    workers = result["machine"]["workers"]
+    import yaml
+
+    from pipeline.core.config import load_config
+
+    extra = [f"--reader={args.reader}"] if args.reader else []
+    settings = yaml.safe_load(args.config.read_text()) if args.config else {}
+    if args.scaled_decode:
+        settings.setdefault("reader", {})["scaled_decode"] = True
+    if settings:
+        merged = args.work_dir / "bench-config.yaml"
+        merged.write_text(yaml.safe_dump(settings))
+        extra += ["--config", str(merged)]
+        config = load_config(merged).with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px)
+    e2e: dict = {"workers": workers, "command_options": extra, "settings": settings}
+    if "f" in args.phases:
+        e2e["floor_per_tile"] = measure_floor(path, config.with_overrides(reader__kind=args.reader))
+    folder = small_slides_dir(args.work_dir, args.dir_slides) if ("P" in args.phases or "W" in args.phases) else None
+    runs = {"p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
+            "w": ("command", lambda: run_command(path, args.work_dir / "cmd-out", workers, extra)),
+            "P": ("plain_script_dir", lambda: run_plain(folder, args.work_dir / "plain-dir-out", workers)),
+            "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra))}
+    for rep in range(args.repeat):
+        for key, (name, fn) in runs.items():
+            if key not in args.phases:
+                continue
+            print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
+            entry = fn()
+            print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
+            best = e2e.get(name)
+            all_runs = (best or {}).get("all_seconds", []) + [entry["seconds"]]
+            if best is None or entry["seconds"] < best["seconds"]:
+                best = entry
+            best["all_seconds"] = all_runs
+            e2e[name] = best
+    r = {}
+    if "plain_script" in e2e and "command" in e2e:
+        r["command_speedup_over_plain_script"] = round(e2e["plain_script"]["seconds"] / e2e["command"]["seconds"], 2)
+    if "plain_script_dir" in e2e and "command_dir" in e2e:
+        r["command_speedup_over_plain_script_dir"] = round(
+            e2e["plain_script_dir"]["seconds"] / e2e["command_dir"]["seconds"], 2)
+    if "floor_per_tile" in e2e:
+        per_tile = e2e["floor_per_tile"]["cpu_ms_per_tile"] / 1e3
+        for name in ("command", "command_dir"):
+            if name in e2e:
+                floor = per_tile * e2e[name]["tiles"] / workers
+                e2e[name]["floor_seconds"] = round(floor, 2)
+                r[f"{name}_run_over_floor"] = round(e2e[name]["run_seconds"] / floor, 2)
+                r[f"{name}_whole_over_floor"] = round(e2e[name]["seconds"] / floor, 2)
+                r[f"{name}_fixed_seconds"] = round(e2e[name]["seconds"] - floor, 2)
+    if "command" in e2e and "command_dir" in e2e:
+        r["dir_tiles_per_s_over_slide"] = round(e2e["command_dir"]["tiles_per_s"] / e2e["command"]["tiles_per_s"], 3)
+    peaks = [max(e2e[n]["peak_rss_mb"]) for n in ("command", "command_dir") if n in e2e]
+    if peaks:
+        r["max_peak_rss_mb_per_process"] = max(peaks)
+    r["targets"] = {"command_speedup": ">= 2.5", "run_over_floor": "<= 1.25", "dir_over_slide": ">= 0.85",
+                    "peak_rss_mb": "< 1536"}
+    e2e["ratios"] = r
+    result["end_to_end"] = e2e
+
+
+def run_cluster_phases(args, path, plan: dict, blocks: list, readers: dict, config, environ: dict,
+                       megapixels: float, tiles: int, result: dict) -> None:
+    """Phases a-d on one Dask LocalCluster (see the module docstring)."""
+    import dask
+
+    from pipeline.core.parallel import task_runner
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), task_runner(config.cluster) as runner:
+        pids = list(runner.client.run(os.getpid).values())
+        # workers import the pipeline (and its codecs) before the clock starts
+        runner.client.run(lambda: __import__("pipeline.describe.runner") and None)
+        # ... and load the compiled kernels (numba's disk cache; compiled once per machine, seconds)
+        runner.client.run(_load_kernels)
+        phases = [
+            ("a", "openslide_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["openslide"]), {})),
+            ("b", "tiff_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["tiff"]), {})),
+            ("c", "describe_openslide", lambda: run_describe_phase(
+                runner, Path(path), args.work_dir / "out-openslide", config.with_overrides(reader__kind="openslide"))),
+            ("d", "describe_tiff", lambda: run_describe_phase(
+                runner, Path(path), args.work_dir / "out-tiff", config.with_overrides(reader__kind="tiff"))),
+        ]
+        for rep in range(args.repeat):
+            for key, name, fn in phases:
+                if key not in args.phases:
+                    continue
+                print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
+                with RssSampler(pids) as rss:
+                    seconds, record = fn()
+                entry = {"seconds": round(seconds, 2), "megapixels_per_s": round(megapixels / seconds, 1),
+                         "tiles_per_s": round(tiles / seconds, 1),
+                         "worker_cpu_seconds": round(rss.cpu_seconds, 1),
+                         "megapixels_per_cpu_s": round(megapixels / max(rss.cpu_seconds, 1e-9), 1),
+                         "peak_rss_mb_per_worker": rss.peaks_mb()}
+                if record:
+                    entry["reader"] = record.get("reader")
+                    entry["tiles"] = record.get("tiles")
+                print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
+                best = result["phases"].get(name)
+                runs = (best or {}).get("all_seconds", []) + [entry["seconds"]]
+                peak = max([(best or {}).get("max_peak_rss_mb", 0.0), *entry["peak_rss_mb_per_worker"]])
+                if best is None or entry["seconds"] < best["seconds"]:
+                    best = entry
+                best["all_seconds"] = runs
+                best["max_peak_rss_mb"] = peak
+                result["phases"][name] = best
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slide", type=Path, help="slide to use instead of the generated one")
@@ -194,7 +428,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mpp", type=float, default=0.5, help="target resolution (default 0.5 µm/px)")
     parser.add_argument("--tile-px", type=int, default=256)
     parser.add_argument("--descriptor", default="stats", choices=["stats", "cnn"])
-    parser.add_argument("--phases", default="abcd", help="subset of the phases to run, e.g. 'ab'")
+    parser.add_argument("--phases", default="abcdfpwPW", help="subset of the phases to run, e.g. 'ab' or 'fpw'")
+    parser.add_argument("--dir-slides", type=int, default=50, help="small slides in the directory phases P and W")
+    parser.add_argument("--reader", default=None, help="the command's --reader (default: its own default)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a pipeline config file for the command and the floor (e.g. one with `qc: []`)")
+    parser.add_argument("--scaled-decode", action="store_true",
+                        help="the command with reader.scaled_decode (DCT-domain JPEG scaling), and the floor too")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the phase sequence this many times (interleaved) and report each phase's fastest")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -202,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from pipeline.core.config import PipelineConfig
-    from pipeline.core.parallel import default_worker_count, task_runner
+    from pipeline.core.parallel import default_worker_count
     from pipeline.describe.runner import prepare_slide
     from pipeline.slides.open import read_slide_info
     from pipeline.slides.reader_choice import ReaderChoice
@@ -254,44 +494,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}
     result["machine"]["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
 
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), task_runner(config.cluster) as runner:
-        pids = list(runner.client.run(os.getpid).values())
-        # workers import the pipeline (and its codecs) before the clock starts
-        runner.client.run(lambda: __import__("pipeline.describe.runner") and None)
-        # ... and load the compiled kernels (numba's disk cache; compiled once per machine, seconds)
-        runner.client.run(_load_kernels)
-        phases = [
-            ("a", "openslide_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["openslide"]), {})),
-            ("b", "tiff_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["tiff"]), {})),
-            ("c", "describe_openslide", lambda: run_describe_phase(
-                runner, Path(path), args.work_dir / "out-openslide", config.with_overrides(reader__kind="openslide"))),
-            ("d", "describe_tiff", lambda: run_describe_phase(
-                runner, Path(path), args.work_dir / "out-tiff", config.with_overrides(reader__kind="tiff"))),
-        ]
-        for rep in range(args.repeat):
-            for key, name, fn in phases:
-                if key not in args.phases:
-                    continue
-                print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
-                with RssSampler(pids) as rss:
-                    seconds, record = fn()
-                entry = {"seconds": round(seconds, 2), "megapixels_per_s": round(megapixels / seconds, 1),
-                         "tiles_per_s": round(tiles / seconds, 1),
-                         "worker_cpu_seconds": round(rss.cpu_seconds, 1),
-                         "megapixels_per_cpu_s": round(megapixels / max(rss.cpu_seconds, 1e-9), 1),
-                         "peak_rss_mb_per_worker": rss.peaks_mb()}
-                if record:
-                    entry["reader"] = record.get("reader")
-                    entry["tiles"] = record.get("tiles")
-                print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
-                best = result["phases"].get(name)
-                runs = (best or {}).get("all_seconds", []) + [entry["seconds"]]
-                peak = max([(best or {}).get("max_peak_rss_mb", 0.0), *entry["peak_rss_mb_per_worker"]])
-                if best is None or entry["seconds"] < best["seconds"]:
-                    best = entry
-                best["all_seconds"] = runs
-                best["max_peak_rss_mb"] = peak
-                result["phases"][name] = best
+    run_end_to_end(args, Path(path), tiles, config, result)
+    if any(key in args.phases for key in "abcd"):
+        run_cluster_phases(args, path, plan, blocks, readers, config, environ, megapixels, tiles, result)
     result["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
 
     ph = result["phases"]

@@ -45,6 +45,8 @@ from .stain_cohort import discard_kept_thumbnails, plan_stain, take_kept_thumbna
 
 log = logging.getLogger("pipeline")
 
+MANIFEST_SAVE_S = 1.0  # the manifest is rewritten at most this often while slides finish (and always at the end)
+
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
 
@@ -209,6 +211,16 @@ def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config:
     }
 
 
+def _record_from_store(out_dir: Path, slide_id: str, path: Path) -> dict:
+    """The manifest record of a complete store, from its attributes (the manifest is saved at intervals, the store
+    is the record of what was done)."""
+    attrs = read_attrs(store_path(out_dir, slide_id)) or {}
+    return {"status": "done", "error": None, "path": str(path), "mpp": attrs.get("mpp"),
+            "mpp_source": attrs.get("mpp_source"), "tiles": attrs.get("tiles", 0), "seconds": attrs.get("seconds"),
+            "store": str(store_path(out_dir, slide_id)), "reader": attrs.get("reader"),
+            "reader_fallback_regions": attrs.get("reader_fallback_regions", 0), "qc": attrs.get("qc")}
+
+
 def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
     path = store_path(out_dir, slide_id)
     if not store_is_current(path, fingerprint, config.stage_hash("describe")):
@@ -276,17 +288,31 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             fingerprint = f"unreadable:{err.__class__.__name__}"
         if _is_current(out_dir, slide_id, fingerprint, config):
             skipped += 1
+            if (manifest.slides.get(slide_id) or {}).get("status") != "done":  # finished just before a crash
+                manifest.slides[slide_id] = _record_from_store(out_dir, slide_id, path)
             continue
         todo.append(_SlideJob(slide_id, str(path), fingerprint))
 
     bar = Progress(total_slides=len(ids), done_slides=skipped, enabled=progress)
     plan_encoder = encoder_info(encoder)
     resources = block_resources(encoder, runner, config.cluster)  # GPU workers for a learned encoder, if any
-    max_slides_open = max(2, runner.capacity)
+    # Slides are planned ahead while few blocks wait, so the next slides' plan tasks (thumbnail, tissue mask, partial
+    # store) run beside the current slides' blocks: a directory of small slides keeps the workers busy.
+    max_slides_open = max(4, 4 * runner.capacity)
+    plan_ahead_blocks = 2 * runner.capacity
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
     pending = list(reversed(todo))
     done_count = failed_count = 0
+    last_save = [time.monotonic()]
+
+    def record_slide(slide_id: str, **fields) -> None:
+        """A slide's manifest record; the file is rewritten at most every MANIFEST_SAVE_S (and at the end): one
+        rewrite per slide made a directory of small slides quadratic. Stores, not the manifest, decide resuming."""
+        manifest.slides.setdefault(slide_id, {}).update(fields)
+        if time.monotonic() - last_save[0] >= MANIFEST_SAVE_S:
+            manifest.save()
+            last_save[0] = time.monotonic()
 
     def fail(job: _SlideJob, err: BaseException) -> None:
         nonlocal failed_count
@@ -294,7 +320,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         jobs.pop(job.slide_id, None)
         record = error_record(err)
         info = (job.plan or {}).get("info", {})
-        manifest.update_slide(job.slide_id, status="failed", error=record, path=job.path, mpp=info.get("mpp"),
+        record_slide(job.slide_id, status="failed", error=record, path=job.path, mpp=info.get("mpp"),
                               mpp_source=info.get("mpp_source"), tiles=0,
                               seconds=round(time.monotonic() - job.started, 3))
         failed_count += 1
@@ -315,7 +341,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                                                "encoded_on": sorted(job.encoded_on),
                                                "stain": stain.store_attrs(job.slide_id)})
         jobs.pop(job.slide_id, None)
-        manifest.update_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
+        record_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
                               mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
                               store=str(store_path(out_dir, job.slide_id)), reader=reader,
                               reader_fallback_regions=job.fallback_regions, qc=qc_counts,
@@ -325,7 +351,12 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
 
     def next_task() -> Task | None:
-        """Blocks of already-planned slides first (finish what is open), then new slides."""
+        """Blocks of already-planned slides first (finish what is open), new slides when few blocks wait."""
+        if pending and len(jobs) < max_slides_open and len(block_queue) < plan_ahead_blocks:
+            job = pending.pop()
+            jobs[job.slide_id] = job
+            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
+                        ("prepare", job.slide_id))
         while block_queue:
             slide_id, block, block_tiles = block_queue.pop()
             job = jobs.get(slide_id)
