@@ -30,7 +30,6 @@ from ..core.progress import Progress
 from ..core.store import (create_partial_store, finalize_store, package_versions, read_attrs, store_is_current,
                           store_path, write_descriptor_chunk)
 from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
-from ..slides.pixels import load_kernels as load_shrink_kernels
 from ..slides.annotations import annotation_digest, unmatched_annotation_files
 from ..slides.pixels import read_thumbnail
 from ..slides.qc.slide import block_scores, finalise_slide_qc, plan_slide_qc, write_block_scores, write_slide_qc
@@ -38,14 +37,13 @@ from ..slides.reader_choice import ReaderChoice, choose_reader, open_reader
 from ..slides.stain import apply_stain_transform
 from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
 from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
+from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
 from .stain_cohort import discard_kept_thumbnails, plan_stain, take_kept_thumbnail
 
 log = logging.getLogger("pipeline")
-
-MANIFEST_SAVE_S = 1.0  # the manifest is rewritten at most this often while slides finish (and always at the end)
 
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
@@ -151,13 +149,6 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
 # --- the runner -----------------------------------------------------------------------------------------------------
 
 
-def load_kernels(config: PipelineConfig) -> None:
-    """Load the compiled kernels a tile task uses (shrink; the stats descriptor), in this process."""
-    load_shrink_kernels()
-    if config.descriptor.name == "stats":  # learned encoders load their framework: never before a fork
-        compute_descriptors(np.zeros((1, 8, 8, 3), np.uint8), config.descriptor)
-
-
 @dataclass
 class _SlideJob:
     slide_id: str
@@ -209,16 +200,6 @@ def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config:
         "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor", "stain"}),
         "versions": package_versions(),
     }
-
-
-def _record_from_store(out_dir: Path, slide_id: str, path: Path) -> dict:
-    """The manifest record of a complete store, from its attributes (the manifest is saved at intervals, the store
-    is the record of what was done)."""
-    attrs = read_attrs(store_path(out_dir, slide_id)) or {}
-    return {"status": "done", "error": None, "path": str(path), "mpp": attrs.get("mpp"),
-            "mpp_source": attrs.get("mpp_source"), "tiles": attrs.get("tiles", 0), "seconds": attrs.get("seconds"),
-            "store": str(store_path(out_dir, slide_id)), "reader": attrs.get("reader"),
-            "reader_fallback_regions": attrs.get("reader_fallback_regions", 0), "qc": attrs.get("qc")}
 
 
 def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
@@ -289,7 +270,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         if _is_current(out_dir, slide_id, fingerprint, config):
             skipped += 1
             if (manifest.slides.get(slide_id) or {}).get("status") != "done":  # finished just before a crash
-                manifest.slides[slide_id] = _record_from_store(out_dir, slide_id, path)
+                manifest.slides[slide_id] = record_from_store(out_dir, slide_id, path)
             continue
         todo.append(_SlideJob(slide_id, str(path), fingerprint))
 
@@ -304,15 +285,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
     pending = list(reversed(todo))
     done_count = failed_count = 0
-    last_save = [time.monotonic()]
-
-    def record_slide(slide_id: str, **fields) -> None:
-        """A slide's manifest record; the file is rewritten at most every MANIFEST_SAVE_S (and at the end): one
-        rewrite per slide made a directory of small slides quadratic. Stores, not the manifest, decide resuming."""
-        manifest.slides.setdefault(slide_id, {}).update(fields)
-        if time.monotonic() - last_save[0] >= MANIFEST_SAVE_S:
-            manifest.save()
-            last_save[0] = time.monotonic()
+    record_slide = ManifestRecords(manifest)  # saved at intervals, and by record_run at the end
 
     def fail(job: _SlideJob, err: BaseException) -> None:
         nonlocal failed_count

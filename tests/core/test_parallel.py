@@ -180,3 +180,22 @@ def test_gpu_placement_decisions(tmp_path):
             with pytest.raises(ConfigError, match="no worker advertised a GPU") as err:
                 gpu_placement(runner, strict)
             assert time.monotonic() - t0 >= 0.5 and "--resources GPU=1" in err.value.fix
+
+
+def test_local_workers_fork_unless_a_fork_unsafe_framework_is_loaded(monkeypatch):
+    import types
+
+    from pipeline.core.config import ClusterConfig
+    from pipeline.core.parallel import FORK_UNSAFE_MODULES, worker_start_method
+
+    for name in FORK_UNSAFE_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert worker_start_method(ClusterConfig()) == "fork"
+    assert worker_start_method(ClusterConfig(worker_start="spawn")) == "spawn"
+    monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
+    assert worker_start_method(ClusterConfig()) == "spawn"  # TensorFlow's threads do not survive a fork
+    assert worker_start_method(ClusterConfig(worker_start="fork")) == "fork"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    assert worker_start_method(ClusterConfig()) == "spawn"

@@ -115,8 +115,8 @@ def test_choose_reader(cmu_slide, fixtures_dir, synthetic_slides):
     assert small.kind == "tiff"
     png = read_slide_info(fixtures_dir / "boxes.png")
     assert choose_reader(png, "auto").kind == "openslide" and "image fallback" in choose_reader(png, "auto").reason
-    dicom = choose_reader(read_slide_info(fixtures_dir / "boxes_0.dcm"), "auto")
-    assert dicom.kind == "openslide" and "dicom" in dicom.reason
+    dicom = choose_reader(read_slide_info(fixtures_dir / "boxes_0.dcm"), "auto")  # tests/slides/test_dicom.py
+    assert dicom.kind == "dicom" and "wsidicom" in dicom.reason
     with pytest.raises(DirectReadUnsupportedError) as err:
         choose_reader(png, "tiff")
     assert "boxes.png" in str(err.value) and "--reader" in str(err.value)
