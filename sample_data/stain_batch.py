@@ -75,3 +75,9 @@ class StainBatch:
 def stain_batch_ids(slide_ids: list[str]) -> set[str]:
     """The half of a cohort that gets the second lab's stain: every other slide in id order (both classes)."""
     return set(sorted(slide_ids)[1::2])
+
+
+def stain_batch_wrap(n_per_class: int, seed: int = 0, lab: Lab = SECOND_LAB):
+    """``wrap`` for ``sample_data.synthetic.make_cohort``: the slides of ``stain_batch_ids`` in ``lab``'s stain."""
+    batch = stain_batch_ids([f"slide_{i:03d}" for i in range(2 * int(n_per_class))])
+    return lambda slide_id, tissue: StainBatch(tissue, lab) if slide_id in batch else tissue

@@ -141,8 +141,9 @@ class StainConfig(_Section):
     tissue-mask resolution and one fixed per-slide transform maps every tile to the target before descriptors."""
 
     method: Literal["none", "macenko", "reinhard"] = Field(
-        "none", description="none = tiles as scanned; macenko = stain vectors and concentrations (optical density); "
-                            "reinhard = CIELAB mean and spread of the tissue")
+        "macenko", description="macenko = stain vectors and concentrations in optical density (the default: it took "
+                               "the lab out of the maps best, docs/design/stain.md); reinhard = CIELAB mean and "
+                               "spread of the tissue; none = tiles as scanned")
     reference_slide: str | None = Field(None, description="the target is this slide's stain; None = fitted on the "
                                                           "cohort (median of the slides' estimates)")
     target: dict[str, list] | None = Field(

@@ -18,7 +18,7 @@ from .writing import atomic_target, slide_spec, write_slide, written_spec
 def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int = 6000, height_px: int = 4500,
                 mpp: float | None = 0.25, seed: int = 0, *, levels: Sequence[float] = (1, 4, 16),
                 quality: int = 85, tissue_fraction: tuple[float, float] = (0.35, 0.6),
-                lesion_fraction: tuple[float, float] | None = None, verbose: bool = False) -> Path:
+                lesion_fraction: tuple[float, float] | None = None, verbose: bool = False, wrap=None) -> Path:
     """Write a two-class demo cohort: ``<out_dir>/<slide_id>.svs`` (Aperio-style TIFF) + ``labels.csv``.
 
     Class 0 slides have no lesion, class 1 slides have a planted lesion covering a share of the tissue drawn from
@@ -26,6 +26,7 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
     exist from the same plan entry and settings (``slide_spec``) are kept, so reruns are quick and a changed cohort is
     rewritten.
     ``labels.csv`` has the header ``slide_id,label`` and integer labels 0/1.
+    ``wrap(slide_id, tissue)``: the tissue to write instead (e.g. ``sample_data.stain_batch.StainBatch``), or None.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,7 @@ def make_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, width_px: int 
     rows = []
     for sid, lab, tissue in cohort_plan(n_per_class, width_px, height_px, seed, tissue_fraction, lesion_fraction):
         rows.append((sid, lab))
+        tissue = wrap(sid, tissue) if wrap is not None else tissue
         path = out / f"{sid}.svs"
         # kept only when written from the same plan entry: a cohort of another size or seed gives slide i
         # another label and lesion
