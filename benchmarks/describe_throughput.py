@@ -15,6 +15,8 @@ p. ``plain_script``: ``benchmarks/plain_openslide_script.py`` (openslide-python,
    512 px + 2x reduce, per-tile mean/std, ``multiprocessing.Pool(workers)``) on the slide;
 w. ``command``: ``wsi-pipeline describe --workers N`` on the slide (default settings, fresh output directory);
 P. / W. the same two on a directory of ``--dir-slides`` small slides (cached in the work dir);
+s. ``command_one_small_slide``: the command on one of those (~40 tiles): its time less the floor is the fixed cost
+   (imports, cluster, plan, shutdown);
 f. ``floor``: the per-tile CPU cost of reading + describing (``describe_block``'s loop without the store write, one
    process, compiled kernels loaded) x tissue tiles / workers: what no scheduler can beat on these cores.
 Targets: command >= 2.5x faster than the plain script on the slide and on the directory, the command's own run
@@ -248,24 +250,31 @@ class TreeRss:
         return sorted((round(v / 2**20, 1) for v in self.peak.values()), reverse=True)
 
 
-def run_process(cmd: list[str]) -> tuple[float, list[float], str]:
-    """(wall seconds, peak RSS MB of each process in its tree, stderr+stdout tail) of one whole process."""
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_process(cmd: list[str]) -> tuple[float, float, list[float]]:
+    """(wall seconds, CPU seconds of the whole process tree, peak RSS MB of each process in it) of one process."""
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = TreeRss(proc.pid)
     output, _ = proc.communicate()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     peaks = rss.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {output[-2000:]}")
-    return seconds, peaks, output[-400:]
+    return seconds, cpu, peaks
 
 
 def run_plain(target: Path, out: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    seconds, peaks, _ = run_process([sys.executable, str(PLAIN_SCRIPT), str(target), str(out), "--processes",
-                                     str(workers)])
-    return {"seconds": round(seconds, 2), "peak_rss_mb": peaks[:workers + 1]}
+    seconds, cpu, peaks = run_process([sys.executable, str(PLAIN_SCRIPT), str(target), str(out), "--processes",
+                                       str(workers)])
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": peaks[:workers + 1]}
 
 
 def run_command(target: Path, out: Path, workers: int, extra: list[str]) -> dict:
@@ -274,11 +283,12 @@ def run_command(target: Path, out: Path, workers: int, extra: list[str]) -> dict
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(BIN / "wsi-pipeline"), "describe", "--slides", str(target), "--out", str(out), "--workers",
            str(workers), *extra]
-    seconds, peaks, _ = run_process(cmd)
+    seconds, cpu, peaks = run_process(cmd)
     manifest = Manifest(out)
     run = manifest.data["runs"][-1]
     tiles = sum(r.get("tiles", 0) for r in manifest.slides.values())
-    return {"seconds": round(seconds, 2), "run_seconds": run["seconds"], "tiles": tiles, "done": run["done"],
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "run_seconds": run["seconds"],
+            "tiles": tiles, "done": run["done"],
             "failed": run["failed"], "tiles_per_s": round(tiles / seconds, 1), "peak_rss_mb": peaks[:workers + 1]}
 
 
@@ -327,8 +337,9 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     e2e: dict = {"workers": workers, "command_options": extra, "settings": settings}
     if "f" in args.phases:
         e2e["floor_per_tile"] = measure_floor(path, config.with_overrides(reader__kind=args.reader))
-    folder = small_slides_dir(args.work_dir, args.dir_slides) if ("P" in args.phases or "W" in args.phases) else None
-    runs = {"p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
+    folder = small_slides_dir(args.work_dir, args.dir_slides) if any(k in args.phases for k in "PWs") else None
+    runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.work_dir / "cmd-one-out",
+                                                                 workers, extra)),"p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
             "w": ("command", lambda: run_command(path, args.work_dir / "cmd-out", workers, extra)),
             "P": ("plain_script_dir", lambda: run_plain(folder, args.work_dir / "plain-dir-out", workers)),
             "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra))}
@@ -351,9 +362,12 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     if "plain_script_dir" in e2e and "command_dir" in e2e:
         r["command_speedup_over_plain_script_dir"] = round(
             e2e["plain_script_dir"]["seconds"] / e2e["command_dir"]["seconds"], 2)
+    for plain, command in (("plain_script", "command"), ("plain_script_dir", "command_dir")):
+        if plain in e2e and command in e2e:  # CPU seconds of the process trees: steadier on a shared machine
+            r[f"{command}_cpu_over_plain_cpu"] = round(e2e[command]["cpu_seconds"] / e2e[plain]["cpu_seconds"], 3)
     if "floor_per_tile" in e2e:
         per_tile = e2e["floor_per_tile"]["cpu_ms_per_tile"] / 1e3
-        for name in ("command", "command_dir"):
+        for name in ("command", "command_dir", "command_one_small_slide"):
             if name in e2e:
                 floor = per_tile * e2e[name]["tiles"] / workers
                 e2e[name]["floor_seconds"] = round(floor, 2)
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mpp", type=float, default=0.5, help="target resolution (default 0.5 µm/px)")
     parser.add_argument("--tile-px", type=int, default=256)
     parser.add_argument("--descriptor", default="stats", choices=["stats", "cnn"])
-    parser.add_argument("--phases", default="abcdfpwPW", help="subset of the phases to run, e.g. 'ab' or 'fpw'")
+    parser.add_argument("--phases", default="abcdfpwPWs", help="subset of the phases to run, e.g. 'ab' or 'fpw'")
     parser.add_argument("--dir-slides", type=int, default=50, help="small slides in the directory phases P and W")
     parser.add_argument("--reader", default=None, help="the command's --reader (default: its own default)")
     parser.add_argument("--config", type=Path, default=None,

@@ -125,7 +125,8 @@ def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_s
     group.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=tissue_fraction.shape or None)
     group.create_array("tissue_mask", data=tissue_mask.astype(bool), chunks=tissue_mask.shape or None)
     group.create_array("thumbnail", data=thumbnail, chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3))
-    group.attrs.update({**attrs, "grid_shape": list(grid_shape), "complete": False})
+    # one metadata write: zarr 3's attrs.update rewrites zarr.json once per key (~5 ms each, 30 keys per slide)
+    group.update_attributes({**attrs, "grid_shape": list(grid_shape), "complete": False})
     marks.mkdir(parents=True, exist_ok=True)
     return path, set()
 
@@ -152,7 +153,7 @@ def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, An
     partial = partial_path(out_dir, slide_id)
     final = store_path(out_dir, slide_id)
     group = zarr.open_group(str(partial), mode="r+")
-    group.attrs.update({**extra_attrs, "complete": True})
+    group.update_attributes({**extra_attrs, "complete": True})
     replace_directory(partial, final)
     shutil.rmtree(progress_dir(out_dir, slide_id), ignore_errors=True)
     return final
@@ -168,7 +169,7 @@ def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple
                              fill_value=fill_value)
     arr[...] = data
     if attrs:
-        arr.attrs.update(attrs)
+        arr.update_attributes(attrs)
     replace_directory(store / tmp_name, store / name)
 
 

@@ -27,6 +27,10 @@ tiles the file leaves out (offset or byte count 0), are background white, as Ope
 composited on white. ``auto`` (``choose_reader``) picks the direct reader for a slide that
 qualifies and whose probe tiles decode to OpenSlide's pixels; when a tile fails to decode later, that one region is
 read through OpenSlide instead (counted in ``fallback_regions``).
+
+``TiffTileReader.read_level_scaled`` reads a level at 1/2, 1/4 or 1/8 with each JPEG tile decoded at that scale in
+the DCT domain (``pipeline.slides.jpeg``; only when the slide's ``ReaderChoice`` allows it, ``reader.scaled_decode``):
+not OpenSlide's pixels but close to their area average, which ``read_tile_row`` would compute anyway.
 """
 
 from __future__ import annotations
