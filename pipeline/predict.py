@@ -30,9 +30,12 @@ def describe_config_for(info: dict, config: PipelineConfig | None) -> PipelineCo
     their stores recorded them; the stain target too), with the caller's cluster, reader and mpp override."""
     config = config or PipelineConfig()
     data = config.model_dump(mode="python")
-    for section, values in (info.get("describe_config") or {}).items():
+    described = info.get("describe_config") or {}
+    for section, values in described.items():
         if section in ("tiling", "tissue", "descriptor", "stain"):
             data[section] = values
+    if described and "stain" not in described:  # trained on slides described before stain normalisation existed
+        data["stain"] = {"method": "none"}
     if config.tiling.mpp_override is not None:  # about the new slides' files, not the model
         data["tiling"] = {**data["tiling"], "mpp_override": config.tiling.mpp_override}
     data["reduce"] = info["config"].get("reduce", data["reduce"])

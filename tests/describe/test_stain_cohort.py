@@ -117,6 +117,8 @@ def test_two_labs_agree_after_normalisation(two_lab_cohort, tmp_path):
     info = {"describe_config": read_attrs(store_path(macenko_out, "a_slide_000"))["config"],
             "config": {"reduce": config.reduce.model_dump()}, "train": config.train.model_dump()}
     assert describe_config_for(info, None).stain.target == target
+    before = {**info, "describe_config": {k: v for k, v in info["describe_config"].items() if k != "stain"}}
+    assert describe_config_for(before, None).stain.method == "none"  # a model from before stain normalisation
     assert with_reducer_stain(config_from_dict({}), reducer.fit_info["stain"]).stain.target == target
 
 

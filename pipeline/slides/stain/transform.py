@@ -1,7 +1,8 @@
 """Applying a slide's fixed stain transform to a batch of tiles (n, h, w, 3) uint8, in the worker before descriptors.
 
-* macenko: per pixel, three table look-ups of optical density (against the slide's glass), one 3x3 product and three
-  look-ups of the intensity table (optical density quantised to 1/1024: under 0.25 grey levels of error);
+* macenko: per pixel and output channel, three look-ups of the input channels' contributions to its optical density
+  (the 3x3 map folded into the tables, against the slide's glass) and one of the intensity table (optical density
+  quantised to 1/1024: under 0.25 grey levels of error);
 * reinhard: the slide's colour map sampled on a 33^3 RGB lattice (scikit-image's CIELAB conversions, once per
   block) and interpolated trilinearly per pixel (within about one grey level of the direct conversion).
 
@@ -19,32 +20,36 @@ OD_MIN, OD_MAX, OD_STEPS = -0.25, 8.0, 1024  # range and resolution of the inten
 LATTICE_NODES = 33  # per RGB axis of the sampled colour map
 
 
-def _od_tables(background_in, background_out) -> tuple[np.ndarray, np.ndarray]:
-    """(3, 256) float32 optical density of each input value per channel; (3, K) uint8 intensity of each OD level."""
+def _od_tables(matrix: np.ndarray, background_in, background_out) -> tuple[np.ndarray, ...]:
+    """Per input channel k, (256, 3) float32 tables t_k[v, c] = matrix[c, k] * OD_k(v) in intensity-table steps (t_0
+    also carries the table's offset and the rounding), and (3, K) uint8: the intensity of each OD level per channel."""
     values = np.arange(256, dtype=np.float64)
-    od = np.stack([-np.log((values + 1.0) / b) for b in background_in]).astype(np.float32)
+    steps = []
+    for k, b in enumerate(background_in):
+        od = -np.log((values + 1.0) / b)
+        steps.append((od[:, None] * np.asarray(matrix, np.float64)[None, :, k] * OD_STEPS).astype(np.float32))
+    steps[0] += np.float32(-OD_MIN * OD_STEPS + 0.5)
     levels = OD_MIN + np.arange(int((OD_MAX - OD_MIN) * OD_STEPS) + 1) / OD_STEPS
     intensity = np.stack([np.clip(np.rint(b * np.exp(-levels)), 0, 255) for b in background_out]).astype(np.uint8)
-    return od, intensity
+    return steps[0], steps[1], steps[2], intensity
 
 
-def _od_map_py(pixels, out, od, matrix, intensity):
-    values = np.stack([od[c][pixels[:, c]] for c in range(3)], axis=1) @ matrix.T
-    index = np.clip(np.rint((values - OD_MIN) * OD_STEPS), 0, intensity.shape[1] - 1).astype(np.int64)
+def _od_map_py(pixels, out, t0, t1, t2, intensity):
+    index = np.floor(t0[pixels[:, 0]] + t1[pixels[:, 1]] + t2[pixels[:, 2]]).astype(np.int64)
+    index = np.clip(index, 0, intensity.shape[1] - 1)
     for c in range(3):
         out[:, c] = intensity[c][index[:, c]]
 
 
-def _od_map_kernel(pixels, out, od, matrix, intensity):  # pragma: no cover - compiled
+def _od_map_kernel(pixels, out, t0, t1, t2, intensity):  # pragma: no cover - compiled
     last = intensity.shape[1] - 1
     for i in range(pixels.shape[0]):
-        a = od[0, pixels[i, 0]]
-        b = od[1, pixels[i, 1]]
-        c = od[2, pixels[i, 2]]
+        a = pixels[i, 0]
+        b = pixels[i, 1]
+        c = pixels[i, 2]
         for ch in range(3):
-            v = matrix[ch, 0] * a + matrix[ch, 1] * b + matrix[ch, 2] * c
-            k = int((v - OD_MIN) * OD_STEPS + 0.5)
-            k = 0 if k < 0 else (last if k > last else k)
+            k = np.int32(t0[a, ch] + t1[b, ch] + t2[c, ch])  # the sum is >= 0 where it matters: truncation = floor
+            k = min(max(k, 0), last)
             out[i, ch] = intensity[ch, k]
 
 
@@ -54,10 +59,10 @@ _od_map = njit(_od_map_kernel) or _od_map_py
 def apply_od_matrix(tiles: np.ndarray, matrix: np.ndarray, background_in, background_out) -> np.ndarray:
     """uint8 tiles (..., 3) through OD_out = matrix @ OD_in, with OD_in = -ln((I + 1) / background_in) per channel
     and I_out = background_out * exp(-OD_out)."""
-    od, intensity = _od_tables(np.broadcast_to(background_in, 3), np.broadcast_to(background_out, 3))
+    tables = _od_tables(matrix, np.broadcast_to(background_in, 3), np.broadcast_to(background_out, 3))
     pixels = np.ascontiguousarray(tiles, dtype=np.uint8).reshape(-1, 3)
     out = np.empty_like(pixels)
-    _od_map(pixels, out, od, np.ascontiguousarray(matrix, dtype=np.float32), intensity)
+    _od_map(pixels, out, *tables)
     return out.reshape(tiles.shape)
 
 
