@@ -105,3 +105,15 @@ def test_describe_records_the_decode_path(generated_slide, tmp_path):
     a, b = attrs["scaled"]["values"], attrs["full"]["values"]
     assert np.array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a[..., :3], b[..., :3], atol=1.5)  # RGB means within 1.5 grey levels
+
+
+def test_direct_reader_takes_simplejpeg_for_full_size_tiles_when_exact(cmu_slide, generated_slide):
+    from pipeline.slides.readers import OpenSlideReader, TiffTileReader
+
+    for path in (cmu_slide, generated_slide):
+        info = read_slide_info(path)
+        with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as direct, \
+                OpenSlideReader(path) as reference:
+            np.testing.assert_array_equal(direct.read_region(0, 100, 200, 700, 500),
+                                          reference.read_region(0, 100, 200, 700, 500))
+            assert direct._fast_jpeg == {0: True}  # checked on the first tile, then used for the level
