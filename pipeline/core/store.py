@@ -27,6 +27,7 @@ the store and renamed, so readers never see half an array.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import uuid
 from importlib import metadata
@@ -44,6 +45,12 @@ PROGRESS_DIR = ".progress"
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a store (recorded with it); looked up once per process."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     names = ["wsi-pipeline", "numpy", "openslide-python", "openslide-bin", "zarr", "dask", "scikit-image", "scikit-learn"]
     out = {}
     for name in names:
