@@ -139,12 +139,16 @@ class KerasEncoder(Encoder):
             keras.config.set_dtype_policy(policy)
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
-        import keras
-
         resized = resize_tiles(tiles, self.spec.input_px)
         if self.preprocess is not None:
             x = self.preprocess(resized.astype(np.float32))
         else:
             x = normalise(resized, self.spec.normalize)
-        return np.asarray(keras.ops.convert_to_numpy(self.model(x, training=False)), dtype=np.float32)
+        # The compiled predict function (a graph / XLA program), not an eager call: ~2x faster and a fraction of the
+        # memory. Batches are padded to a power of two so it is traced for a few batch sizes only.
+        n = len(x)
+        size = 1 << (n - 1).bit_length()
+        if size != n:
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)[:n]
 
