@@ -50,11 +50,11 @@ log = logging.getLogger("pipeline")
 
 
 def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None,
-                  thumbnail: np.ndarray | None = None) -> dict:
+                  kept: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
 
     ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
-    ``thumbnail``: the slide at the mask resolution when the stain pass already read it; None = read here.
+    ``kept``: (thumbnail, tissue mask) when the stain pass already made them; None = made here.
     """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
@@ -65,10 +65,12 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     reader = choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
                            scaled_decode=config.reader.scaled_decode)
-    if thumbnail is None:
+    if kept is None:
         with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
             thumbnail = read_thumbnail(handle, mask_ds, path=path)
-    mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+        mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+    else:
+        thumbnail, mask = kept
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
     # fraction_min 0 means "any tissue at all", not "every tile"
     tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min

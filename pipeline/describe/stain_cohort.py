@@ -40,38 +40,40 @@ KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: the stain pass's thu
 
 
 def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> Path:
-    return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npy"
+    return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npz"
 
 
 def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
     """Worker task: the stain record of one slide (``estimate_stain``) from its thumbnail and tissue mask.
 
-    ``keep``: a path to leave the thumbnail at, so that ``plan_slide`` does not read it again.
+    ``keep``: a path to leave the thumbnail and tissue mask at, so that ``plan_slide`` does not make them again.
     """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     with open_reader(path, None) as handle:  # OpenSlide's thumbnail, as plan_slide reads it
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
-    if keep:
-        tmp = Path(f"{keep}.tmp-{os.getpid()}.npy")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        np.save(tmp, thumbnail, allow_pickle=False)
-        os.replace(tmp, keep)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+    if keep:
+        tmp = Path(f"{keep}.tmp-{os.getpid()}.npz")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, thumbnail=thumbnail, mask=mask)
+        os.replace(tmp, keep)
     return estimate_stain(thumbnail, mask, config.stain)
 
 
 def take_kept_thumbnail(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig
-                        ) -> np.ndarray | None:
-    """The thumbnail the stain pass left for this slide, fingerprint and settings (the file is removed), or None."""
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(thumbnail, tissue mask) the stain pass left for this slide, fingerprint and settings (the file is removed),
+    or None."""
     path = _kept_path(out_dir, slide_id, fingerprint, config)
     try:
-        thumbnail = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+        with np.load(path, allow_pickle=False) as kept:
+            thumbnail, mask = kept["thumbnail"], kept["mask"]
+    except (OSError, ValueError, KeyError):
         return None
     path.unlink(missing_ok=True)
-    return thumbnail
+    return thumbnail, mask
 
 
 def discard_kept_thumbnails(out_dir: str | Path) -> None:

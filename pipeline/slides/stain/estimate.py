@@ -20,7 +20,8 @@ EOSIN_MAX_RED = 0.45  # red component of a unit eosin OD vector (H&E estimates: 
 MIN_STAIN_ANGLE_DEG = 5.0  # H and E vectors closer than this: one stain only
 GLASS_MIN_GREY = 180  # pixels outside the tissue mask darker than this (ink, dust, slide edge) are not glass
 MIN_GLASS_PIXELS = 100
-DEFAULT_GLASS = 240.0  # glass brightness of a given target without one
+DEFAULT_GLASS = 240.0
+MAX_PIXELS = 50_000  # tissue pixels the estimate uses at most (a seeded sample; Macenko needs far fewer)  # glass brightness of a given target without one
 
 
 def _not_estimated(method: str, reason: str, tissue_pixels: int) -> dict:
@@ -72,6 +73,8 @@ def estimate_stain(thumbnail: np.ndarray, tissue: np.ndarray | None, settings) -
         return _not_estimated(method, f"the image is dark (median grey {grey:.0f}): fluorescence or darkfield", 0)
     pixels = rgb.reshape(-1, 3) if tissue is None else rgb[np.asarray(tissue, bool)]
     pixels = pixels[pixels[:, 0] >= pixels[:, 1]]  # green above red is ink (blue, green, teal), not H&E
+    if len(pixels) > MAX_PIXELS:  # a seeded sample: the estimate's cost stays bounded on huge slides
+        pixels = pixels[np.random.default_rng(0).choice(len(pixels), MAX_PIXELS, replace=False)]
     glass = glass_brightness(rgb, tissue, settings.background_intensity)
     od = -np.log((pixels.astype(np.float64) + 1.0) / glass)
     stained = int((od >= settings.luminosity_od).all(axis=1).sum())
