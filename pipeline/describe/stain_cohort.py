@@ -28,7 +28,7 @@ from ..core.parallel import Task, in_flight_limit, run_bounded
 from ..core.store import slides_dir
 from ..slides.open import read_slide_info, slide_fingerprint
 from ..slides.pixels import read_thumbnail
-from ..slides.reader_choice import open_reader
+from ..slides.reader_choice import choose_reader, open_reader
 from ..slides.stain import estimate_stain, fit_target, slide_transform
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tissue_mask
@@ -51,7 +51,10 @@ def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = N
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    with open_reader(path, None) as handle:  # OpenSlide's thumbnail, as plan_slide reads it
+    reader = choose_reader(info, config.reader.kind, grid.read_level,  # the reader prepare_slide reads it with
+                           grid.tile_l0_px / grid.read_downsample / grid.tile_px,
+                           scaled_decode=config.reader.scaled_decode)
+    with open_reader(path, reader) as handle:
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
     mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
     if keep:

@@ -35,22 +35,24 @@ def _od_tables(matrix: np.ndarray, background_in, background_out) -> tuple[np.nd
 
 
 def _od_map_py(pixels, out, t0, t1, t2, intensity):
-    index = np.floor(t0[pixels[:, 0]] + t1[pixels[:, 1]] + t2[pixels[:, 2]]).astype(np.int64)
+    index = np.floor(t0[pixels[..., 0]] + t1[pixels[..., 1]] + t2[pixels[..., 2]]).astype(np.int64)
     index = np.clip(index, 0, intensity.shape[1] - 1)
     for c in range(3):
-        out[:, c] = intensity[c][index[:, c]]
+        out[..., c] = intensity[c][index[..., c]]
 
 
 def _od_map_kernel(pixels, out, t0, t1, t2, intensity):  # pragma: no cover - compiled
     last = intensity.shape[1] - 1
-    for i in range(pixels.shape[0]):
-        a = pixels[i, 0]
-        b = pixels[i, 1]
-        c = pixels[i, 2]
-        for ch in range(3):
-            k = np.int32(t0[a, ch] + t1[b, ch] + t2[c, ch])  # the sum is >= 0 where it matters: truncation = floor
-            k = min(max(k, 0), last)
-            out[i, ch] = intensity[ch, k]
+    for n in range(pixels.shape[0]):  # (n, h, w, 3) in any memory layout: no copy of a strided batch
+        for y in range(pixels.shape[1]):
+            for x in range(pixels.shape[2]):
+                a = pixels[n, y, x, 0]
+                b = pixels[n, y, x, 1]
+                c = pixels[n, y, x, 2]
+                for ch in range(3):
+                    k = np.int32(t0[a, ch] + t1[b, ch] + t2[c, ch])  # >= 0 where it matters: truncation = floor
+                    k = min(max(k, 0), last)
+                    out[n, y, x, ch] = intensity[ch, k]
 
 
 _od_map = njit(_od_map_kernel) or _od_map_py
@@ -60,8 +62,8 @@ def apply_od_matrix(tiles: np.ndarray, matrix: np.ndarray, background_in, backgr
     """uint8 tiles (..., 3) through OD_out = matrix @ OD_in, with OD_in = -ln((I + 1) / background_in) per channel
     and I_out = background_out * exp(-OD_out)."""
     tables = _od_tables(matrix, np.broadcast_to(background_in, 3), np.broadcast_to(background_out, 3))
-    pixels = np.ascontiguousarray(tiles, dtype=np.uint8).reshape(-1, 3)
-    out = np.empty_like(pixels)
+    pixels = np.asarray(tiles, dtype=np.uint8).reshape((-1,) + tiles.shape[-3:])
+    out = np.empty(pixels.shape, np.uint8)
     _od_map(pixels, out, *tables)
     return out.reshape(tiles.shape)
 
