@@ -92,14 +92,16 @@ def tissue_tiles(slide: Path, config, count: int) -> np.ndarray:
 
 def run_one(args) -> dict:
     """One encoder in this process: describe end to end, then the encoder alone on tiles in memory."""
-    from pipeline.core.config import PipelineConfig
+    from pipeline.core.config import PipelineConfig, config_from_dict
     from pipeline.core.parallel import LocalRunner
     from pipeline.describe.encoders import validate_encoder
     from pipeline.describe.runner import describe_slides
 
     settings = json.loads(args.one)
-    config = PipelineConfig().with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px,
-                                             **{f"descriptor__{k}": v for k, v in settings.items()})
+    data = PipelineConfig().model_dump(mode="json")  # not with_overrides: it skips None (weights: null = random)
+    data["tiling"].update(mpp=args.mpp, tile_px=args.tile_px)
+    data["descriptor"].update(settings)
+    config = config_from_dict(data, source="benchmark")
     t0 = time.perf_counter()
     encoder = validate_encoder(config)
     build_s = time.perf_counter() - t0
