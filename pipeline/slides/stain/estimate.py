@@ -20,8 +20,8 @@ EOSIN_MAX_RED = 0.45  # red component of a unit eosin OD vector (H&E estimates: 
 MIN_STAIN_ANGLE_DEG = 5.0  # H and E vectors closer than this: one stain only
 GLASS_MIN_GREY = 180  # pixels outside the tissue mask darker than this (ink, dust, slide edge) are not glass
 MIN_GLASS_PIXELS = 100
-DEFAULT_GLASS = 240.0
-MAX_PIXELS = 50_000  # tissue pixels the estimate uses at most (a seeded sample; Macenko needs far fewer)  # glass brightness of a given target without one
+DEFAULT_GLASS = 240.0  # glass brightness of a given target without one
+MAX_PIXELS = 20_000  # tissue pixels the estimate uses at most (a seeded sample: a bounded cost on huge slides)
 
 
 def _not_estimated(method: str, reason: str, tissue_pixels: int) -> dict:
