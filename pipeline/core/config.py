@@ -105,13 +105,14 @@ class DescriptorConfig(_Section):
         """The settings that change the descriptor values, for ``stage_hash``.
 
         The GPU batch size is left out; ``stats`` keeps the payload it had before the encoder keys existed
-        (its stores stay current); a model or weights file enters with the SHA-256 of its content.
+        (its stores stay current); a model or weights file enters as the SHA-256 of its content.
         """
         if self.name == "stats":
             return {"name": "stats", "batch_tiles": self.batch_tiles, **LEGACY_STATS_PAYLOAD}
         data = self.model_dump(mode="json", exclude={"gpu_batch_tiles"})
-        data["files"] = {key: file_sha256(value) for key, value in (("model", self.model), ("weights", self.weights))
-                         if value and Path(value).is_file()}
+        for key in ("model", "weights"):  # a file enters by its content, not its path: a moved copy stays current
+            if data[key] and Path(data[key]).is_file():
+                data[key] = f"sha256:{file_sha256(data[key])}"
         return data
 
 

@@ -211,6 +211,10 @@ def test_model_file_content_is_in_the_describe_hash(tmp_path):
     path = tiny_onnx_model(tmp_path / "enc.onnx", seed=0)
     config = config_from_dict({"descriptor": {"name": "onnx", "model": str(path)}})
     before = config.stage_hash("describe")
+    moved = tmp_path / "elsewhere" / "copy.onnx"
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    assert config.with_overrides(descriptor__model=str(moved)).stage_hash("describe") == before  # content, not path
     tiny_onnx_model(path, seed=1)  # same path, other weights
     assert config.stage_hash("describe") != before
     assert config.with_overrides(descriptor__gpu_batch_tiles=1024).stage_hash("describe") == config.stage_hash("describe")
