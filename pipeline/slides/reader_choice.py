@@ -69,16 +69,19 @@ def direct_read_problem(info: SlideInfo) -> str | None:
     return None
 
 
+PROBE_PX = 96  # edge of each probe region: enough to see a wrong colour space or table, cheap for OpenSlide
+
+
 def _probe_regions(reader: TiffTileReader) -> list[tuple[int, int, int, int, int]]:
-    """(level, x_l0, y_l0, w, h) regions compared between readers before ``auto`` trusts the direct one: a native
-    tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample)."""
+    """(level, x_l0, y_l0, w, h) regions compared between readers before ``auto`` trusts the direct one: a piece of
+    a native tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample)."""
     lp = reader._levels[0]
     tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
-    regions = [(0, tx * lp.tile_w, ty * lp.tile_h, min(lp.tile_w, lp.width - tx * lp.tile_w),
-                min(lp.tile_h, lp.height - ty * lp.tile_h))]
+    regions = [(0, tx * lp.tile_w, ty * lp.tile_h, min(PROBE_PX, lp.width - tx * lp.tile_w),
+                min(PROBE_PX, lp.height - ty * lp.tile_h))]
     for level in range(1, reader.level_count):
         w, h = reader.level_dimensions[level]
-        regions.append((level, 0, 0, min(w, reader._levels[level].tile_w), min(h, reader._levels[level].tile_h)))
+        regions.append((level, 0, 0, min(w, PROBE_PX), min(h, PROBE_PX)))
     return regions
 
 
