@@ -89,8 +89,8 @@ def test_two_labs_agree_after_normalisation(two_lab_cohort, tmp_path):
     lesion_auc = _lesion_auc(macenko_out, truth)
     print(f"copy difference {plain:.3f} -> {normalised:.3f} ({plain / normalised:.2f}x), lesion AUC "
           f"{plain_auc:.3f} -> {lesion_auc:.3f}")
-    assert plain / normalised >= 1.6, (plain, normalised)  # measured 2.0-3.0x (0.14-0.17 -> 0.06-0.07)
-    # 32-µm tiles of tiny slides: ~0.75-0.85 either way (measured -0.06 to +0.01); the planted lesion still separates.
+    assert plain / normalised >= 1.6, (plain, normalised)  # measured 2.0-3.9x (0.14-0.22 -> 0.055-0.07)
+    # 32-µm tiles of tiny slides: ~0.73-0.85 either way (measured -0.06 to +0.10); the planted lesion still separates.
     # On 128-µm tiles of a larger cohort normalisation raises it (benchmarks/stain_batches.py)
     assert lesion_auc >= 0.7 and lesion_auc >= plain_auc - 0.08, (plain_auc, lesion_auc)
 
@@ -115,7 +115,7 @@ def test_two_labs_agree_after_normalisation(two_lab_cohort, tmp_path):
     again = describe_slides([slides], macenko_out, config, runner=LocalRunner(), progress=False)
     assert again["skipped"] == len(truth) + 1
     info = {"describe_config": read_attrs(store_path(macenko_out, "a_slide_000"))["config"],
-            "config": {"reduce": config.reduce.model_dump()}, "train": config.train.model_dump()}
+            "config": {"reduce": config.reduce.model_dump(), "train": config.train.model_dump()}}
     assert describe_config_for(info, None).stain.target == target
     before = {**info, "describe_config": {k: v for k, v in info["describe_config"].items() if k != "stain"}}
     assert describe_config_for(before, None).stain.method == "none"  # a model from before stain normalisation
