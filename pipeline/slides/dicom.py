@@ -15,7 +15,6 @@ not ``corrupt_slide``.
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -23,8 +22,6 @@ import numpy as np
 
 from ..core.errors import CorruptSlideError, TileReadError, UnsupportedFormatError
 from .readers import BACKGROUND, TileReader
-
-log = logging.getLogger("pipeline")
 
 DICOM_SUFFIX = ".dcm"
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
