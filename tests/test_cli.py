@@ -35,7 +35,7 @@ COMMON = ["--config", "--workers", "--scheduler", "--verbose"]
 COMMAND_OPTIONS = {
     "inspect": ["slides", "--json", "--mpp-override"],
     "describe": ["--slides", "--out", "--mpp", "--tile-px", "--stride-px", "--mpp-override", "--descriptor",
-                 "--encoder-model", "--reader", *COMMON],
+                 "--encoder-model", "--reader", "--stain", "--annotations", *COMMON],
     "retry": ["out", "--mpp-override", *COMMON],
     "reduce": ["--out", "--method", "--components", "--reducer", *COMMON],
     "train": ["--out", "--labels", "--folds", "--force", "--config", "--scheduler", "--verbose"],
@@ -45,7 +45,7 @@ COMMAND_OPTIONS = {
     "report": ["--out"],
     "view": ["out", "--port", "--host", "--verbose"],
     "run": ["--slides", "--labels", "--out", "--mpp", "--tile-px", "--mpp-override", "--descriptor",
-            "--encoder-model", *COMMON],
+            "--encoder-model", "--stain", "--annotations", *COMMON],
 }
 REQUIRED = {
     "inspect": {"slides"}, "describe": {"--slides", "--out"}, "retry": {"out"}, "reduce": {"--out"},
