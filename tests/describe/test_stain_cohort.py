@@ -15,7 +15,7 @@ from pipeline.core.outputs import Manifest
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.store import list_stores, read_array, read_attrs, store_path
 from pipeline.describe.runner import describe_slides
-from pipeline.describe.stain_cohort import KEPT_THUMBNAILS, STAIN_JSON
+from pipeline.describe.stain_cohort import KEPT_THUMBNAILS, STAIN_JSON, estimate_slide_stain
 from pipeline.predict import describe_config_for, with_reducer_stain
 from pipeline.reduce.reducers import load_reducer
 from pipeline.reduce.runner import reduce_slides
@@ -140,3 +140,32 @@ def test_unreadable_and_unestimable_slides_do_not_stop_the_batch(tmp_path):
     stains = {s: read_attrs(store_path(tmp_path / "out", s))["stain"] for s in ("fine", "small")}
     assert stains["fine"]["normalised"] is True
     assert stains["small"]["normalised"] is False and "too little" in stains["small"]["warning"]
+
+
+def test_reference_slide_and_given_target(tmp_path):
+    """The target is the reference slide's estimate; a given target is used as it is; a missing reference is a
+    config error before any slide is described."""
+    from pipeline.core.errors import ConfigError
+    from tests.conftest import write_test_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_test_slide(slides / "one.svs", seed=1)
+    reference = write_test_slide(tmp_path / "reference.svs", seed=5, lesion=True)
+    base = {"tiling": {"tile_px": 64, "chunk_tiles": 8}, "stain": {"min_tissue_pixels": 300}}
+    config = config_from_dict({**base, "stain": {**base["stain"], "reference_slide": str(reference)}})
+    describe_slides([slides], tmp_path / "ref", config, runner=LocalRunner(), progress=False)
+    stain = read_attrs(store_path(tmp_path / "ref", "one"))["stain"]
+    assert stain["normalised"] and stain["target_source"] == "reference_slide"
+    target = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["stain"]["target"]
+    assert target == estimate_slide_stain(str(reference), config)["estimate"]
+
+    given = config_from_dict({**base, "stain": {**base["stain"], "target": target}})
+    describe_slides([slides], tmp_path / "given", given, runner=LocalRunner(), progress=False)
+    assert read_attrs(store_path(tmp_path / "given", "one"))["stain"]["target_source"] == "given"
+    assert np.array_equal(read_array(store_path(tmp_path / "given", "one"), "descriptors"),
+                          read_array(store_path(tmp_path / "ref", "one"), "descriptors"), equal_nan=True)
+
+    missing = config_from_dict({**base, "stain": {"reference_slide": str(tmp_path / "nowhere.svs")}})
+    with pytest.raises(ConfigError, match="reference_slide"):
+        describe_slides([slides], tmp_path / "missing", missing, runner=LocalRunner(), progress=False)
