@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         slides = make_cohort(root / f"cohort{a.sweep_seed}", a.sweep_seed, a.n_per_class)
         describe([root / f"cohort{a.sweep_seed}"], root / f"out{a.sweep_seed}", ["pen", "blur", "debris"])
         result["sweep"] = {"seed": a.sweep_seed, **sweep(root / f"out{a.sweep_seed}", slides, a.inked_min,
-                                                         [2.5, 3.0, 3.5, 4.0], [0.1, 0.2, 0.3], [0.2, 0.25, 0.3, 0.4])}
+                                                         [2.75, 3.0, 3.25, 3.5], [0.1, 0.15, 0.2], [0.2, 0.3, 0.4])}
     result["report"] = {}
     for seed in a.seeds:
         slides = make_cohort(root / f"cohort{seed}", seed, a.n_per_class)

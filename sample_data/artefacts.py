@@ -9,8 +9,8 @@ pixels) and renders it with
 
 Ground truth comes with it: ``ink_fraction_at_tiles`` / ``blur_fraction_at_tiles`` (share of each tile covered) and
 ``annotations_geojson`` (a QuPath 0.4+ FeatureCollection in level-0 pixels: a ``Tumor`` outline around the planted
-lesion and an ``Exclude`` region on tissue away from it).  Deterministic from ``seed``.  The level-0 image is built
-once per instance (fine for the small generated slides this is for).
+lesion and an ``Exclude`` region on tissue away from it).  Deterministic from ``seed``.  Rendered region by region
+like the base (no whole-slide image in memory).
 """
 
 from __future__ import annotations
@@ -152,10 +152,10 @@ def blur_weight(region: BlurRegion, shape_low: tuple[int, int], seed: int) -> np
     return np.clip((1.0 - rho) / 0.08 + 0.5, 0, 1).astype(np.float32)
 
 
-def _upsample(low: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear interpolation of a 1/LOW lattice field to level 0 (pixel centres)."""
-    ys = np.clip((np.arange(h) + 0.5) / LOW - 0.5, 0, low.shape[0] - 1)
-    xs = np.clip((np.arange(w) + 0.5) / LOW - 0.5, 0, low.shape[1] - 1)
+def _sample(low: np.ndarray, x0: int, y0: int, w: int, h: int, ds: float) -> np.ndarray:
+    """Bilinear interpolation of a 1/LOW lattice field at the pixel centres of a region of the level ``ds``."""
+    ys = np.clip(((y0 + np.arange(h) + 0.5) * ds) / LOW - 0.5, 0, low.shape[0] - 1)
+    xs = np.clip(((x0 + np.arange(w) + 0.5) * ds) / LOW - 0.5, 0, low.shape[1] - 1)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, low.shape[0] - 1), np.minimum(x0 + 1, low.shape[1] - 1)
     fy, fx = (ys - y0)[:, None].astype(np.float32), (xs - x0)[None, :].astype(np.float32)
@@ -188,29 +188,30 @@ class ArtefactTissue:
         self.blur_low = np.zeros(shape_low, np.float32)
         for i, region in enumerate(self.regions):
             self.blur_low = np.maximum(self.blur_low, blur_weight(region, shape_low, self.artefact_seed * 103 + i))
-        self._image: np.ndarray | None = None
-
-    def _build_image(self) -> np.ndarray:
-        from scipy.ndimage import gaussian_filter
-
-        h, w = self.height_px, self.width_px
-        img = self.base.render(0, 0, w, h).astype(np.float32)
-        if self.regions:  # one pass at the largest sigma; the weight field is the regions' maximum
-            sigma = max(region.sigma_px for region in self.regions)
-            weight = _upsample(self.blur_low, h, w)[..., None]
-            img += weight * (gaussian_filter(img, sigma=(sigma, sigma, 0), mode="nearest") - img)
-        if self.strokes:
-            trans = np.stack([_upsample(self.ink_low[..., c], h, w) for c in range(3)], axis=-1)
-            img *= trans
-        return np.clip(img + 0.5, 0, 255).astype(np.uint8)
-
-    def image(self) -> np.ndarray:
-        if self._image is None:
-            self._image = self._build_image()
-        return self._image
 
     def render(self, x0: int, y0: int, w: int, h: int, downsample: float = 1.0) -> np.ndarray:
-        return render_from_image(self.image(), x0, y0, w, h, downsample)
+        """The base's pixels with the artefacts, region by region (no whole-slide image in memory). Level 0: the base
+        region with a margin, blurred where the blur weight says, then inked. Coarser levels: the base's own pixels
+        there, inked (blur of a few level-0 pixels does not survive a 4x area average)."""
+        from scipy.ndimage import gaussian_filter
+
+        ds = float(downsample)
+        if ds != 1.0 or not self.regions:
+            img = self.base.render(x0, y0, w, h, downsample=ds).astype(np.float32)
+        else:
+            sigma = max(region.sigma_px for region in self.regions)
+            weight = _sample(self.blur_low, x0, y0, w, h, 1.0)[..., None]
+            if weight.max() > 0:
+                m = int(math.ceil(4 * sigma))
+                wide = self.base.render(x0 - m, y0 - m, w + 2 * m, h + 2 * m).astype(np.float32)
+                blurred = gaussian_filter(wide, sigma=(sigma, sigma, 0), mode="nearest")[m:m + h, m:m + w]
+                img = wide[m:m + h, m:m + w]
+                img += weight * (blurred - img)
+            else:
+                img = self.base.render(x0, y0, w, h).astype(np.float32)
+        if self.strokes:
+            img *= np.stack([_sample(self.ink_low[..., c], x0, y0, w, h, ds) for c in range(3)], axis=-1)
+        return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
     # ---------------------------------------------------------------- ground truth per tile
     def _fraction_at_tiles(self, field_low: np.ndarray, grid, threshold: float) -> np.ndarray:

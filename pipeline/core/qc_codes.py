@@ -16,6 +16,8 @@ QC_CODES: dict[str, int] = {
     "annotation_outside": 5,  # outside every annotation of the included classes (annotations.include)
 }
 QC_NAMES: dict[int, str] = {code: name for name, code in QC_CODES.items()}
+QC_COLOURS: dict[int, tuple[int, int, int]] = {1: (30, 90, 230), 2: (250, 160, 0), 3: (120, 80, 40), 4: (230, 50, 50),
+                                               5: (150, 150, 150)}  # how pictures show each reason
 DETECTOR_NAMES: tuple[str, ...] = ("pen", "blur", "debris")  # codes an artifact detector sets
 
 

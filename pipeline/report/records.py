@@ -93,6 +93,12 @@ def qc_excluded(record: dict, prediction: dict) -> int | None:
     return int(sum(counts.values())) if isinstance(counts, dict) else None
 
 
+def qc_reasons(record: dict, prediction: dict) -> str | None:
+    """The manifest's QC counts by reason, e.g. ``pen 12, blur 3`` (None when nothing was left out)."""
+    counts = record.get("qc")
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if isinstance(counts, dict) and counts else None
+
+
 def failure(record: dict, prediction: dict) -> str | None:
     fail = failure_of(record)
     return f"{fail['stage']}: {fail['code']}" if fail else None
@@ -101,7 +107,7 @@ def failure(record: dict, prediction: dict) -> str | None:
 # column name -> function of (manifest record, prediction row); the order is the table's
 COLUMNS: dict[str, Callable[[dict, dict], object]] = {
     "status": status, "label": true_label, "prediction": predicted_label, "probability": probability,
-    "split": split, "tiles": tiles, "qc_excluded": qc_excluded, "mpp": mpp, "failure": failure,
+    "split": split, "tiles": tiles, "qc_excluded": qc_excluded, "qc_reasons": qc_reasons, "mpp": mpp, "failure": failure,
 }
 
 

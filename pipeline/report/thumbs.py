@@ -1,6 +1,6 @@
 """Small pictures the report links to: ``OUT/report_files/<slide_id>.<kind>.<ext>``, made once per slide.
 
-Kinds: ``slide`` (the store's thumbnail), ``map`` (``OUT/maps/<id>.png``), ``cam`` (``OUT/cam/<id>.png``, the CAM
+Kinds: ``slide`` (the store's thumbnail, tiles QC excluded tinted by reason), ``map`` (``OUT/maps/<id>.png``), ``cam`` (``OUT/cam/<id>.png``, the CAM
 over the slide with its colour bar). A picture is remade only when its source is newer than it, so a rerun of the
 report over an unchanged cohort reads no slide data at all. Made by a thread pool (Pillow and the Zarr codecs release
 the GIL while they decode, resize and encode).
@@ -19,7 +19,8 @@ from PIL import Image
 
 from ..core.artefacts import CAM_DIR, MAPS_DIR
 from ..core.outputs import atomic_write_bytes
-from ..core.store import read_array, store_path
+from ..core.qc_codes import QC_COLOURS
+from ..core.store import read_array, read_attrs, store_path
 
 REPORT_FILES_DIR = "report_files"
 THUMB_PX = {"slide": 200, "map": 160, "cam": 320}
@@ -52,6 +53,23 @@ def shrink(image: Image.Image, max_px: int, kind: str) -> bytes:
     return buf.getvalue()
 
 
+def qc_overlay(store: Path) -> np.ndarray:
+    """The store's thumbnail with the tiles QC excluded tinted in their reason's colour (``core.qc_codes``)."""
+    thumb = np.asarray(read_array(store, "thumbnail")).copy()
+    if not (store / "qc_code" / "zarr.json").exists():
+        return thumb
+    codes = read_array(store, "qc_code")
+    attrs = read_attrs(store) or {}
+    grid, ds = attrs.get("tile_grid") or {}, float(attrs.get("mask_downsample") or 1)
+    step, size = grid.get("stride_l0_px", 0) / ds, grid.get("tile_l0_px", 0) / ds
+    for r, c in zip(*np.nonzero(codes)):
+        y0, x0 = int(r * step), int(c * step)
+        y1, x1 = max(int(r * step + size), y0 + 1), max(int(c * step + size), x0 + 1)
+        colour = np.array(QC_COLOURS.get(int(codes[r, c]), (0, 0, 0)), np.float32)
+        thumb[y0:y1, x0:x1] = (0.45 * thumb[y0:y1, x0:x1] + 0.55 * colour).astype(np.uint8)
+    return thumb
+
+
 def make_thumb(out_dir: Path, slide_id: str, kind: str) -> str | None:
     """The picture of one slide and kind, made when missing or older than its source; its relative path, or None
     when the slide has no source for it."""
@@ -63,7 +81,7 @@ def make_thumb(out_dir: Path, slide_id: str, kind: str) -> str | None:
     if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
         return name
     if kind == "slide":
-        image = Image.fromarray(np.asarray(read_array(store_path(out_dir, slide_id), "thumbnail")))
+        image = Image.fromarray(qc_overlay(store_path(out_dir, slide_id)))
     else:
         image = Image.open(source)
     atomic_write_bytes(target, shrink(image, THUMB_PX[kind], kind))

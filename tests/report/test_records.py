@@ -12,7 +12,8 @@ def test_slide_row_has_every_column():
     row = slide_row("a", DONE, {"true_label": "2", "predicted_label": "1", "prob_1": "0.81234", "prob_2": "0.1"})
     assert list(row) == ["slide_id", *COLUMNS]
     assert row == {"slide_id": "a", "status": "done", "label": "2", "prediction": "1", "probability": 0.8123,
-                   "split": "test", "tiles": 120, "qc_excluded": 5, "mpp": 0.25, "failure": None}
+                   "split": "test", "tiles": 120, "qc_excluded": 5, "qc_reasons": "blur 2, pen 3",
+                   "mpp": 0.25, "failure": None}
     assert is_misclassified(row)
     untested = slide_row("b", DONE, {})  # a training slide: its label from the train stage, no prediction
     assert (untested["label"], untested["prediction"], untested["probability"]) == ("2", None, None)

@@ -26,3 +26,19 @@ def test_thumbnails_are_made_once_and_remade_when_their_source_changes(tmp_path)
     build_report(out)
     with Image.open(cam_thumb) as img:  # remade from the new picture
         assert img.size == (100, 50) and np.asarray(img.convert("RGB"))[25, 50, 2] > 200
+
+
+def test_slide_thumbnail_tints_the_tiles_qc_excluded(tmp_path):
+    from pipeline.core.qc_codes import QC_CODES, QC_COLOURS
+    from pipeline.core.store import read_array, write_array
+    from pipeline.report.thumbs import qc_overlay
+    from tests.conftest import planted_map, write_map_store
+
+    store = write_map_store(tmp_path, "s", planted_map(np.random.default_rng(0), False, 8, 8))
+    codes = np.zeros((8, 8), np.uint8)
+    codes[2, 3] = QC_CODES["pen"]
+    write_array(store, "qc_code", codes)
+    plain, tinted = read_array(store, "thumbnail"), qc_overlay(store)  # 16 thumbnail px per tile here
+    changed = np.any(tinted != plain, axis=-1)
+    assert changed[32:48, 48:64].all() and changed.sum() == 16 * 16
+    assert np.allclose(tinted[40, 56], 0.55 * np.array(QC_COLOURS[QC_CODES["pen"]]), atol=1)

@@ -89,10 +89,10 @@ def test_pen_on_the_real_aperio_slide_is_excluded(inked_cmu, tmp_path):
 
 @pytest.fixture(scope="module")
 def artefact_slide(tmp_path_factory):
-    """A generated real-texture slide with two strokes and a blurred region (ground truth from the generator)."""
+    """A generated real-texture slide with two strokes and two blurred regions (ground truth from the generator)."""
     from sample_data.textured import TexturedTissue
 
-    slide = ArtefactTissue(TexturedTissue(3000, 3000, seed=11, tissue_fraction=0.6), seed=5, pens=2, blurs=1,
+    slide = ArtefactTissue(TexturedTissue(3000, 3000, seed=11, tissue_fraction=0.6), seed=5, pens=2, blurs=2,
                            colours=("blue", "black"))
     path = tmp_path_factory.mktemp("artefacts") / "textured_artefacts.svs"
     write_slide(path, slide, mpp=0.5, levels=(1, 4), tile_px=256, quality=85, objective_power=20)
@@ -107,9 +107,10 @@ def test_pen_and_blur_on_a_generated_slide(artefact_slide, tmp_path):
     assert clean_lost <= 0.02
     grid = TileGrid.from_dict(read_attrs(store)["tile_grid"])
     tissue = read_array(store, "tissue_fraction") >= 0.5
-    blurred = tissue & (slide.blur_fraction_at_tiles(grid) > 0.5) & (slide.ink_fraction_at_tiles(grid) == 0)
+    # the regions' interiors: tiles at least 90% blurred (the benchmark also counts half-blurred ones)
+    blurred = tissue & (slide.blur_fraction_at_tiles(grid) >= 0.9) & (slide.ink_fraction_at_tiles(grid) == 0)
     codes = read_array(store, "qc_code")
-    assert blurred.sum() >= 5
+    assert blurred.sum() >= 3
     assert (codes[blurred] == QC_CODES["blur"]).mean() >= 0.9
     assert np.isnan(read_array(store, "descriptors")[codes == QC_CODES["blur"]]).all()
     assert read_attrs(store)["qc"] == qc_counts(codes, tissue)
