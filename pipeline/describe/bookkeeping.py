@@ -12,14 +12,17 @@ from ..core.config import PipelineConfig
 from ..core.outputs import Manifest
 from ..core.store import read_attrs, store_path
 from ..slides.pixels import load_kernels as load_shrink_kernels
+from ..slides.stain.transform import load_kernels as load_stain_kernels
 from .descriptors import compute_descriptors
 
 MANIFEST_SAVE_S = 1.0  # the manifest is rewritten at most this often while slides finish (and always at the end)
 
 
 def load_kernels(config: PipelineConfig) -> None:
-    """Load the compiled kernels a tile task uses (shrink; the stats descriptor), in this process."""
+    """Load the compiled kernels a tile task uses (shrink; the stain transform; the stats descriptor), in this
+    process."""
     load_shrink_kernels()
+    load_stain_kernels(config.stain.method)
     if config.descriptor.name == "stats":  # learned encoders load their framework: never before a fork
         compute_descriptors(np.zeros((1, 8, 8, 3), np.uint8), config.descriptor)
 

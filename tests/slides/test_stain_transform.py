@@ -77,3 +77,11 @@ def test_reinhard_lattice_is_close_to_the_direct_conversion():
 def test_no_transform_returns_the_tiles():
     tiles = _tiles(4)
     assert apply_stain_transform(tiles, None) is tiles
+
+
+def test_load_kernels_compiles_the_methods_kernel():
+    stain_transform.load_kernels("macenko")
+    stain_transform.load_kernels("reinhard")
+    stain_transform.load_kernels("none")
+    for kernel in (stain_transform._od_map, stain_transform._lattice):
+        assert getattr(kernel, "signatures", [None])  # numba: compiled for at least one signature

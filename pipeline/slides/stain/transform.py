@@ -137,3 +137,12 @@ def apply_stain_transform(tiles: np.ndarray, transform: dict | None) -> np.ndarr
         lut = colour_lattice(lambda rgb: reinhard_apply(rgb / 255.0, transform["source"], transform["target"]))
         return apply_lattice(tiles, lut)
     raise ValueError(f"unknown stain transform {transform['method']!r}")
+
+
+def load_kernels(method: str) -> None:
+    """Load the compiled kernel of ``method`` in this process (before local workers fork, so each need not)."""
+    tiles = np.full((1, 2, 2, 3), 128, np.uint8)
+    if method == "macenko":
+        apply_od_matrix(tiles, np.eye(3), [240.0] * 3, [240.0] * 3)
+    elif method == "reinhard":
+        apply_lattice(tiles, colour_lattice(lambda rgb: rgb))
