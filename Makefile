@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 20 --stain-batch
+	$(BIN)/python sample_data/make_cohort.py --out sample_data/cohort --n-per-class 20 --stain-batch --artefacts
 	$(BIN)/wsi-pipeline run --slides sample_data/cohort --labels sample_data/cohort/labels.csv --out $(DEMO_OUT) --config workflows/demo.yaml
 
 # The browser tests (the report, the viewer) drive Debian's Chromium through Playwright (the dev extra; no

@@ -152,6 +152,13 @@ def blur_weight(region: BlurRegion, shape_low: tuple[int, int], seed: int) -> np
     return np.clip((1.0 - rho) / 0.08 + 0.5, 0, 1).astype(np.float32)
 
 
+def _touches(low: np.ndarray, x0: int, y0: int, w: int, h: int, ds: float) -> bool:
+    """Whether a field is non-zero anywhere near a region of the level ``ds`` (a cheap test on the lattice)."""
+    i0, j0 = max(int((y0 * ds) // LOW) - 2, 0), max(int((x0 * ds) // LOW) - 2, 0)
+    i1, j1 = int(((y0 + h) * ds) // LOW) + 3, int(((x0 + w) * ds) // LOW) + 3
+    return bool((low[i0:i1, j0:j1] > 0).any())
+
+
 def _sample(low: np.ndarray, x0: int, y0: int, w: int, h: int, ds: float) -> np.ndarray:
     """Bilinear interpolation of a 1/LOW lattice field at the pixel centres of a region of the level ``ds``."""
     ys = np.clip(((y0 + np.arange(h) + 0.5) * ds) / LOW - 0.5, 0, low.shape[0] - 1)
@@ -196,7 +203,8 @@ class ArtefactTissue:
         from scipy.ndimage import gaussian_filter
 
         ds = float(downsample)
-        if ds != 1.0 or not self.regions:
+        blur_here, ink_here = (_touches(f, x0, y0, w, h, ds) for f in (self.blur_low, self.ink_alpha_low))
+        if ds != 1.0 or not self.regions or not blur_here:
             img = self.base.render(x0, y0, w, h, downsample=ds).astype(np.float32)
         else:
             sigma = max(region.sigma_px for region in self.regions)
@@ -209,7 +217,7 @@ class ArtefactTissue:
                 img += weight * (blurred - img)
             else:
                 img = self.base.render(x0, y0, w, h).astype(np.float32)
-        if self.strokes:
+        if self.strokes and ink_here:
             img *= np.stack([_sample(self.ink_low[..., c], x0, y0, w, h, ds) for c in range(3)], axis=-1)
         return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
@@ -235,13 +243,19 @@ class ArtefactTissue:
         return self._fraction_at_tiles(self.blur_low, grid, 0.5)
 
     # ---------------------------------------------------------------- annotations
-    def annotations_geojson(self, exclude: bool = True, cell_px: int = 32) -> dict:
+    def annotations_geojson(self, exclude: bool = True, cell_px: int = 32, pen: bool = False) -> dict:
         """QuPath-style FeatureCollection: ``Tumor`` = the lesion outline (if any), ``Exclude`` = an ellipse on
-        tissue away from the lesion. Level-0 pixel coordinates."""
+        tissue away from the lesion, ``Pen`` (with ``pen``) = each stroke's outline, as a pathologist marks ink to
+        leave out. Level-0 pixel coordinates."""
         import shapely
         import shapely.affinity
 
         features = []
+        if pen and self.strokes:
+            ys, xs = np.nonzero(self.ink_alpha_low > 0.1)
+            cells = shapely.box(xs * LOW, ys * LOW, (xs + 1) * LOW, (ys + 1) * LOW)
+            outline = shapely.union_all(cells).buffer(2 * LOW).simplify(LOW)
+            features.append(_feature(outline, "Pen", (0, 0, 200)))
         if self.lesion and hasattr(self.base, "lesion_at"):
             ys, xs = np.mgrid[0:self.height_px // cell_px, 0:self.width_px // cell_px]
             inside = self.base.lesion_at((xs + 0.5) * cell_px, (ys + 0.5) * cell_px)
@@ -270,7 +284,9 @@ class ArtefactTissue:
 def _feature(geometry, name: str, colour: tuple[int, int, int]) -> dict:
     import shapely
 
-    return {"type": "Feature", "id": f"{name.lower()}-{abs(hash(geometry.wkb)) % 10**8}",
+    import hashlib
+
+    return {"type": "Feature", "id": f"{name.lower()}-{hashlib.sha256(geometry.wkb).hexdigest()[:8]}",
             "geometry": json.loads(shapely.to_geojson(geometry)),
             "properties": {"objectType": "annotation", "classification": {"name": name, "color": list(colour)}}}
 
@@ -284,3 +300,38 @@ def write_geojson(path: str | os.PathLike, collection: dict) -> Path:
     tmp.write_text(json.dumps(collection))
     os.replace(tmp, path)
     return path
+
+
+def artefact_wrap(n_per_class: int, seed: int = 0, annotations_dir: str | os.PathLike | None = None, every: int = 3):
+    """``wrap`` for ``sample_data.synthetic.make_cohort``: every ``every``-th slide gets a pen stroke, the next one a
+    blurred region (both classes alike); with ``annotations_dir``, each slide with a lesion or an ``Exclude`` region
+    (every fourth slide) gets ``<slide_id>.geojson`` there (written only when its content changes)."""
+    out = Path(annotations_dir) if annotations_dir else None
+
+    def wrap(slide_id: str, tissue):
+        i = int(slide_id.rsplit("_", 1)[-1])
+        pens, blurs = int(i % every == 0), int(i % every == 1)
+        slide = ArtefactTissue(tissue, seed=seed * 100003 + i, pens=pens, blurs=blurs) if pens or blurs else tissue
+        if out is not None:
+            shaped = slide if isinstance(slide, ArtefactTissue) else ArtefactTissue(tissue, seed=seed * 100003 + i,
+                                                                                    pens=0, blurs=0)
+            collection = shaped.annotations_geojson(exclude=i % 4 == 2, pen=True)
+            path = out / f"{slide_id}.geojson"
+            if collection["features"] and not (path.is_file() and path.read_text() == json.dumps(collection)):
+                out.mkdir(parents=True, exist_ok=True)
+                write_geojson(path, collection)
+        return slide
+
+    return wrap
+
+
+def compose_wraps(*wraps):
+    """One ``wrap`` applying each given one (None skipped) in order."""
+    active = [w for w in wraps if w is not None]
+
+    def wrap(slide_id: str, tissue):
+        for w in active:
+            tissue = w(slide_id, tissue)
+        return tissue
+
+    return wrap if active else None

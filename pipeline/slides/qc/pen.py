@@ -16,7 +16,7 @@ MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
 SUPPORT = 0.6  # share of the sample the robust model covers: tissue of two colour modes (pink dermis, purple
 #               epidermis) stays in; ink (a minority of the tissue) stays out. Chosen on the tuning cohorts.
 MIN_BLOB_PX = 40  # flagged blobs smaller than this (40 px at 8 µm/px: 0.0026 mm²) are dark nuclei, not a stroke
-GLASS_MIN = 225  # pixels whose darkest channel is at least this bright are glass, not ink
+GLASS_MARGIN = 15  # grey levels: pixels whose darkest channel is within this of the slide's glass are glass
 
 
 def colour_features(rgb: np.ndarray) -> np.ndarray:
@@ -35,8 +35,11 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
     from sklearn.covariance import MinCovDet
 
     features = colour_features(thumbnail)
-    not_glass = thumbnail.min(axis=-1) < GLASS_MIN
-    model_px = tissue_px & not_glass  # glass the mask closed over is no part of the colour model
+    darkest = thumbnail.min(axis=-1).astype(np.int16)
+    glass = np.median(darkest[~tissue_px]) if (~tissue_px).sum() >= MIN_PIXELS else 240  # this slide's glass
+    model_px = tissue_px & (darkest < glass - GLASS_MARGIN)  # glass the mask closed over is no part of the model
+    # tested: the tissue and whatever is clearly darker than glass (grey ink on glass is not tissue to the mask)
+    not_glass = (tissue_px | (darkest < glass - 3 * GLASS_MARGIN)) & (darkest < glass - GLASS_MARGIN)
     out = np.zeros(tissue_px.shape, dtype=bool)
     if model_px.sum() < MIN_PIXELS:
         return out
@@ -44,7 +47,6 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
     candidates = features[model_px]
     sample = candidates[rng.choice(len(candidates), min(len(candidates), sample_px), replace=False)]
     model = MinCovDet(random_state=seed, support_fraction=SUPPORT).fit(sample.astype(np.float64))
-    # every pixel that is not bright glass is tested: grey (black) ink on glass is not tissue to the saturation mask
     distance = np.sqrt(model.mahalanobis(features[not_glass].astype(np.float64)))
     out[not_glass] = distance > max_distance
     out = binary_opening(out, structure=np.ones((3, 3), bool))  # strokes are wide: lone pixels are not ink
