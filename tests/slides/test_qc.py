@@ -153,3 +153,16 @@ def test_registry_and_config():
         config_from_dict({"qc": ["pen", "ink"]})
     on, off = config_from_dict({}), config_from_dict({"qc": []})
     assert on.stage_hash("describe") != off.stage_hash("describe")
+
+
+def test_a_clean_slide_keeps_its_tissue(tmp_path):
+    """No ink, no blur: QC leaves (almost) every tissue tile (the colour model covers every tissue colour mode)."""
+    from sample_data.textured import TexturedTissue
+
+    path = tmp_path / "clean.svs"
+    write_slide(path, TexturedTissue(3000, 3000, seed=11, tissue_fraction=0.6), mpp=0.5, levels=(1, 4), tile_px=256,
+                quality=85, objective_power=20)
+    store = _describe(path, tmp_path / "out")
+    tissue = read_array(store, "tissue_fraction") >= 0.5
+    assert tissue.sum() >= 40
+    assert (read_array(store, "qc_code")[tissue] != 0).mean() <= 0.02

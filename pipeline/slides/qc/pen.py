@@ -1,8 +1,8 @@
 """Marker ink: thumbnail pixels whose colour lies far from the slide's own tissue colours.
 
 Features per pixel: optical-density chromaticity (two numbers, the hue of what absorbs) and log total optical density
-(darkness). A robust covariance (scikit-learn's MinCovDet over 60% of the pixels) of a sample of the slide's tissue
-pixels models its stain; a pixel further than ``max_distance`` (Mahalanobis) is ink. Relative to
+(darkness). A robust covariance (scikit-learn's MinCovDet over 90% of the pixels, refitted without the pixels the
+last fit called ink, up to three times) of a sample of the slide's tissue pixels models its stain; a pixel further than ``max_distance`` (Mahalanobis) is ink. Relative to
 the slide, so a second lab's stain is not ink; blue, green and red inks move the chromaticity, black ink the darkness.
 Runs on the tissue-mask thumbnail (8 µm/px): strokes are tens of pixels wide there and averaging over nuclei steadies
 the tissue colours (docs/design/qc.md has the measurements).
@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
-SUPPORT = 0.6  # share of the sample the robust model covers: tissue of two colour modes (pink dermis, purple
-#               epidermis) stays in; ink (a minority of the tissue) stays out. Chosen on the tuning cohorts.
+SUPPORT = 0.9  # share of the sample each robust fit covers: every tissue colour mode (pink dermis, purple epidermis)
+#               stays in; the refits drop what the last fit called ink. Chosen on the tuning cohorts (qc.md).
+ROUNDS = 3  # robust fits at most
 MIN_BLOB_PX = 40  # flagged blobs smaller than this (40 px at 8 µm/px: 0.0026 mm²) are dark nuclei, not a stroke
 GLASS_MARGIN = 15  # grey levels: pixels whose darkest channel is within this of the slide's glass are glass
 
@@ -44,9 +45,14 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
     if model_px.sum() < MIN_PIXELS:
         return out
     rng = np.random.default_rng(seed)
-    candidates = features[model_px]
-    sample = candidates[rng.choice(len(candidates), min(len(candidates), sample_px), replace=False)]
-    model = MinCovDet(random_state=seed, support_fraction=SUPPORT).fit(sample.astype(np.float64))
+    sample = features[model_px][rng.choice(int(model_px.sum()), min(int(model_px.sum()), sample_px), replace=False)]
+    sample = sample.astype(np.float64)
+    for _ in range(ROUNDS):  # refit without what the last fit called ink: ink that shifted the first fit is found
+        model = MinCovDet(random_state=seed, support_fraction=SUPPORT).fit(sample)
+        inside = np.sqrt(model.mahalanobis(sample)) <= max_distance
+        if inside.all() or inside.sum() < MIN_PIXELS:
+            break
+        sample = sample[inside]
     distance = np.sqrt(model.mahalanobis(features[not_glass].astype(np.float64)))
     out[not_glass] = distance > max_distance
     out = binary_opening(out, structure=np.ones((3, 3), bool))  # strokes are wide: lone pixels are not ink
