@@ -5,7 +5,7 @@
 Slides: ``sample_data.textured`` (real CMU-1 / TCGA texture, 3000 x 3000 px at 0.5 µm/px) with two marker strokes
 (random colour among blue, green, black, red) and one blurred region each (``sample_data.artefacts``). Ground truth
 per tile (256 px at 0.5 µm/px, the defaults): *inked* = ink covers >= 25% of it (``--inked-min``); *blurred* = more
-than half of it lies in the blurred region, no ink; *clean* = tissue at its centre, no ink, no blur. Among the tiles
+than half of it lies in the blurred region, no ink (*blurred_core*: at least 90%); *clean* = tissue at its centre, no ink, no blur. Among the tiles
 the tissue mask keeps (before QC), it reports the share of inked / blurred tiles QC keeps and of clean tiles it loses.
 
 ``--sweep-seed``: thresholds (``qc.pen_distance``, ``qc.blur_ratio``) are swept on that cohort first (from the
@@ -60,13 +60,14 @@ def truth(slide: ArtefactTissue, grid: TileGrid, inked_min: float) -> dict[str, 
     rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
     half = grid.tile_l0_px / 2
     tissue_centre = slide.base.tissue_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)
-    return {"inked": ink >= inked_min, "blurred": (blur > 0.5) & (ink == 0),
+    return {"inked": ink >= inked_min, "blurred": (blur > 0.5) & (ink == 0), "blurred_core": (blur >= 0.9) & (ink == 0),
             "clean": tissue_centre & (ink == 0) & (blur == 0)}
 
 
 def evaluate(out: Path, slides: dict, inked_min: float, codes_of=None) -> dict:
     """Shares over the cohort; ``codes_of(store, grid)`` gives the QC codes (default: the stored ``qc_code``)."""
-    n = {k: 0 for k in ("inked", "inked_kept", "blurred", "blurred_kept", "clean", "clean_lost")}
+    n = {k: 0 for k in ("inked", "inked_kept", "blurred", "blurred_kept", "blurred_core", "blurred_core_kept", "clean",
+                        "clean_lost")}
     for slide_id, slide in slides.items():
         store = store_path(out, slide_id)
         attrs = read_attrs(store)
@@ -77,14 +78,16 @@ def evaluate(out: Path, slides: dict, inked_min: float, codes_of=None) -> dict:
         codes = codes_of(store, grid) if codes_of else read_array(store, "qc_code")
         kept = tissue & (codes == 0)
         t = truth(slide, grid, inked_min)
-        for key in ("inked", "blurred", "clean"):
+        for key in ("inked", "blurred", "blurred_core", "clean"):
             n[key] += int((t[key] & tissue).sum())
+        n["blurred_core_kept"] += int((t["blurred_core"] & kept).sum())
         n["inked_kept"] += int((t["inked"] & kept).sum())
         n["blurred_kept"] += int((t["blurred"] & kept).sum())
         n["clean_lost"] += int((t["clean"] & tissue & ~kept).sum())
-    return {"tiles": {k: n[k] for k in ("inked", "blurred", "clean")},
+    return {"tiles": {k: n[k] for k in ("inked", "blurred", "blurred_core", "clean")},
             "inked_kept": round(n["inked_kept"] / max(n["inked"], 1), 4),
             "blurred_kept": round(n["blurred_kept"] / max(n["blurred"], 1), 4),
+            "blurred_core_kept": round(n["blurred_core_kept"] / max(n["blurred_core"], 1), 4),
             "clean_lost": round(n["clean_lost"] / max(n["clean"], 1), 4)}
 
 
