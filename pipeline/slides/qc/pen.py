@@ -28,7 +28,7 @@ def colour_features(rgb: np.ndarray) -> np.ndarray:
     return np.stack([chroma[..., 0] - chroma[..., 1], chroma[..., 2], np.log(total + 1e-3)], axis=-1)
 
 
-def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.0, sample_px: int = 5000,
+def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.0, sample_px: int = 3000,
                seed: int = 0) -> np.ndarray:
     """Bool (h, w): pixels of ``thumbnail`` (uint8 RGB) whose colour is ink, relative to its ``tissue_px``."""
     from scipy.ndimage import binary_opening
