@@ -199,7 +199,8 @@ def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config:
         "pixel_decode": ReaderChoice.from_dict(plan["reader"]).decode,
         "pixel_decode_reason": plan["reader"].get("decode_reason", ""),
         "config_hash": config.stage_hash("describe"),
-        "config": config.model_dump(mode="json", include={"tiling", "tissue", "descriptor", "stain"}),
+        "config": config.model_dump(mode="json",
+                                    include={"tiling", "tissue", "descriptor", "stain", "qc", "annotations"}),
         "versions": package_versions(),
     }
 
