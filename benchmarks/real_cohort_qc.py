@@ -5,7 +5,8 @@
 Slides: ``sample_data.textured`` (real CMU-1 / TCGA texture, 3000 x 3000 px at 0.5 µm/px) with two marker strokes
 (random colour among blue, green, black, red) and one blurred region each (``sample_data.artefacts``). Ground truth
 per tile (256 px at 0.5 µm/px, the defaults): *inked* = ink covers >= 25% of it (``--inked-min``); *blurred* = more
-than half of it lies in the blurred region, no ink (*blurred_core*: at least 90%); *clean* = tissue at its centre, no ink, no blur. Among the tiles
+than half of it lies in the blurred region, no ink (*blurred_core*: at least 90%); *clean* = tissue at its centre, no
+ink, no blur. Among the tiles
 the tissue mask keeps (before QC), it reports the share of inked / blurred tiles QC keeps and of clean tiles it loses.
 
 ``--sweep-seed``: thresholds (``qc.pen_distance``, ``qc.blur_ratio``) are swept on that cohort first (from the

@@ -31,8 +31,9 @@ def cam_annotation_scores(cam: np.ndarray, target: np.ndarray) -> dict | None:
         return None
     peak = np.unravel_index(np.nanargmax(np.where(tissue, cam, -np.inf)), cam.shape)
     top = tissue & (cam >= np.nanpercentile(cam[tissue], 100 * (1 - TOP_FRACTION)))
-    return {"pointing_hit": bool(target[peak]), "iou_top_decile": round(float((top & target).sum() / (top | target).sum()), 4),
-            "annotated_tiles": int(target.sum()), "top_tiles": int(top.sum())}
+    iou = float((top & target).sum() / (top | target).sum())
+    return {"pointing_hit": bool(target[peak]), "iou_top_decile": round(iou, 4), "annotated_tiles": int(target.sum()),
+            "top_tiles": int(top.sum())}
 
 
 def slide_agreement(store, cam_classes: dict[str, str]) -> dict | None:

@@ -22,7 +22,8 @@ class QcConfig(_Section):
                                                                         "(pen, blur, debris; [] = no QC)")
     pen_distance: float = Field(3.25, gt=0, description="pen: robust (Mahalanobis) colour distance from the slide's "
                                                       "tissue beyond which a thumbnail pixel is ink")
-    pen_tile_fraction: float = Field(0.15, gt=0, le=1, description="pen: a tile is excluded when this share of it is ink")
+    pen_tile_fraction: float = Field(0.15, gt=0, le=1,
+                                     description="pen: a tile is excluded when this share of it is ink")
     blur_ratio: float = Field(0.3, gt=0, lt=1, description="blur: a tile is out of focus when its Laplacian energy "
                                                           "over grey variance is below this share of the slide's "
                                                           "75th percentile")

@@ -94,7 +94,8 @@ def parse_annotations(text: bytes | str, width_px: float, height_px: float, path
         try:
             geometry = shapely.geometry.shape(feature["geometry"])
         except Exception as err:  # noqa: BLE001 - shapely raises several types for malformed coordinates
-            raise AnnotationGeometryError(f"feature {i} ({name}) has malformed coordinates ({err})", path=path) from None
+            raise AnnotationGeometryError(f"feature {i} ({name}) has malformed coordinates ({err})",
+                                          path=path) from None
         if geometry.is_empty:
             continue
         x0, y0, x1, y1 = geometry.bounds

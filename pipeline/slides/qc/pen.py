@@ -3,9 +3,9 @@
 Features per pixel: optical-density chromaticity (two numbers, the hue of what absorbs) and log total optical density
 (darkness). A robust covariance (minimum covariance determinant over 90% of the pixels, ``robust_fit``, refitted
 without the pixels the last fit called ink, up to three times) of the slide's tissue pixels models its stain; a pixel
-further than ``max_distance`` (Mahalanobis) is ink. Relative to the slide, so a second lab's stain is not ink; blue, green and red inks move the chromaticity, black ink the darkness.
-Runs on the tissue-mask thumbnail (8 µm/px): strokes are tens of pixels wide there and averaging over nuclei steadies
-the tissue colours (docs/design/qc.md has the measurements).
+further than ``max_distance`` (Mahalanobis) is ink. Relative to the slide, so a second lab's stain is not ink; blue,
+green and red inks move the chromaticity, black ink the darkness. Runs on the tissue-mask thumbnail (8 µm/px):
+strokes are tens of pixels wide there and averaging over nuclei steadies the tissue colours (docs/design/qc.md).
 """
 
 from __future__ import annotations
