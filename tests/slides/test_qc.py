@@ -166,3 +166,17 @@ def test_a_clean_slide_keeps_its_tissue(tmp_path):
     tissue = read_array(store, "tissue_fraction") >= 0.5
     assert tissue.sum() >= 40
     assert (read_array(store, "qc_code")[tissue] != 0).mean() <= 0.02
+
+
+def test_robust_fit_ignores_a_minority_of_outliers():
+    """Outliers under 1 - support (here 7% against 10%) do not move the fit (pen_pixels refits for more ink)."""
+    from pipeline.slides.qc.pen import _squared_distance, robust_fit
+
+    rng = np.random.default_rng(0)
+    tissue = rng.multivariate_normal([0, 0, 0], np.diag([1.0, 4.0, 0.25]), size=4000)
+    ink = rng.normal([6, -6, 3], 0.3, size=(300, 3))
+    centre, precision = robust_fit(np.vstack([tissue, ink]), 0.9)
+    assert np.allclose(centre, 0, atol=0.15)
+    assert np.allclose(np.linalg.inv(precision), np.diag([1.0, 4.0, 0.25]), rtol=0.15, atol=0.05)
+    assert (np.sqrt(_squared_distance(ink, centre, precision)) > 3.25).all()
+    assert (np.sqrt(_squared_distance(tissue, centre, precision)) > 3.25).mean() < 0.02
