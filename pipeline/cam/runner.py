@@ -174,6 +174,10 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         if entries:
             save_contact_sheet(out_dir / MOSAIC_PNG, [{"image": e["png"], "caption": e["caption"]} for e in entries])
         agreement = write_annotation_agreement(out_dir, stores, config.annotations.cam_classes)
+        for slide_id, scores in (agreement or {}).get("per_slide", {}).items():  # the report's per-slide column
+            manifest.slides.setdefault(slide_id, {}).setdefault("stages", {}).setdefault("cam", {}).update(
+                annotation_class=scores["class"], pointing_hit=scores["pointing_hit"],
+                iou_top_decile=scores["iou_top_decile"])
         summary = {"slides": len(stores), "done": done, "skipped": skipped, "failed": failed, "layer": layer,
                    "seconds": round(time.monotonic() - t0, 2),
                    **({"annotation_agreement": agreement["overall"]} if agreement else {})}

@@ -99,6 +99,14 @@ def qc_reasons(record: dict, prediction: dict) -> str | None:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if isinstance(counts, dict) and counts else None
 
 
+def cam_annotation(record: dict, prediction: dict) -> str | None:
+    """The CAM against the slide's annotations, e.g. ``Tumor: hit, IoU 0.42`` (None when not annotated)."""
+    cam = (record.get("stages") or {}).get("cam") or {}
+    if "iou_top_decile" not in cam:
+        return None
+    return f"{cam['annotation_class']}: {'hit' if cam['pointing_hit'] else 'miss'}, IoU {cam['iou_top_decile']:.2f}"
+
+
 def failure(record: dict, prediction: dict) -> str | None:
     fail = failure_of(record)
     return f"{fail['stage']}: {fail['code']}" if fail else None
@@ -107,7 +115,7 @@ def failure(record: dict, prediction: dict) -> str | None:
 # column name -> function of (manifest record, prediction row); the order is the table's
 COLUMNS: dict[str, Callable[[dict, dict], object]] = {
     "status": status, "label": true_label, "prediction": predicted_label, "probability": probability,
-    "split": split, "tiles": tiles, "qc_excluded": qc_excluded, "qc_reasons": qc_reasons, "mpp": mpp, "failure": failure,
+    "split": split, "tiles": tiles, "qc_excluded": qc_excluded, "qc_reasons": qc_reasons, "cam_annotation": cam_annotation, "mpp": mpp, "failure": failure,
 }
 
 

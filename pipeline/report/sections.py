@@ -48,6 +48,11 @@ def metrics_table(metrics: dict) -> str:
         table += (f'<p class="muted">Baseline: per-slide percentiles and histograms of each map component, logistic '
                   f'regression, same training and test slides ({esc(versus["metric"])} margin '
                   f'{versus["margin"]:+.3f}).</p>')
+    agreement = (metrics.get("cam_annotations") or {}).get("overall") or {}
+    if agreement.get("slides"):
+        table += (f'<p>CAM against the annotations of the class it explains ({agreement["slides"]} annotated slides): '
+                  f'pointing game {agreement["pointing_game"]:.2f}, IoU of the top-decile CAM '
+                  f'{agreement["iou_top_decile_mean"]:.2f} (per slide: the table\'s cam_annotation column).</p>')
     return table
 
 

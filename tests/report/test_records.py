@@ -13,11 +13,17 @@ def test_slide_row_has_every_column():
     assert list(row) == ["slide_id", *COLUMNS]
     assert row == {"slide_id": "a", "status": "done", "label": "2", "prediction": "1", "probability": 0.8123,
                    "split": "test", "tiles": 120, "qc_excluded": 5, "qc_reasons": "blur 2, pen 3",
-                   "mpp": 0.25, "failure": None}
+                   "cam_annotation": None, "mpp": 0.25, "failure": None}
     assert is_misclassified(row)
     untested = slide_row("b", DONE, {})  # a training slide: its label from the train stage, no prediction
     assert (untested["label"], untested["prediction"], untested["probability"]) == ("2", None, None)
     assert not is_misclassified(untested)
+
+
+def test_cam_annotation_column():
+    record = {"stages": {"cam": {"status": "done", "annotation_class": "Tumor", "pointing_hit": True,
+                                 "iou_top_decile": 0.4213}}}
+    assert slide_row("d", record, {})["cam_annotation"] == "Tumor: hit, IoU 0.42"
 
 
 def test_failures_of_every_stage():

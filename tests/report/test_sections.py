@@ -25,3 +25,12 @@ def test_model_summary_names_weights_head_backend_and_classes():
                                    " · classes 0, 1")
     info["config"]["train"].update(weights="imagenet", recipe="finetune")
     assert model_summary(info).startswith("InceptionV3, weights imagenet, recipe finetune, head on mixed2")
+
+
+def test_metrics_table_shows_the_cam_against_annotations():
+    from pipeline.report.sections import metrics_table
+
+    html = metrics_table({"accuracy": 0.9, "cam_annotations": {"overall": {"slides": 4, "pointing_game": 0.75,
+                                                                           "iou_top_decile_mean": 0.31}}})
+    assert "4 annotated slides" in html and "pointing game 0.75" in html and "0.31" in html
+    assert "annotated" not in metrics_table({"accuracy": 0.9})
