@@ -144,8 +144,8 @@ class Task:
     fn: Callable
     args: tuple
     tag: Any
-
     resources: dict | None = None
+
 
 def in_flight_limit(runner, cluster: ClusterConfig) -> int:
     """Tasks a stage keeps submitted at once: ``cluster.max_tasks_in_flight``, else four per worker thread."""
