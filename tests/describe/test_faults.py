@@ -146,8 +146,9 @@ def _busy_worker(client, out: Path, slide_ids) -> str | None:
 
 @pytest.mark.slow
 def test_worker_killed_mid_slide_is_rescheduled_and_the_run_completes(big_slides, slow_preload, reference, tmp_path):
-    slides = [big_slides / "big-0.svs", big_slides / "big-1.svs"]
-    slide_ids = ["big-0", "big-1"]
+    # the reference's slides: the cohort's stain target (median over its slides) is then the same
+    slides = [big_slides / f"big-{i}.svs" for i in range(3)]
+    slide_ids = ["big-0", "big-1", "big-2"]
     out = tmp_path / "out"
     pool = ThreadPoolExecutor(1)
     try:
@@ -166,7 +167,7 @@ def test_worker_killed_mid_slide_is_rescheduled_and_the_run_completes(big_slides
         pool.shutdown(wait=False)  # on failure, closing the cluster above has already ended the run's thread
     assert pids[victim] not in after.values()  # the killed process is gone; the nanny started a new one
     assert all(n < tissue_blocks(store_path(out, s)) for s, n in done_at_kill.items())  # it was mid-slide
-    assert summary["done"] == 2 and summary["failed"] == 0
+    assert summary["done"] == 3 and summary["failed"] == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert {s: manifest["slides"][s]["status"] for s in slide_ids} == {s: "done" for s in slide_ids}
     assert_same_stores(out, reference, slide_ids)
