@@ -38,13 +38,19 @@ def cell_index(coords_l0: np.ndarray, stride_l0: float, tile_l0: float, count: i
     return np.where(inside, idx, -1)
 
 
+def region_cells(grid: TileGrid, x0: int, y0: int, w: int, h: int, downsample: float) -> tuple[np.ndarray, np.ndarray]:
+    """Grid row of each pixel row and grid column of each pixel column of a region of a level with ``downsample``
+    (-1 off the grid)."""
+    xs = (np.arange(x0, x0 + w) + 0.5) * downsample
+    ys = (np.arange(y0, y0 + h) + 0.5) * downsample
+    return (cell_index(ys, grid.stride_l0_px, grid.tile_l0_px, grid.rows),
+            cell_index(xs, grid.stride_l0_px, grid.tile_l0_px, grid.cols))
+
+
 def render_scores(scores: np.ndarray, grid: TileGrid, x0: int, y0: int, w: int, h: int,
                   downsample: float) -> np.ndarray:
     """Scores of the pixels of a region given in the coordinates of a level with ``downsample`` (NaN outside)."""
-    xs = (np.arange(x0, x0 + w) + 0.5) * downsample
-    ys = (np.arange(y0, y0 + h) + 0.5) * downsample
-    cols = cell_index(xs, grid.stride_l0_px, grid.tile_l0_px, grid.cols)
-    rows = cell_index(ys, grid.stride_l0_px, grid.tile_l0_px, grid.rows)
+    rows, cols = region_cells(grid, x0, y0, w, h, downsample)
     out = scores[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))].astype(np.float32)
     out[rows < 0, :] = np.nan
     out[:, cols < 0] = np.nan
@@ -82,10 +88,7 @@ class _LevelRenderer:
         self.nx, self.ny = math.ceil(lw / tile_px), math.ceil(lh / tile_px)
         # cell of every pixel column / row of the level (tiles past the level's edge included), -1 -> the extra
         # background cell at index rows / cols
-        xs = (np.arange(self.nx * tile_px) + 0.5) * ds
-        ys = (np.arange(self.ny * tile_px) + 0.5) * ds
-        cols = cell_index(xs, grid.stride_l0_px, grid.tile_l0_px, grid.cols)
-        rows = cell_index(ys, grid.stride_l0_px, grid.tile_l0_px, grid.rows)
+        rows, cols = region_cells(grid, 0, 0, self.nx * tile_px, self.ny * tile_px, ds)
         self.cols = np.where(cols < 0, grid.cols, cols)
         self.rows = np.where(rows < 0, grid.rows, rows)
         colours = np.empty((grid.rows + 1, grid.cols + 1, 3), dtype=np.uint8)

@@ -4,7 +4,7 @@ A layer is a table of one RGBA colour per tile-grid cell (``cam``: the Grad-CAM 
 ``feature_map``: the map's colours; ``tissue``: kept tissue, and the tiles QC excluded (``qc_code``, reasons in
 ``core.qc_codes``) coloured by reason), plus one
 transparent cell for everything off the grid. A Deep Zoom tile of the layer is that table gathered at the cell of
-each of its pixels (``cam.heatmaps.cell_index``: the same placement as the pyramidal heatmap TIFF), so nothing is
+each of its pixels (``cam.heatmaps.region_cells``: the same placement as the pyramidal heatmap TIFF), so nothing is
 resampled and a tile costs the same at every zoom. The overlays share the slide's level-0 size, so OpenSeadragon
 lays them exactly on the slide.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..cam.heatmaps import CMAP_NAME, cell_index
+from ..cam.heatmaps import CMAP_NAME, region_cells
 from ..core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from ..core.pictures import SINGLE_COMPONENT_CMAP, colormap_lut, feature_map_rgb
 from ..core.qc_codes import QC_NAMES
@@ -71,10 +71,7 @@ def cell_table(colours_rgba: np.ndarray) -> np.ndarray:
 def render_cells(table: np.ndarray, grid: TileGrid, x0: int, y0: int, w: int, h: int,
                  downsample: float) -> np.ndarray:
     """The (h, w, 4) pixels of a region of a level with ``downsample``: each pixel the colour of its grid cell."""
-    xs = (np.arange(x0, x0 + w) + 0.5) * downsample
-    ys = (np.arange(y0, y0 + h) + 0.5) * downsample
-    cols = cell_index(xs, grid.stride_l0_px, grid.tile_l0_px, grid.cols)
-    rows = cell_index(ys, grid.stride_l0_px, grid.tile_l0_px, grid.rows)
+    rows, cols = region_cells(grid, x0, y0, w, h, downsample)
     cols = np.where(cols < 0, grid.cols, cols)
     rows = np.where(rows < 0, grid.rows, rows)
     return table[np.ix_(rows, cols)]
