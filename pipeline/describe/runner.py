@@ -79,6 +79,7 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
             f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "
             f"(tissue covers {mask.mean():.1%} of the slide)", path=path)
     qc = plan_slide_qc(thumbnail, mask, mask_ds, grid, tiles, config, slide_id or slide_id_from_path(path))
+    encoder = encoder or encoder_info(get_encoder(config.descriptor))
     if not (tiles & (qc["qc_code"] == 0)).any():
         raise NoTissueError(f"QC excluded all {int(tiles.sum())} tissue tiles (codes {np.unique(qc['qc_code'])})",
                             path=path, fix="Check the slide and its annotations; loosen or drop detectors in qc.")
@@ -90,8 +91,8 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
         "tissue_tiles": tiles & (qc["qc_code"] == 0),  # the tiles to describe
         "qc": qc,
         "thumbnail": thumbnail,
-        "descriptor_names": (encoder or encoder_info(get_encoder(config.descriptor)))["feature_names"],
-        "encoder": (encoder or encoder_info(get_encoder(config.descriptor)))["identity"],
+        "descriptor_names": encoder["feature_names"],
+        "encoder": encoder["identity"],
         "reader": reader.to_dict(),
     }
 
@@ -329,10 +330,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     def next_task() -> Task | None:
         """Blocks of already-planned slides first (finish what is open), new slides when few blocks wait."""
         if pending and len(jobs) < max_slides_open and len(block_queue) < plan_ahead_blocks:
-            job = pending.pop()
-            jobs[job.slide_id] = job
-            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
-                        ("prepare", job.slide_id))
+            return plan_task()
         while block_queue:
             slide_id, block, block_tiles = block_queue.pop()
             job = jobs.get(slide_id)
@@ -342,12 +340,15 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                                          block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"],
                                          stain.transforms.get(slide_id)),
                         ("block", slide_id), resources)
-        if pending and len(jobs) < max_slides_open:
-            job = pending.pop()
-            jobs[job.slide_id] = job
-            return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
-                        ("prepare", job.slide_id))
+        if pending and len(jobs) < max_slides_open:  # the blocks waiting were all of slides that failed
+            return plan_task()
         return None
+
+    def plan_task() -> Task:
+        job = pending.pop()
+        jobs[job.slide_id] = job
+        return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
+                    ("prepare", job.slide_id))
 
     for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
         kind, slide_id = done.tag
