@@ -31,17 +31,16 @@ from ..core.store import (create_partial_store, finalize_store, package_versions
                           store_path, write_descriptor_chunk)
 from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
 from ..slides.annotations import annotation_digest, unmatched_annotation_files
-from ..slides.pixels import read_thumbnail
 from ..slides.qc.slide import block_scores, finalise_slide_qc, plan_slide_qc, write_block_scores, write_slide_qc
-from ..slides.reader_choice import ReaderChoice, choose_reader, open_reader
+from ..slides.reader_choice import ReaderChoice, open_reader
 from ..slides.stain import apply_stain_transform
 from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
-from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask
+from ..slides.tissue import mask_downsample_for, tile_tissue_fraction
 from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
-from .stain_cohort import discard_kept_thumbnails, plan_stain, take_kept_thumbnail
+from .stain_cohort import discard_kept_thumbnails, plan_stain, slide_reader, take_kept_thumbnail, tissue_image
 
 log = logging.getLogger("pipeline")
 
@@ -63,14 +62,8 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
             f"the slide ({info.width_px}x{info.height_px} px at {grid.slide_mpp:.4g} µm/px) is smaller than one "
             f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    reader = choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
-                           scaled_decode=config.reader.scaled_decode)
-    if kept is None:
-        with open_reader(path, reader) as handle:  # the thumbnail is OpenSlide's pixels with either reader
-            thumbnail = read_thumbnail(handle, mask_ds, path=path)
-        mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
-    else:
-        thumbnail, mask = kept
+    reader = slide_reader(info, grid, config)
+    thumbnail, mask = kept if kept is not None else tissue_image(path, reader, grid, mask_ds, config)
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
     # fraction_min 0 means "any tissue at all", not "every tile"
     tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min

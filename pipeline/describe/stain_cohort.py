@@ -51,18 +51,26 @@ def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = N
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    reader = choose_reader(info, config.reader.kind, grid.read_level,  # the reader prepare_slide reads it with
-                           grid.tile_l0_px / grid.read_downsample / grid.tile_px,
-                           scaled_decode=config.reader.scaled_decode)
-    with open_reader(path, reader) as handle:
-        thumbnail = read_thumbnail(handle, mask_ds, path=path)
-    mask = tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
+    thumbnail, mask = tissue_image(path, slide_reader(info, grid, config), grid, mask_ds, config)
     if keep:
         tmp = Path(f"{keep}.tmp-{os.getpid()}.npz")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, thumbnail=thumbnail, mask=mask)
         os.replace(tmp, keep)
     return estimate_stain(thumbnail, mask, config.stain)
+
+
+def slide_reader(info, grid, config: PipelineConfig):
+    """The reader a slide's tiles are read with (``choose_reader`` for these settings)."""
+    return choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
+                         scaled_decode=config.reader.scaled_decode)
+
+
+def tissue_image(path: str, reader, grid, mask_ds: int, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnail, tissue mask) of a slide at ``mask_ds`` (the thumbnail is OpenSlide's pixels with either reader)."""
+    with open_reader(path, reader) as handle:
+        thumbnail = read_thumbnail(handle, mask_ds, path=path)
+    return thumbnail, tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
 
 
 def take_kept_thumbnail(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig
