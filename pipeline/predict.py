@@ -26,16 +26,19 @@ from .model.trained import TrainedModel, saved_train_settings
 
 
 def describe_config_for(info: dict, config: PipelineConfig | None) -> PipelineConfig:
-    """The settings to describe new slides with: the training slides' tiling/tissue/descriptor/stain settings (as
-    their stores recorded them; the stain target too), with the caller's cluster, reader and mpp override."""
+    """The settings to describe new slides with: the training slides' tiling/tissue/descriptor/stain/QC settings (as
+    their stores recorded them; the stain target too), with the caller's cluster, reader, annotations (they are
+    about the new slides) and mpp override."""
     config = config or PipelineConfig()
     data = config.model_dump(mode="python")
     described = info.get("describe_config") or {}
     for section, values in described.items():
-        if section in ("tiling", "tissue", "descriptor", "stain"):
+        if section in ("tiling", "tissue", "descriptor", "stain", "qc"):
             data[section] = values
     if described and "stain" not in described:  # trained on slides described before stain normalisation existed
         data["stain"] = {"method": "none"}
+    if described and "qc" not in described:  # trained before artifact QC existed, or with it off (not hashed then)
+        data["qc"] = {"detectors": []}
     if config.tiling.mpp_override is not None:  # about the new slides' files, not the model
         data["tiling"] = {**data["tiling"], "mpp_override": config.tiling.mpp_override}
     data["reduce"] = info["config"].get("reduce", data["reduce"])
