@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.artefacts import CAM_DIR, METRICS_JSON
+from ..core.artefacts import ANNOTATION_METRICS_JSON, CAM_DIR, METRICS_JSON
 from ..core.outputs import atomic_write_json
 from ..core.store import array_attrs, read_array, slide_id_of
 
-ANNOTATION_METRICS_JSON = "annotation_metrics.json"
 TOP_FRACTION = 0.1
 
 
@@ -65,12 +64,14 @@ def annotation_agreement(stores, cam_classes: dict[str, str]) -> dict:
     return {"per_slide": per_slide, "overall": overall}
 
 
-def write_annotation_agreement(out_dir, stores, cam_classes: dict[str, str]) -> dict | None:
-    """Compute, write ``OUT/cam/annotation_metrics.json`` and merge into ``OUT/metrics.json``; None when no slide
-    has annotations of its CAM's class."""
+def write_annotation_agreement(out_dir, stores, cam_classes: dict[str, str], model: str) -> dict | None:
+    """Compute, write ``OUT/cam/annotation_metrics.json`` (with the ``model`` identity the CAMs came from, so that
+    ``evaluate`` can keep it) and merge into ``OUT/metrics.json``; None when no slide has annotations of its CAM's
+    class."""
     result = annotation_agreement(stores, cam_classes)
     if not result["per_slide"]:
         return None
+    result["model"] = model
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / CAM_DIR / ANNOTATION_METRICS_JSON, result)
     metrics_path = out_dir / METRICS_JSON

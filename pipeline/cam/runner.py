@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG
+from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG, model_identity
 from ..core.maps import FEATURE_MAP, has_feature_map
 from ..core.store import slide_id_of
 from .annotations import write_annotation_agreement
@@ -25,7 +25,7 @@ from .views import slide_cam_with_models
 def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> str:
     """What a slide's CAM depends on: the model, the CAM settings and layer, and the feature map."""
 
-    payload = {"model": model_info.get("hash") or model_info.get("model_hash") or model_info.get("models"),
+    payload = {"model": model_identity(model_info),
                "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
                "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -173,7 +173,8 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         entries.sort(key=lambda e: -e["score"])
         if entries:
             save_contact_sheet(out_dir / MOSAIC_PNG, [{"image": e["png"], "caption": e["caption"]} for e in entries])
-        agreement = write_annotation_agreement(out_dir, stores, config.annotations.cam_classes)
+        agreement = write_annotation_agreement(out_dir, stores, config.annotations.cam_classes,
+                                               model_identity(trained.info))
         for slide_id, scores in (agreement or {}).get("per_slide", {}).items():  # the report's per-slide column
             manifest.slides.setdefault(slide_id, {}).setdefault("stages", {}).setdefault("cam", {}).update(
                 annotation_class=scores["class"], pointing_hit=scores["pointing_hit"],

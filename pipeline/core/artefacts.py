@@ -28,7 +28,13 @@ PLOTS_DIR = "plots"
 PREDICT_DIR = "predict"
 CAM_DIR = "cam"
 MOSAIC_PNG = "mosaic.png"
+ANNOTATION_METRICS_JSON = "annotation_metrics.json"  # under CAM_DIR: the CAMs against annotations
 REPORT_HTML = "report.html"
+
+
+def model_identity(info: dict) -> str:
+    """What names a trained model in the files derived from it (CAM hashes, the CAM-annotation metrics)."""
+    return str(info.get("hash") or info.get("model_hash") or info.get("models"))
 
 
 def read_model_info(model_dir: str | Path) -> dict:

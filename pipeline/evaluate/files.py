@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..core.artefacts import METRICS_JSON, PLOTS_DIR, PREDICTIONS_CSV
+from ..core.artefacts import ANNOTATION_METRICS_JSON, CAM_DIR, METRICS_JSON, PLOTS_DIR, PREDICTIONS_CSV
 from ..core.outputs import atomic_write_json, atomic_write_text
 from ..model.labels import LabelMapping
 from .metrics import add_baseline, compute_metrics, summarise_folds
@@ -42,11 +43,13 @@ def predictions_table(slide_ids: Sequence[str], proba: np.ndarray, mapping: Labe
 def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.ndarray, proba: np.ndarray,
                      mapping: LabelMapping, *, folds: Sequence[int] | None = None,
                      histories: Sequence[dict] = (), split: str = "test", extra_notes: Sequence[str] = (),
-                     baseline: np.ndarray | None = None) -> dict:
+                     baseline: np.ndarray | None = None, model: str | None = None) -> dict:
     """Metrics, predictions CSV and plots for these predictions; returns the metrics dict.
 
     ``baseline``: the map-statistics baseline's probabilities for the same slides; its metrics and the comparison
     with the network go into ``metrics["baseline"]`` and ``metrics["network_vs_baseline"]``.
+    ``model``: the model's identity (``model_identity``): the CAM-annotation metrics ``cam`` wrote for this model
+    stay in ``metrics.json`` (under ``cam_annotations``) when the metrics are rewritten.
     """
     out_dir = Path(out_dir)
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -78,5 +81,20 @@ def write_evaluation(out_dir: str | Path, slide_ids: Sequence[str], y_true: np.n
     if plot_history(histories, plots / "training_curves.png"):
         files["training_curves"] = f"{PLOTS_DIR}/training_curves.png"
     metrics["files"] = files
+    cam_annotations = cam_annotation_metrics(out_dir, model)
+    if cam_annotations is not None:
+        metrics["cam_annotations"] = cam_annotations
     atomic_write_json(out_dir / METRICS_JSON, metrics)
     return metrics
+
+
+def cam_annotation_metrics(out_dir: Path, model: str | None) -> dict | None:
+    """``OUT/cam/annotation_metrics.json`` when ``cam`` wrote it for this ``model`` (None otherwise)."""
+    path = out_dir / CAM_DIR / ANNOTATION_METRICS_JSON
+    if model is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("model") == model else None

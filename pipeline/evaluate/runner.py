@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.artefacts import MODEL_DIR
+from ..core.artefacts import MODEL_DIR, model_identity
 from ..core.errors import ModelError
 from ..core.maps import read_feature_maps
 from ..core.outputs import output_lock
@@ -61,7 +61,8 @@ def evaluate(out_dir: str | Path, model_dir: str | Path | None = None, labels_cs
             proba_arr, base_arr = trained.predict(maps), trained.baseline_predict(maps)
             fold_col, split_name = None, f"labels file {Path(labels_csv).name}"
         metrics = write_evaluation(out_dir, ids, np.asarray(y), proba_arr, mapping, folds=fold_col,
-                                   histories=info.get("history", []), split=split_name, baseline=base_arr)
+                                   histories=info.get("history", []), split=split_name, baseline=base_arr,
+                                   model=model_identity(info))
     log.info("evaluate: %d slides, accuracy %.3f, ROC AUC %s", len(ids), metrics.get("accuracy", float("nan")),
              metrics.get("roc_auc"))
     return metrics

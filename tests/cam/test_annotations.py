@@ -50,9 +50,9 @@ def test_agreement_per_slide_and_overall_into_metrics(tmp_path):
     assert result["per_slide"]["s0"]["pointing_hit"] and not result["per_slide"]["s1"]["pointing_hit"]
     assert result["overall"]["slides"] == 2 and result["overall"]["pointing_game"] == 0.5
     (tmp_path / "metrics.json").write_text(json.dumps({"network": {"accuracy": 1.0}}))
-    write_annotation_agreement(tmp_path, stores, {"1": "Tumor"})
+    write_annotation_agreement(tmp_path, stores, {"1": "Tumor"}, "model-a")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["network"] == {"accuracy": 1.0}
     assert metrics["cam_annotations"]["overall"] == result["overall"]
-    assert json.loads((tmp_path / "cam" / "annotation_metrics.json").read_text()) == result
-    assert write_annotation_agreement(tmp_path, stores, {}) is None  # no label named like an annotation class
+    assert json.loads((tmp_path / "cam" / "annotation_metrics.json").read_text()) == {**result, "model": "model-a"}
+    assert write_annotation_agreement(tmp_path, stores, {}, "model-a") is None  # no label named like an annotation class

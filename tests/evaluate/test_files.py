@@ -40,3 +40,17 @@ def test_write_evaluation_files(tmp_path):
     for name in ("roc.png", "confusion_matrix.png", "training_curves.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG_MAGIC
     assert saved["files"]["training_curves"] == "plots/training_curves.png"
+
+
+def test_rewritten_metrics_keep_the_cam_annotation_metrics_of_the_same_model(tmp_path):
+    mapping = LabelMapping("integer", (0, 1))
+    y = np.array([0, 1, 0, 1])
+    agreement = {"per_slide": {"s1": {"pointing_hit": True}}, "overall": {"slides": 1, "pointing_game": 1.0}}
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam" / "annotation_metrics.json").write_text(json.dumps({**agreement, "model": "m1"}))
+    args = (tmp_path, ["s0", "s1", "s2", "s3"], y, onehot(y, 2), mapping)
+    kept = write_evaluation(*args, model="m1")  # e.g. `evaluate` rerun after `cam`
+    assert kept["cam_annotations"]["overall"] == agreement["overall"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["cam_annotations"]["per_slide"] == agreement["per_slide"]
+    assert "cam_annotations" not in write_evaluation(*args, model="m2")  # CAMs of another (older) model: dropped
+    assert "cam_annotations" not in write_evaluation(*args)
