@@ -15,7 +15,6 @@ from pipeline.core.qc_codes import DETECTOR_NAMES, QC_CODES, qc_counts
 from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.describe.runner import describe_slides
 from pipeline.slides.qc import registry, thumbnail_qc
-from pipeline.slides.qc.blur import _laplacian_variance_numpy, blurred_tiles, focus_scores
 from pipeline.slides.qc.debris import debris_pixels
 from pipeline.slides.tiling import TileGrid
 from sample_data.artefacts import ArtefactTissue, ImageTissue, PenStroke
@@ -134,16 +133,6 @@ def test_debris_pixels_and_tiles():
     assert np.array_equal(codes, expected)
 
 
-def test_focus_score_kernel_matches_numpy_and_blur_is_relative():
-    rng = np.random.default_rng(0)
-    tiles = rng.integers(0, 255, (5, 32, 40, 3), dtype=np.uint8)
-    assert np.allclose(focus_scores(tiles), _laplacian_variance_numpy(tiles), rtol=1e-4, equal_nan=True)
-    assert np.isnan(focus_scores(np.full((1, 16, 16, 3), 240, np.uint8)))[0]  # glass has no focus
-    scores = np.r_[np.full(20, 100.0), [10.0, 44.0, 46.0, np.nan]]
-    assert blurred_tiles(scores, 0.45).tolist() == [False] * 20 + [True, True, False, False]
-    assert not blurred_tiles(np.array([1.0, 100.0]), 0.45).any()  # too few tiles to know the slide's sharpness
-
-
 def test_registry_and_config():
     assert set(registry()) == set(DETECTOR_NAMES) == {"pen", "blur", "debris"}
     assert all(QC_CODES[name] == d.code for name, d in registry().items())
@@ -166,6 +155,17 @@ def test_a_clean_slide_keeps_its_tissue(tmp_path):
     tissue = read_array(store, "tissue_fraction") >= 0.5
     assert tissue.sum() >= 40
     assert (read_array(store, "qc_code")[tissue] != 0).mean() <= 0.02
+
+
+def test_chi2_quantile_matches_scipy():
+    """The pen model's closed-form chi-square quantiles (p = 3, no scipy.stats import) are scipy's."""
+    from scipy.stats import chi2
+
+    from pipeline.slides.qc.pen import chi2_quantile
+
+    for q in (0.01, 0.5, 0.975, 0.999):
+        assert chi2_quantile(q, 3) == pytest.approx(chi2.ppf(q, 3), rel=1e-12)
+    assert chi2_quantile(0.5, 2) == pytest.approx(chi2.ppf(0.5, 2), rel=1e-12)
 
 
 def test_robust_fit_ignores_a_minority_of_outliers():
