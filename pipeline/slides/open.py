@@ -8,9 +8,11 @@ handle: handles are never pickled or sent between processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import re
+import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,14 +112,34 @@ def _is_dicom_series_folder(folder: Path) -> bool:
 
 
 def slide_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
-    """Content fingerprint: size plus hashes of the first and last MiB (fast on multi-GB files, changes on edits)."""
+    """Content fingerprint: size plus hashes of the first and last MiB (fast on multi-GB files, changes on edits).
+
+    Remembered per process by the file's identity and stat (inode, size, modification and change times): a run asks
+    for a slide's fingerprint several times (stain pass, staleness check, metadata). As in git's index, a file changed
+    in the last ``RECENT_S`` is hashed every time (file times are coarser than the edits a stat could miss)."""
     path = Path(path)
-    digest = hashlib.sha256()
     if path.is_dir():  # a DICOM series: every instance counts
+        digest = hashlib.sha256()
         for child in sorted(p for p in path.iterdir() if p.is_file()):
             digest.update(f"{child.name}:{slide_fingerprint(child, block)}".encode())
         return digest.hexdigest()[:24]
-    size = path.stat().st_size
+    stat = path.stat()
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RECENT_S * 1e9:
+        return _hash_file(str(path), block, stat.st_size)
+    return _remembered_hash(str(path), block, stat.st_size, stat.st_dev, stat.st_ino, stat.st_mtime_ns,
+                            stat.st_ctime_ns)
+
+
+RECENT_S = 2.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_hash(path: str, block: int, size: int, *identity: int) -> str:
+    return _hash_file(path, block, size)
+
+
+def _hash_file(path: str, block: int, size: int) -> str:
+    digest = hashlib.sha256()
     digest.update(str(size).encode())
     with open(path, "rb") as fh:
         digest.update(fh.read(block))
