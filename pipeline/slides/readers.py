@@ -92,6 +92,15 @@ class TileReader:
         """Whole-factor shrink this reader can do while decoding (see ``TiffTileReader``); 1 = none."""
         return 1
 
+    def shrink_for(self, level: int, factor: float) -> int:
+        """Whole-factor area average this reader can do while assembling (``read_level_shrunk``); 1 = none."""
+        return 1
+
+    def read_level_shrunk(self, level: int, x_k: int, y_k: int, w_k: int, h_k: int, k: int) -> np.ndarray:
+        """The level area-averaged ``k`` times (coordinates and size in shrunk pixels): ``reduce_box`` of
+        ``read_level``, whose pixels every reader's override must give exactly."""
+        return reduce_box(self.read_level(level, x_k * k, y_k * k, w_k * k, h_k * k), 0, 0, k, w_k, h_k)
+
     def close(self) -> None:
         pass
 
@@ -325,6 +334,30 @@ class TiffTileReader(TileReader):
             return 1
         return jpeg.scale_for(factor, lp.tile_w, lp.tile_h, self.max_jpeg_scale)
 
+    def shrink_for(self, level: int, factor: float) -> int:
+        """``factor`` when it is whole (>= 2), divides the level's tile size and the level lies on whole level-0
+        pixels (no region of it goes to OpenSlide): ``read_level_shrunk`` then shrinks each native tile as it is
+        decoded; else 1."""
+        lp = self._levels[level]
+        k = int(round(factor))
+        if k < 2 or abs(factor - k) > 1e-9 or lp.tile_w % k or lp.tile_h % k \
+                or not float(self.level_downsamples[level]).is_integer():
+            return 1
+        return k
+
+    def read_level_shrunk(self, level: int, x_k: int, y_k: int, w_k: int, h_k: int, k: int) -> np.ndarray:
+        """``reduce_box`` of ``read_level`` (the same pixels), without assembling the full-size region: each native
+        tile is area-averaged into the output as it is decoded (a quarter of the memory traffic at k = 2). A region
+        reaching outside the level, or a tile that fails to decode, is read the usual way (with its fallback)."""
+        lp = self._levels[level]
+        x, y, w, h = x_k * k, y_k * k, w_k * k, h_k * k
+        if x >= 0 and y >= 0 and x + w <= lp.width and y + h <= lp.height:
+            try:
+                return self._decode_region(level, x, y, w, h, shrink=k)
+            except Exception:  # noqa: BLE001 - read again below: it raises TileReadError or falls back to OpenSlide
+                pass
+        return super().read_level_shrunk(level, x_k, y_k, w_k, h_k, k)
+
     def read_level_scaled(self, level: int, x_s: int, y_s: int, w_s: int, h_s: int, scale: int) -> np.ndarray:
         """The level at 1/``scale`` (coordinates and size in scaled pixels), each native JPEG tile decoded at that
         scale by libjpeg (``pipeline.slides.jpeg``). Not OpenSlide's pixels: close to their ``scale`` x ``scale`` area
@@ -341,12 +374,14 @@ class TiffTileReader(TileReader):
         return reduce_box(full, 0, 0, scale, int(w_s), int(h_s))
 
     def _decode_region(self, level: int, x_lvl: int, y_lvl: int, w_lvl: int, h_lvl: int,
-                       scale: int = 1) -> np.ndarray:
-        """Pixels of ``level`` at 1/``scale`` (coordinates in those pixels) assembled from native tiles."""
+                       scale: int = 1, shrink: int = 1) -> np.ndarray:
+        """Pixels of ``level`` at 1/``scale`` (coordinates in those pixels) assembled from native tiles; with
+        ``shrink`` each tile's part is area-averaged ``shrink`` times into the output (a region inside the level whose
+        coordinates are multiples of ``shrink``: see ``read_level_shrunk``)."""
         lp = self._levels[level]
         tile_w, tile_h = lp.tile_w // scale, lp.tile_h // scale
         width, height = -(-lp.width // scale), -(-lp.height // scale)
-        out = np.empty((h_lvl, w_lvl, 3), dtype=np.uint8)
+        out = np.empty((h_lvl // shrink, w_lvl // shrink, 3), dtype=np.uint8)
         x0, y0 = max(x_lvl, 0), max(y_lvl, 0)
         x1, y1 = min(x_lvl + w_lvl, width), min(y_lvl + h_lvl, height)
         if x0 >= x1 or y0 >= y1:
@@ -364,9 +399,11 @@ class TiffTileReader(TileReader):
                 tx_left = tx * tile_w
                 sx0, sx1 = max(x0, tx_left), min(x1, tx_left + tile_w)
                 tile = self._tile(lp, level, ty, tx, scale)
-                dst = out[sy0 - y_lvl:sy1 - y_lvl, sx0 - x_lvl:sx1 - x_lvl]
+                dst = out[(sy0 - y_lvl) // shrink:(sy1 - y_lvl) // shrink, (sx0 - x_lvl) // shrink:(sx1 - x_lvl) // shrink]
                 if tile is None:
                     dst.fill(BACKGROUND)
+                elif shrink > 1:
+                    reduce_box(tile, sx0 - tx_left, sy0 - ty_top, shrink, dst.shape[1], dst.shape[0], out=dst)
                 else:
                     dst[...] = tile[sy0 - ty_top:sy1 - ty_top, sx0 - tx_left:sx1 - tx_left]
         return out

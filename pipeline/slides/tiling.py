@@ -142,8 +142,17 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     ix0, iy0, ix1, iy1 = tile_row_window(grid, row, cols)
     # Level pixels per output pixel; a reader that decodes JPEG at 1/2, 1/4, 1/8 (DCT-domain scaling) reads the
     # window at that scale, and only what is left of the shrink is done here (nothing, when the factor is whole).
-    scale = reader.scale_for(grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px)
-    if scale > 1:
+    factor = grid.tile_l0_px / grid.read_downsample / grid.tile_px
+    scale = reader.scale_for(grid.read_level, factor)
+    shrink = reader.shrink_for(grid.read_level, factor) if scale == 1 else 1
+    stride_lvl = grid.stride_l0_px / grid.read_downsample
+    if shrink > 1 and stride_lvl % shrink == 0 and not (ix0 % shrink or iy0 % shrink or ix1 % shrink or iy1 % shrink):
+        # every tile box on whole multiples of the factor: each native tile is area-averaged as it is decoded, the
+        # same pixels as shrinking the assembled strip
+        ix0, iy0, ix1, iy1 = ix0 // shrink, iy0 // shrink, ix1 // shrink, iy1 // shrink
+        strip = reader.read_level_shrunk(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0, shrink)
+        scale = shrink
+    elif scale > 1:
         ix0, iy0 = ix0 // scale, iy0 // scale
         ix1, iy1 = -(-ix1 // scale), -(-iy1 // scale)
         strip = reader.read_level_scaled(grid.read_level, ix0, iy0, ix1 - ix0, iy1 - iy0, scale)

@@ -162,3 +162,50 @@ def test_describe_same_descriptors_with_both_readers(name, mpp, tile_px, read_le
     np.testing.assert_array_equal(m_os, m_tiff)
     assert np.isfinite(d_os[..., 0]).sum() >= 10
     np.testing.assert_allclose(d_tiff, d_os, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+class _Assembling(TiffTileReader):
+    """The direct reader without the shrink-while-decoding path: the strip is assembled, then shrunk."""
+
+    def shrink_for(self, level, factor):
+        return 1
+
+
+@pytest.mark.parametrize("name", ["odd_aperio", "generic"])
+@pytest.mark.parametrize("mpp,tile_px", [(0.5, 64), (1.0, 50), (0.5, 100)])
+def test_tiles_shrunk_while_decoding_equal_the_assembled_strips(name, mpp, tile_px, synthetic_slides):
+    """Every tile of the grid (edges that cut native tiles included) is the same whichever way it is shrunk."""
+    path = synthetic_slides[name]
+    info = read_slide_info(path)
+    grid = tile_grid(info, TilingConfig(mpp=mpp, tile_px=tile_px))
+    args = (info.level_dimensions, info.level_downsamples)
+    with TiffTileReader(path, *args) as direct, _Assembling(path, *args) as assembled:
+        factor = grid.tile_l0_px / grid.read_downsample / grid.tile_px
+        assert direct.shrink_for(grid.read_level, factor) == round(factor)  # 2 or 4: the path is taken
+        assert direct.shrink_for(grid.read_level, 3.0) == 1  # 3 does not divide the 256-px native tiles
+        for row in range(grid.rows):
+            cols = np.arange(grid.cols)
+            np.testing.assert_array_equal(read_tile_row(direct, grid, row, cols), read_tile_row(assembled, grid, row, cols),
+                                          err_msg=f"{name} row {row}")
+
+
+def test_shrunk_read_of_a_missing_or_damaged_tile(synthetic_slides):
+    path = synthetic_slides["generic"]
+    info = read_slide_info(path)
+    args = (info.level_dimensions, info.level_downsamples)
+    with OpenSlideReader(path) as ref:
+        expected = ref.read_level_shrunk(0, 100, 100, 200, 150, 2)  # reduce_box of OpenSlide's pixels
+    with TiffTileReader(path, *args) as direct:
+        direct._levels[0].bytecounts[1] = 0  # native tile (0, 1) left out: white
+        region = direct.read_level_shrunk(0, 100, 100, 200, 150, 2)
+        assert (region[:28, 28:156] == 255).all()
+        np.testing.assert_array_equal(region[28:], expected[28:])
+    for fallback in (False, True):
+        with TiffTileReader(path, *args, fallback=fallback) as direct:
+            direct._levels[0].offsets[1] = direct._levels[0].offsets[1] + 7  # tile 1 now starts mid-stream
+            if not fallback:
+                with pytest.raises(TileReadError, match="level 0"):
+                    direct.read_level_shrunk(0, 100, 100, 200, 150, 2)
+            else:
+                np.testing.assert_array_equal(direct.read_level_shrunk(0, 100, 100, 200, 150, 2), expected)
+                assert direct.fallback_regions == 1
