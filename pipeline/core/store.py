@@ -106,16 +106,20 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
 
 def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_shape: tuple[int, int], dims: int,
                          chunk_tiles: int, tissue_fraction: np.ndarray, tissue_mask: np.ndarray,
-                         thumbnail: np.ndarray) -> tuple[Path, set[tuple[int, int]]]:
+                         thumbnail: np.ndarray, arrays: dict[str, dict] | None = None
+                         ) -> tuple[Path, set[tuple[int, int]]]:
     """Create (or reuse, when it was made for the same slide and settings) the partial store of a slide.
 
+    ``arrays``: further arrays, name -> ``zarr.Group.create_array`` keywords (``data``, or ``shape``, ``dtype`` and
+    ``fill_value``; ``chunks``, ``attributes``), made with the others in one pass; a store that lacks one is not reused.
     Returns its path and the set of (r0, c0) chunk origins already written by an earlier, interrupted run.
     """
     path = partial_path(out_dir, slide_id)
     marks = progress_dir(out_dir, slide_id)
     old = read_attrs(path)
     if old and old.get("fingerprint") == attrs["fingerprint"] and old.get("config_hash") == attrs["config_hash"] \
-            and tuple(old.get("grid_shape", ())) == tuple(grid_shape):
+            and tuple(old.get("grid_shape", ())) == tuple(grid_shape) \
+            and all((path / name / "zarr.json").exists() for name in arrays or {}):
         done = set()
         if marks.is_dir():
             for marker in marks.iterdir():
@@ -126,14 +130,15 @@ def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_s
     shutil.rmtree(marks, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = grid_shape
-    group = zarr.open_group(str(path), mode="w")
+    # the attributes with the group: one zarr.json write (zarr 3's attrs.update rewrites it once per key)
+    group = zarr.open_group(str(path), mode="w", attributes={**attrs, "grid_shape": list(grid_shape), "complete": False})
     group.create_array("descriptors", shape=(rows, cols, dims), chunks=(chunk_tiles, chunk_tiles, dims),
                        dtype="float32", fill_value=np.nan)
     group.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=tissue_fraction.shape or None)
     group.create_array("tissue_mask", data=tissue_mask.astype(bool), chunks=tissue_mask.shape or None)
     group.create_array("thumbnail", data=thumbnail, chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3))
-    # one metadata write: zarr 3's attrs.update rewrites zarr.json once per key (~5 ms each, 30 keys per slide)
-    group.update_attributes({**attrs, "grid_shape": list(grid_shape), "complete": False})
+    for name, spec in (arrays or {}).items():
+        group.create_array(name, **spec)
     marks.mkdir(parents=True, exist_ok=True)
     return path, set()
 

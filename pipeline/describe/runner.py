@@ -2,8 +2,8 @@
 
 Two task functions run on workers (each opens its own slide handle):
 
-* ``plan_slide``: metadata, tile grid, tissue mask and thumbnail of one slide (``prepare_slide``), and its partial
-  store created there (the thumbnail is written by the worker; small arrays come back);
+* ``plan_slide`` (``plan.py``): metadata, tile grid, tissue mask and thumbnail of one slide (``prepare_slide``), and
+  its partial store created there (the thumbnail is written by the worker; small arrays come back);
 * ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
   straight into that block's own Zarr chunk.
 
@@ -22,89 +22,29 @@ import numpy as np
 
 from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
-from ..core.errors import DuplicateSlideIdError, NoTissueError, SlideError, SlideTooSmallError, error_record
+from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
 from ..core.parallel import (LocalRunner, Task, in_flight_limit, run_bounded, runner_for, where_am_i,
                              worker_start_method)
 from ..core.progress import Progress
-from ..core.store import (create_partial_store, finalize_store, package_versions, read_attrs, store_is_current,
-                          store_path, write_descriptor_chunk)
-from ..slides.open import find_slides, read_slide_info, slide_fingerprint, slide_id_from_path
+from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
+from ..slides.open import find_slides, slide_fingerprint, slide_id_from_path
 from ..slides.annotations import annotation_digest, unmatched_annotation_files
-from ..slides.qc.slide import block_scores, finalise_slide_qc, plan_slide_qc, write_block_scores, write_slide_qc
-from ..slides.reader_choice import ReaderChoice, open_reader
+from ..slides.qc.slide import block_scores, finalise_slide_qc, write_block_scores
+from ..slides.reader_choice import open_reader
 from ..slides.stain import apply_stain_transform
-from ..slides.tiling import TileGrid, iter_tile_batches, tile_grid
-from ..slides.tissue import mask_downsample_for, tile_tissue_fraction
+from ..slides.tiling import TileGrid, iter_tile_batches
 from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
-from .stain_cohort import discard_kept_thumbnails, plan_stain, slide_reader, take_kept_thumbnail, tissue_image
+from .plan import plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry point)
+from .stain_cohort import discard_kept_thumbnails, plan_stain
 
 log = logging.getLogger("pipeline")
 
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
-
-
-def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None,
-                  kept: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
-
-    ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
-    ``kept``: (thumbnail, tissue mask) when the stain pass already made them; None = made here.
-    """
-    info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
-    grid = tile_grid(info, config.tiling)
-    if grid.rows == 0 or grid.cols == 0:
-        raise SlideTooSmallError(
-            f"the slide ({info.width_px}x{info.height_px} px at {grid.slide_mpp:.4g} µm/px) is smaller than one "
-            f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
-    mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    reader = slide_reader(info, grid, config)
-    thumbnail, mask = kept if kept is not None else tissue_image(path, reader, grid, mask_ds, config)
-    fraction = tile_tissue_fraction(mask, mask_ds, grid)
-    # fraction_min 0 means "any tissue at all", not "every tile"
-    tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min
-    if not tiles.any():
-        raise NoTissueError(
-            f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "
-            f"(tissue covers {mask.mean():.1%} of the slide)", path=path)
-    qc = plan_slide_qc(thumbnail, mask, mask_ds, grid, tiles, config, slide_id or slide_id_from_path(path))
-    encoder = encoder or encoder_info(get_encoder(config.descriptor))
-    if not (tiles & (qc["qc_code"] == 0)).any():
-        raise NoTissueError(f"QC excluded all {int(tiles.sum())} tissue tiles (codes {np.unique(qc['qc_code'])})",
-                            path=path, fix="Check the slide and its annotations; loosen or drop detectors in qc.")
-    return {
-        "info": info.to_dict(),
-        "grid": grid.to_dict(),
-        "mask_downsample": mask_ds,
-        "tissue_fraction": fraction,
-        "tissue_tiles": tiles & (qc["qc_code"] == 0),  # the tiles to describe
-        "qc": qc,
-        "thumbnail": thumbnail,
-        "descriptor_names": encoder["feature_names"],
-        "encoder": encoder["identity"],
-        "reader": reader.to_dict(),
-    }
-
-
-def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
-               encoder: dict | None = None) -> dict:
-    """``prepare_slide`` plus the slide's partial store (thumbnail, tissue mask, empty descriptor array), made on the
-    worker: the thumbnail never travels to the client, and the slide's blocks can start as soon as this returns.
-
-    Returns the plan without the thumbnail, with ``store`` and ``already`` (chunk origins an interrupted run wrote).
-    """
-    plan = prepare_slide(path, config, encoder, slide_id, take_kept_thumbnail(out_dir, slide_id, fingerprint, config))
-    grid = plan["grid"]
-    store, already = create_partial_store(
-        out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
-        len(plan["descriptor_names"]), config.tiling.chunk_tiles, plan["tissue_fraction"], plan["tissue_tiles"],
-        plan.pop("thumbnail"))
-    write_slide_qc(store, plan.pop("qc"), config, config.tiling.chunk_tiles, fresh=not already)
-    return {**plan, "store": str(store), "already": sorted(already)}
 
 
 def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
@@ -171,32 +111,6 @@ def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Pat
         else:
             ids[slide_id] = path
     return ids, collisions
-
-
-def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config: PipelineConfig) -> dict:
-    info = plan["info"]
-    return {
-        "stage": "describe",
-        "slide_id": slide_id,
-        "slide_path": str(Path(path).resolve()),
-        "fingerprint": fingerprint,
-        "mpp": info["mpp"],
-        "mpp_source": info["mpp_source"],
-        "slide_info": info,
-        "tile_grid": plan["grid"],
-        "mask_downsample": plan["mask_downsample"],
-        "tissue_fraction_min": config.tissue.fraction_min,
-        "descriptor": {"name": config.descriptor.name, "dims": len(plan["descriptor_names"]),
-                       "feature_names": plan["descriptor_names"], "encoder": plan["encoder"]},
-        "reader": plan["reader"]["kind"],
-        "reader_choice": {"requested": plan["reader"]["requested"], "reason": plan["reader"]["reason"]},
-        "pixel_decode": ReaderChoice.from_dict(plan["reader"]).decode,
-        "pixel_decode_reason": plan["reader"].get("decode_reason", ""),
-        "config_hash": config.stage_hash("describe"),
-        "config": config.model_dump(mode="json",
-                                    include={"tiling", "tissue", "descriptor", "stain", "qc", "annotations"}),
-        "versions": package_versions(),
-    }
 
 
 def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
@@ -303,7 +217,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         info = job.plan["info"]
         seconds = round(time.monotonic() - job.started, 3)
         reader = job.plan["reader"]["kind"]
-        qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles)
+        qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan)
         job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
         finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
                                                "reader_fallback_regions": job.fallback_regions,
@@ -340,8 +254,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     def plan_task() -> Task:
         job = pending.pop()
         jobs[job.slide_id] = job
-        return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder),
-                    ("prepare", job.slide_id))
+        return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder,
+                                 stain.surveyed.pop(job.slide_id, None)), ("prepare", job.slide_id))
 
     for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
         kind, slide_id = done.tag

@@ -43,21 +43,30 @@ def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: Pip
     return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npz"
 
 
-def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
-    """Worker task: the stain record of one slide (``estimate_stain``) from its thumbnail and tissue mask.
+def survey_slide(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
+    """Worker task of the stain pass: {"record": the slide's stain record (``estimate_stain``), "slide": {"info":
+    its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``}}. ``plan_slide`` takes "slide" instead of
+    reading the metadata and probing the reader again.
 
     ``keep``: a path to leave the thumbnail and tissue mask at, so that ``plan_slide`` does not make them again.
     """
     info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
-    thumbnail, mask = tissue_image(path, slide_reader(info, grid, config), grid, mask_ds, config)
+    reader = slide_reader(info, grid, config)
+    thumbnail, mask = tissue_image(path, reader, grid, mask_ds, config)
     if keep:
         tmp = Path(f"{keep}.tmp-{os.getpid()}.npz")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, thumbnail=thumbnail, mask=mask)
         os.replace(tmp, keep)
-    return estimate_stain(thumbnail, mask, config.stain)
+    return {"record": estimate_stain(thumbnail, mask, config.stain),
+            "slide": {"info": info, "reader": reader, "kept": keep}}
+
+
+def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
+    """The stain record of one slide (``survey_slide``'s)."""
+    return survey_slide(path, config, keep)["record"]
 
 
 def slide_reader(info, grid, config: PipelineConfig):
@@ -73,11 +82,9 @@ def tissue_image(path: str, reader, grid, mask_ds: int, config: PipelineConfig) 
     return thumbnail, tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
 
 
-def take_kept_thumbnail(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig
-                        ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(thumbnail, tissue mask) the stain pass left for this slide, fingerprint and settings (the file is removed),
-    or None."""
-    path = _kept_path(out_dir, slide_id, fingerprint, config)
+def take_kept_thumbnail(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(thumbnail, tissue mask) the stain pass left at ``path`` (the file is removed), or None."""
+    path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as kept:
             thumbnail, mask = kept["thumbnail"], kept["mask"]
@@ -102,12 +109,14 @@ def estimation_hash(config: PipelineConfig) -> str:
 
 @dataclass
 class StainPlan:
-    """The run's config (with the target) and, per slide id, its record and its transform (None: left as is)."""
+    """The run's config (with the target) and, per slide id, its record and its transform (None: left as is), and
+    what the pass read of the slides it surveyed (``survey_slide``'s "slide": metadata, reader, kept thumbnail)."""
 
     config: PipelineConfig
     records: dict[str, dict] = field(default_factory=dict)
     transforms: dict[str, dict | None] = field(default_factory=dict)
     target_source: str = "none"
+    surveyed: dict[str, dict] = field(default_factory=dict)
 
     def store_attrs(self, slide_id: str) -> dict | None:
         """What a store records about its stain (None when the run does not normalise)."""
@@ -136,19 +145,19 @@ def _load_cache(out_dir: Path) -> dict:
 
 
 def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runner, out_dir: Path | None = None
-                  ) -> dict[str, dict]:
-    """slide id -> record for ``todo`` (slide id -> (path, fingerprint)), one task per slide; with ``out_dir`` each
-    task leaves its thumbnail for ``plan_slide``."""
+                  ) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(slide id -> record, slide id -> what was read of it) for ``todo`` (slide id -> (path, fingerprint)), one
+    ``survey_slide`` task per slide; with ``out_dir`` each task leaves its thumbnail for ``plan_slide``."""
     keep = {sid: str(_kept_path(out_dir, sid, fp, config)) if out_dir else None for sid, (_, fp) in todo.items()}
-    tasks = iter([Task(estimate_slide_stain, (path, config, keep[sid]), sid) for sid, (path, _) in todo.items()])
-    records = {}
+    tasks = iter([Task(survey_slide, (path, config, keep[sid]), sid) for sid, (path, _) in todo.items()])
+    records, surveyed = {}, {}
     for done in run_bounded(runner, lambda: next(tasks, None), in_flight_limit(runner, config.cluster)):
         if done.error is not None:  # the slide fails again, with its typed error, when it is planned
             records[done.tag] = {"method": config.stain.method, "status": "failed", "estimate": None,
                                  "reason": error_record(done.error)["message"], "tissue_pixels": 0}
         else:
-            records[done.tag] = done.result
-    return records
+            records[done.tag], surveyed[done.tag] = done.result["record"], done.result["slide"]
+    return records, surveyed
 
 
 def _reference_target(config: PipelineConfig, runner) -> dict:
@@ -157,7 +166,7 @@ def _reference_target(config: PipelineConfig, runner) -> dict:
         raise ConfigError("stain.reference_slide does not exist", path=path,
                           fix="Give an existing slide file, or leave stain.reference_slide empty to fit the target "
                               "on the cohort.")
-    record = _estimate_all({"reference": (str(path), "")}, config, runner)["reference"]
+    record = _estimate_all({"reference": (str(path), "")}, config, runner)[0]["reference"]
     if record["status"] != "estimated":
         raise ConfigError(f"the stain of stain.reference_slide cannot be estimated: {record['reason']}", path=path,
                           fix="Choose an H&E slide with enough tissue as the reference.")
@@ -184,7 +193,8 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
         else:
             todo[slide_id] = (str(path), fingerprints[slide_id])
     discard_kept_thumbnails(out_dir)
-    records.update(_estimate_all(todo, config, runner, out_dir))
+    estimated, surveyed = _estimate_all(todo, config, runner, out_dir)
+    records.update(estimated)
     saved = cache.get("target") if cache.get("settings") == key else None
     if settings.target is not None:
         target, source = settings.target, "given"
@@ -200,7 +210,7 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
     atomic_write_json(out_dir / STAIN_JSON, {"settings": key, "slides": entries,
                                              "target": saved if source == "cohort" else None})
     run_config = config.with_overrides(stain__target=target) if target is not None else config
-    plan = StainPlan(run_config, records, target_source=source if target is not None else "none")
+    plan = StainPlan(run_config, records, target_source=source if target is not None else "none", surveyed=surveyed)
     for slide_id, record in records.items():
         plan.transforms[slide_id] = slide_transform(record, target, settings)
         if record["status"] == "not_estimated" or (target is None and record["status"] == "estimated"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.qc_codes import QC_CODES, qc_counts
-from ...core.store import array_attrs, read_array, write_array, write_tile_block
+from ...core.store import read_array, write_array, write_tile_block
 from ..annotations import annotation_file, annotation_qc, read_annotations, tile_annotation
 from . import decide_tile_qc, thumbnail_qc, tile_detector_names, tile_scores
 
@@ -40,16 +40,18 @@ def plan_slide_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample:
             "annotation_file": str(path) if path else None}
 
 
-def write_slide_qc(store, qc: dict, config, chunk_tiles: int, fresh: bool) -> None:
-    """The planned arrays into a partial store; an empty ``qc_scores`` when the store is new (``fresh``)."""
-    write_array(store, "qc_code", qc["qc_code"], attrs={"codes": QC_CODES})
-    write_array(store, "tile_annotation", qc["tile_annotation"],
-                attrs={"classes": qc["annotation_classes"], "file": qc["annotation_file"]})
+def slide_qc_arrays(qc: dict, config, chunk_tiles: int) -> dict[str, dict]:
+    """The planned arrays of a new partial store as ``create_partial_store`` keywords: ``qc_code``,
+    ``tile_annotation`` and, with tile detectors, an empty (NaN) ``qc_scores`` the block tasks fill."""
+    arrays = {"qc_code": {"data": qc["qc_code"], "attributes": {"codes": QC_CODES}},
+              "tile_annotation": {"data": qc["tile_annotation"],
+                                  "attributes": {"classes": qc["annotation_classes"], "file": qc["annotation_file"]}}}
     names = tile_detector_names(config.qc)
-    if names and (fresh or array_attrs(store, SCORES) is None):
+    if names:
         rows, cols = qc["qc_code"].shape
-        write_array(store, SCORES, np.full((rows, cols, len(names)), np.nan, np.float32),
-                    chunks=(chunk_tiles, chunk_tiles, len(names)), attrs={"detectors": names}, fill_value=np.nan)
+        arrays[SCORES] = {"shape": (rows, cols, len(names)), "dtype": np.float32, "fill_value": np.nan,
+                          "chunks": (chunk_tiles, chunk_tiles, len(names)), "attributes": {"detectors": names}}
+    return arrays
 
 
 def block_scores(tiles: np.ndarray, config) -> np.ndarray:
@@ -63,14 +65,15 @@ def write_block_scores(store, block: tuple[int, int, int, int], scores: np.ndarr
         write_tile_block(store, SCORES, block, scores)
 
 
-def finalise_slide_qc(store, config, chunk_tiles: int) -> tuple[dict[str, int], int]:
+def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict) -> tuple[dict[str, int], int]:
     """Decide the tile detectors over the slide's scores; the tiles they exclude lose their descriptors (NaN) and
-    leave ``tissue_mask``. Returns ({reason: tiles excluded}, tiles excluded now)."""
+    leave ``tissue_mask``. ``planned``: the slide's plan, whose ``qc_code``, ``tissue_tiles`` (``tissue_mask``) and
+    ``tissue_fraction`` the store holds (not read back). Returns ({reason: tiles excluded}, tiles excluded now)."""
     names = tile_detector_names(config.qc)
-    codes = read_array(store, "qc_code")
-    kept = read_array(store, "tissue_mask").astype(bool)
+    codes = planned["qc_code"]
+    kept = planned["tissue_tiles"].astype(bool)
     flagged = np.zeros(kept.shape, bool)
-    if names and array_attrs(store, SCORES) is not None:
+    if names:  # qc_scores is made with the partial store whenever there are tile detectors
         new = decide_tile_qc(read_array(store, SCORES), names, kept, config.qc)
         flagged = new != 0
     if flagged.any():
@@ -79,7 +82,7 @@ def finalise_slide_qc(store, config, chunk_tiles: int) -> tuple[dict[str, int], 
         _clear_descriptors(store, flagged, chunk_tiles)
         write_array(store, "qc_code", codes, attrs={"codes": QC_CODES})
         write_array(store, "tissue_mask", kept)
-    fraction = read_array(store, "tissue_fraction")
+    fraction = planned["tissue_fraction"]
     fraction_min = config.tissue.fraction_min
     tissue = fraction > 0 if fraction_min == 0 else fraction >= fraction_min
     return qc_counts(codes, tissue), int(flagged.sum())
