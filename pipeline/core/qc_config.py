@@ -24,9 +24,9 @@ class QcConfig(_Section):
                                                       "tissue beyond which a thumbnail pixel is ink")
     pen_tile_fraction: float = Field(0.15, gt=0, le=1,
                                      description="pen: a tile is excluded when this share of it is ink")
-    blur_ratio: float = Field(0.15, gt=0, lt=1, description="blur: a tile is out of focus when the focus (Laplacian "
-                                                           "energy over grey variance) of 30% of its stained area is "
-                                                           "below this share of the slide's 75th percentile")
+    blur_ratio: float = Field(0.08, gt=0, lt=1, description="blur: a tile is out of focus when the Laplacian energy "
+                                                           "over grey variance of 30% of its stained area (4 x 4 "
+                                                           "cells) is below this share of the slide's 75th percentile")
     debris_tile_fraction: float = Field(0.7, gt=0, le=1, description="debris: a tile is excluded when this share of "
                                                                      "it is near-black or near-white")
 

@@ -1,9 +1,9 @@
-"""Out of focus: a tile is cut into 4 x 4 cells; each cell's focus is the energy of the Laplacian of its grey levels
-over their variance, both over its stained pixels (glass between loose tissue is left out; sharp pale tissue keeps its
-ratio, while blur removes fine detail far more than contrast). The tile's score is the 30% quantile of its cells'
-focus, by stained pixels, so a tile a third or more out of focus scores as blurred (scored whole, a tile half in a
-blurred region kept its sharp half's detail and passed: ``docs/design/qc.md``). A tile is flagged below
-``qc.blur_ratio`` x the slide's reference (the 75th percentile over its tissue tiles).
+"""Out of focus: the energy of the Laplacian of a tile's grey levels over their variance, both over its stained pixels
+(glass between loose tissue is left out; sharp pale tissue keeps its ratio, while blur removes fine detail far more
+than contrast), with the energy measured per cell of a 4 x 4 grid: the tile's score is the 30% quantile of its cells'
+energy, by stained pixels, over the tile's variance. So a tile a third or more out of focus scores as blurred (scored
+whole, a tile half in a blurred region kept its sharp half's detail and passed: ``docs/design/qc.md``). A tile is
+flagged below ``qc.blur_ratio`` x the slide's reference (the 75th percentile over its tissue tiles).
 
 The score runs in the describe block tasks (it needs full-resolution pixels); the decision runs when the slide is
 finalised, over all its tiles' scores. A slide blurred throughout is not flagged (nothing to compare with), and
@@ -24,7 +24,7 @@ GLASS_GREY = 215  # pixels at least this bright (integer grey) are glass: left o
 MIN_STAINED = 0.05  # a tile with fewer stained pixels has no score (NaN: never flagged)
 GRID_CELLS = 4  # cells per tile side (a 256-px tile: 64-px cells)
 CELL_QUANTILE = 0.3  # the tile's score: this quantile of its cells' focus, by stained pixels
-MIN_CELL_PIXELS = 16  # a cell with fewer stained pixels has no focus of its own
+MIN_CELL_PIXELS = 16  # a cell with fewer stained pixels has no score of its own
 GREY_WEIGHTS = (77, 150, 29)  # integer luma (0.299, 0.587, 0.114) x 256: grey = (77 R + 150 G + 29 B + 128) >> 8
 SUMS = 4  # per cell: stained pixels, sum of grey, sum of grey², sum of Laplacian²
 
@@ -106,27 +106,29 @@ def cell_sums(tiles: np.ndarray, cells: int) -> np.ndarray:
 
 
 def scores_from_sums(sums: np.ndarray, interior_px: int, quantile: float = CELL_QUANTILE) -> np.ndarray:
-    """(n,) float32 tile scores from (n, cells, cells, 4) sums: the ``quantile`` of the cells' Laplacian energy over
-    grey variance, weighted by their stained pixels; NaN when under ``MIN_STAINED`` of the tile is stained."""
+    """(n,) float32 tile scores from (n, cells, cells, 4) sums: the ``quantile``, weighted by stained pixels, of the
+    cells' mean squared Laplacian over the grey variance of the whole tile's stained pixels; NaN when under
+    ``MIN_STAINED`` of the tile is stained."""
     flat = sums.reshape(len(sums), -1, SUMS).astype(np.float64)
     count, total, total2, energy = np.moveaxis(flat, -1, 0)
+    stained = count.sum(axis=1)
+    mean = total.sum(axis=1) / np.maximum(stained, 1.0)
+    variance = np.maximum(total2.sum(axis=1) / np.maximum(stained, 1.0) - mean * mean, 1.0)
     has = count >= MIN_CELL_PIXELS
-    safe = np.maximum(count, 1.0)
-    mean = total / safe
-    focus = np.where(has, (energy / safe) / np.maximum(total2 / safe - mean * mean, 1.0), np.inf)
+    focus = np.where(has, energy / np.maximum(count, 1.0) / variance[:, None], np.inf)
     weight = np.where(has, count, 0.0)
     order = np.argsort(focus, axis=1, kind="stable")
     cumulative = np.cumsum(np.take_along_axis(weight, order, axis=1), axis=1)
     reached = cumulative >= quantile * cumulative[:, -1:]
     pick = np.take_along_axis(order, np.argmax(reached, axis=1)[:, None], axis=1)[:, 0]
     score = np.take_along_axis(focus, pick[:, None], axis=1)[:, 0]
-    valid = (count.sum(axis=1) >= MIN_STAINED * interior_px) & (weight.sum(axis=1) > 0)
+    valid = (stained >= MIN_STAINED * interior_px) & (weight.sum(axis=1) > 0)
     return np.where(valid, score, np.nan).astype(np.float32)
 
 
 def focus_scores(tiles: np.ndarray) -> np.ndarray:
     """(n,) float32 focus of uint8 RGB tiles (n, h, w, 3): the 30% quantile (by stained pixels) of their cells'
-    Laplacian energy over grey variance; NaN for a tile that is nearly all glass."""
+    Laplacian energy over the tile's grey variance; NaN for a tile that is nearly all glass."""
     tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
     if len(tiles) == 0 or tiles.shape[1] < 3 or tiles.shape[2] < 3:
         return np.full(len(tiles), np.nan, np.float32)
@@ -134,7 +136,7 @@ def focus_scores(tiles: np.ndarray) -> np.ndarray:
     return scores_from_sums(cell_sums(tiles, grid_cells(h, w)), (h - 2) * (w - 2))
 
 
-def blurred_tiles(scores: np.ndarray, ratio: float = 0.15) -> np.ndarray:
+def blurred_tiles(scores: np.ndarray, ratio: float = 0.08) -> np.ndarray:
     """Bool (n,): scores below ``ratio`` x the reference of these scores (a slide's tissue tiles)."""
     scores = np.asarray(scores, dtype=np.float64)
     valid = np.isfinite(scores)
