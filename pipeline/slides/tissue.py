@@ -8,9 +8,9 @@ small specks removed, small holes filled). The mask is then averaged over each t
 from __future__ import annotations
 
 import numpy as np
-from skimage import filters, morphology
 
 from ..core.config import TissueConfig
+from .morphology import close_disk, otsu_threshold, remove_small_holes, remove_small_objects
 from .tiling import TileGrid
 
 
@@ -45,21 +45,18 @@ def tissue_mask(rgb: np.ndarray, config: TissueConfig, mask_mpp: float) -> np.nd
     floor = config.min_saturation if config.method == "otsu_saturation" else config.min_od
     if signal.size < 2 or float(signal.max()) <= floor:
         return np.zeros(signal.shape, dtype=bool)
-    try:
-        threshold = filters.threshold_otsu(signal)
-    except ValueError:  # a constant image
-        threshold = floor
+    threshold = otsu_threshold(signal)
     mask = signal > max(float(threshold), floor)
     px_area_um2 = mask_mpp * mask_mpp
     radius = int(round(config.closing_um / mask_mpp))
     if radius > 0:
-        mask = morphology.closing(mask, morphology.disk(radius)).astype(bool)
+        mask = close_disk(mask, radius)
     min_px = int(config.min_object_um2 / px_area_um2)
     if min_px > 1:
-        mask = morphology.remove_small_objects(mask, max_size=min_px - 1)
+        mask = remove_small_objects(mask, max_size=min_px - 1)
     hole_px = int(config.min_hole_um2 / px_area_um2)
     if hole_px > 1:
-        mask = morphology.remove_small_holes(mask, max_size=hole_px - 1)
+        mask = remove_small_holes(mask, max_size=hole_px - 1)
     return mask
 
 

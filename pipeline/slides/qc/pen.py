@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ..morphology import remove_small_objects
+
 MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
 SUPPORT = 0.9  # share of the sample each robust fit covers: every tissue colour mode (pink dermis, purple epidermis)
 #               stays in; the refits drop what the last fit called ink. Chosen on the tuning cohorts (qc.md).
@@ -116,7 +118,6 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
                seed: int = 0) -> np.ndarray:
     """Bool (h, w): pixels of ``thumbnail`` (uint8 RGB) whose colour is ink, relative to its ``tissue_px``."""
     from scipy.ndimage import binary_opening
-    from skimage.morphology import remove_small_objects
 
     features = colour_features(thumbnail)
     darkest = thumbnail.min(axis=-1).astype(np.int16)

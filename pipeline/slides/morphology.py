@@ -1,0 +1,63 @@
+"""Otsu's threshold and binary morphology for the tissue and ink masks, on numpy and ``scipy.ndimage``.
+
+The same results as scikit-image's ``threshold_otsu`` (256-bin histogram of a float image), ``closing`` with a
+``disk`` (grey dilation then erosion, borders reflected) and ``remove_small_objects`` / ``remove_small_holes``
+(4-connected components, sizes up to ``max_size`` removed); ``tests/slides/test_morphology.py`` checks them against
+scikit-image. Why not scikit-image itself here: importing ``skimage.morphology`` pulls in ``scipy.spatial`` and costs
+~0.1 s, paid by every ``describe`` command before its first tile (its fixed cost, issue 18).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The threshold maximising the between-class variance of a 256-bin histogram over [min, max] (a constant image:
+    its value)."""
+    flat = np.asarray(values).reshape(-1)
+    if (flat == flat[0]).all():
+        return flat[0]
+    counts, edges = np.histogram(flat, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    counts = counts.astype(np.float32)
+    weight1 = np.cumsum(counts)
+    weight2 = np.cumsum(counts[::-1])[::-1]
+    mean1 = np.cumsum(counts * centres) / weight1
+    mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
+    between = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return centres[np.argmax(between)]
+
+
+def disk(radius: int) -> np.ndarray:
+    """Bool (2r + 1, 2r + 1): the pixels within ``radius`` of the centre."""
+    steps = np.arange(-radius, radius + 1)
+    return (steps[:, None] ** 2 + steps[None, :] ** 2) <= radius ** 2
+
+
+def close_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological closing of a bool mask with a disk (gaps narrower than the disk bridged)."""
+    footprint = disk(radius)
+    dilated = ndimage.grey_dilation(mask, footprint=footprint, mode="reflect")
+    return ndimage.grey_erosion(dilated, footprint=footprint, mode="reflect").astype(bool)
+
+
+def remove_small_objects(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` without its 4-connected components of at most ``max_size`` pixels."""
+    mask = np.asarray(mask, dtype=bool)
+    if max_size <= 0:
+        return mask.copy()
+    labels, _ = ndimage.label(mask, FOUR_CONNECTED)
+    sizes = np.bincount(labels.ravel())
+    small = sizes <= max_size
+    small[0] = False  # the background is not an object
+    return mask & ~small[labels]
+
+
+def remove_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` with its 4-connected holes (and background patches at the border) of at most ``max_size`` pixels
+    filled."""
+    return ~remove_small_objects(~np.asarray(mask, dtype=bool), max_size)

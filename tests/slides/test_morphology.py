@@ -1,0 +1,62 @@
+"""The tissue/ink mask morphology on scipy.ndimage gives scikit-image's results exactly (random masks, real and
+generated thumbnails), so describe need not import skimage.morphology."""
+
+import numpy as np
+import pytest
+from skimage import filters, morphology
+
+from pipeline.core.config import TissueConfig
+from pipeline.slides import morphology as ours
+from pipeline.slides.open import open_handle
+from pipeline.slides.tissue import saturation, tissue_mask
+from tests.conftest import write_test_slide
+
+
+def _masks(rng):
+    for shape in ((40, 50), (97, 131), (1, 30)):
+        for density in (0.2, 0.5, 0.8):
+            noise = rng.random(shape)
+            yield noise < density
+            yield np.kron(noise < density, np.ones((3, 3), bool))[: shape[0] * 2, : shape[1] * 2]
+
+
+def test_morphology_equals_skimage():
+    rng = np.random.default_rng(0)
+    for mask in _masks(rng):
+        for radius in (1, 2, 5):
+            np.testing.assert_array_equal(ours.close_disk(mask, radius),
+                                          morphology.closing(mask, morphology.disk(radius)).astype(bool))
+        for size in (0, 1, 3, 12, 200):
+            np.testing.assert_array_equal(ours.remove_small_objects(mask, size),
+                                          morphology.remove_small_objects(mask, max_size=size))
+            np.testing.assert_array_equal(ours.remove_small_holes(mask, size),
+                                          morphology.remove_small_holes(mask, max_size=size))
+    np.testing.assert_array_equal(ours.disk(4), morphology.disk(4).astype(bool))
+
+
+def test_otsu_equals_skimage():
+    rng = np.random.default_rng(1)
+    samples = [rng.random((60, 70)).astype(np.float32), rng.normal(0, 1, (33, 9)),
+               np.concatenate([rng.normal(0.1, 0.02, 500), rng.normal(0.6, 0.1, 300)]).astype(np.float32),
+               np.full((5, 5), 0.25, np.float32)]
+    for values in samples:
+        assert ours.otsu_threshold(values) == pytest.approx(filters.threshold_otsu(values), rel=1e-6, abs=1e-9)
+
+
+def test_tissue_masks_of_slides_are_unchanged(cmu_slide, tmp_path):
+    """The whole tissue mask (threshold, closing, specks, holes) against the same steps in scikit-image."""
+    generated = write_test_slide(tmp_path / "gen.svs", width=2048, height=1536, seed=3)
+    config = TissueConfig()
+    for path, mask_mpp in ((cmu_slide, 8.0), (generated, 4.0)):
+        handle, _ = open_handle(path)
+        level = handle.level_count - 1
+        rgb = np.asarray(handle.read_region((0, 0), level, handle.level_dimensions[level]).convert("RGB"))
+        handle.close()
+        signal = saturation(rgb)
+        expected = signal > max(float(filters.threshold_otsu(signal)), config.min_saturation)
+        expected = morphology.closing(expected, morphology.disk(int(round(config.closing_um / mask_mpp)))).astype(bool)
+        expected = morphology.remove_small_objects(expected, max_size=int(config.min_object_um2 / mask_mpp ** 2) - 1)
+        expected = morphology.remove_small_holes(expected, max_size=int(config.min_hole_um2 / mask_mpp ** 2) - 1)
+        mask = tissue_mask(rgb, config, mask_mpp)
+        assert 0.05 < mask.mean() < 0.95
+        np.testing.assert_array_equal(mask, expected)
