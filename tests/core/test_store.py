@@ -67,6 +67,29 @@ def test_partial_store_holds_the_arrays_and_is_not_listed(tmp_path):
     assert not store_is_current(path, "fp-1", "h-1")  # incomplete
 
 
+def test_further_arrays_are_made_with_the_partial_store(tmp_path):
+    """``arrays``: made with the store (data or empty, attributes); a store missing one of them is made again."""
+    codes = np.arange(np.prod(GRID), dtype=np.uint8).reshape(GRID)
+    arrays = {"qc_code": {"data": codes, "attributes": {"codes": {"pen": 1}}},
+              "qc_scores": {"shape": (*GRID, 2), "dtype": np.float32, "fill_value": np.nan,
+                            "chunks": (CHUNK, CHUNK, 2), "attributes": {"detectors": ["a", "b"]}}}
+    fraction, mask, thumb = _inputs()
+    path, _ = create_partial_store(tmp_path, "s1", _attrs(), GRID, DIMS, CHUNK, fraction, mask, thumb, arrays)
+    np.testing.assert_array_equal(read_array(path, "qc_code"), codes)
+    assert array_attrs(path, "qc_code") == {"codes": {"pen": 1}}
+    scores = read_array(path, "qc_scores")
+    assert scores.shape == (*GRID, 2) and np.isnan(scores).all()
+    assert array_attrs(path, "qc_scores") == {"detectors": ["a", "b"]}
+    assert read_attrs(path) == {**_attrs(), "grid_shape": list(GRID), "complete": False}
+    write_descriptor_chunk(path, tmp_path, "s1", BLOCKS[0], _block_values(BLOCKS[0], 1.0))
+    _, done = create_partial_store(tmp_path, "s1", _attrs(), GRID, DIMS, CHUNK, fraction, mask, thumb, arrays)
+    assert done == {(0, 0)}  # reused with its arrays
+    more = {**arrays, "tile_annotation": {"data": np.zeros(GRID, np.uint16)}}
+    _, done = create_partial_store(tmp_path, "s1", _attrs(), GRID, DIMS, CHUNK, fraction, mask, thumb, more)
+    assert done == set() and np.isnan(read_array(path, "descriptors")).all()  # made again: it lacked one
+    np.testing.assert_array_equal(read_array(path, "tile_annotation"), np.zeros(GRID, np.uint16))
+
+
 def test_chunks_written_are_marked_and_kept_on_resume(tmp_path):
     path, _ = _create(tmp_path)
     write_descriptor_chunk(path, tmp_path, "s1", BLOCKS[1], _block_values(BLOCKS[1], 1.5))

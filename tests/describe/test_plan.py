@@ -1,0 +1,69 @@
+"""The plan of a slide in one describe run: its metadata read, its reader probed, its file hashed and its thumbnail
+made once (the stain pass's are taken over), whatever the stain setting; the stores are the same either way."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import pipeline.describe.plan as plan_module
+import pipeline.describe.stain_cohort as stain_module
+import pipeline.slides.open as open_module
+from pipeline.core.config import config_from_dict
+from pipeline.core.parallel import LocalRunner
+from pipeline.core.store import read_array, read_attrs, store_path
+from pipeline.describe.runner import describe_slides
+from pipeline.describe.stain_cohort import KEPT_THUMBNAILS
+
+
+def _counting(monkeypatch, module, name: str, calls: Counter, key=lambda *a, **k: a[0]):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[(name, str(key(*args, **kwargs)))] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+@pytest.mark.parametrize("stain", ["macenko", "none"])
+def test_each_slide_is_read_once_per_run(small_slides, tmp_path, monkeypatch, stain):
+    monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # the test's slides were just written: remember them anyway
+    open_module._remembered_hash.cache_clear()
+    calls: Counter = Counter()
+    for module in (stain_module, plan_module):
+        _counting(monkeypatch, module, "read_slide_info", calls)
+        _counting(monkeypatch, module, "tissue_image", calls)
+    _counting(monkeypatch, stain_module, "choose_reader", calls, key=lambda info, *a, **k: info.path)
+    _counting(monkeypatch, open_module, "_hash_file", calls)
+    config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 4}, "stain": {"method": stain}})
+    out = tmp_path / "out"
+    summary = describe_slides([small_slides], out, config, runner=LocalRunner(), progress=False)
+    assert summary["done"] == 2
+    paths = sorted(str(p) for p in small_slides.glob("*.svs"))
+    for name in ("read_slide_info", "tissue_image", "choose_reader", "_hash_file"):
+        assert [calls[(name, p)] for p in paths] == [1, 1], (name, calls)
+    assert not (out / "slides" / KEPT_THUMBNAILS).exists()
+    for path in paths:
+        store = store_path(out, open_module.slide_id_from_path(path))
+        assert read_attrs(store)["slide_info"]["path"] == path
+        assert read_array(store, "qc_code").shape == read_array(store, "tissue_mask").shape
+
+
+def test_the_plan_taken_from_the_stain_pass_gives_the_same_store(small_slides, tmp_path):
+    """The same slide planned from the stain pass's survey and alone (its stain cache reused: no survey)."""
+    config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 4}})
+    first, second = tmp_path / "first", tmp_path / "second"
+    describe_slides([small_slides], first, config, runner=LocalRunner(), progress=False)
+    second.mkdir()
+    (second / "stain.json").write_bytes((first / "stain.json").read_bytes())  # cached estimates: nothing surveyed
+    describe_slides([small_slides], second, config, runner=LocalRunner(), progress=False)
+    for slide_id in ("slide-a", "slide-b"):
+        a, b = store_path(first, slide_id), store_path(second, slide_id)
+        for name in ("descriptors", "tissue_mask", "tissue_fraction", "thumbnail", "qc_code", "tile_annotation"):
+            assert np.array_equal(read_array(a, name), read_array(b, name), equal_nan=True), name
+        attrs_a, attrs_b = read_attrs(a), read_attrs(b)
+        for key in ("slide_info", "reader", "reader_choice", "pixel_decode", "tile_grid", "stain", "qc", "tiles"):
+            assert attrs_a[key] == attrs_b[key], key
