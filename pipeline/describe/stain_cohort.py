@@ -26,8 +26,10 @@ from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
 from ..core.parallel import Task, in_flight_limit, run_bounded
 from ..core.store import slides_dir
-from ..slides.open import read_slide_info, slide_fingerprint
+from ..slides.annotations import annotation_digest, annotation_file, read_annotations
+from ..slides.open import read_slide_info, slide_fingerprint, slide_id_from_path
 from ..slides.pixels import read_thumbnail
+from ..slides.qc import active_detectors
 from ..slides.reader_choice import choose_reader, open_reader
 from ..slides.stain import estimate_stain, fit_target, slide_transform
 from ..slides.tiling import tile_grid
@@ -60,8 +62,33 @@ def survey_slide(path: str, config: PipelineConfig, keep: str | None = None) -> 
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, thumbnail=thumbnail, mask=mask)
         os.replace(tmp, keep)
-    return {"record": estimate_stain(thumbnail, mask, config.stain),
+    # Ink, debris and what the slide's annotations exclude are not stain: a pen stroke alone pulled the Macenko
+    # vectors of pen-marked slides far off (docs/design/classifier.md, "Artefacts and QC holes").
+    stained = mask & ~excluded_pixels(thumbnail, mask, mask_ds, info, config, slide_id_from_path(path))
+    return {"record": estimate_stain(thumbnail, stained, config.stain),
             "slide": {"info": info, "reader": reader, "kept": keep}}
+
+
+def excluded_pixels(thumbnail: np.ndarray, mask: np.ndarray, mask_ds: float, info, config: PipelineConfig,
+                    slide_id: str) -> np.ndarray:
+    """Tissue pixels of the thumbnail that describe leaves out: flagged by a thumbnail QC detector (``pen``,
+    ``debris``) or inside an annotation of an ``annotations.exclude`` class (pixel centres, level-0 geometry)."""
+    import shapely
+
+    out = np.zeros(mask.shape, bool)
+    for detector in active_detectors(config.qc.detectors):
+        if detector.where == "thumbnail":
+            out |= np.asarray(detector.pixels(thumbnail, mask, config.qc), bool)
+    source = annotation_file(config.annotations.dir, slide_id)
+    if source is None:
+        return out & mask
+    excluded = [a.geometry for a in read_annotations(source, info.width_px, info.height_px)
+                if a.name in set(config.annotations.exclude)]
+    if excluded:
+        rows, cols = np.nonzero(mask & ~out)
+        inside = shapely.union_all(excluded)
+        out[rows, cols] = shapely.contains_xy(inside, (cols + 0.5) * mask_ds, (rows + 0.5) * mask_ds)
+    return out & mask
 
 
 def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
@@ -100,7 +127,9 @@ def discard_kept_thumbnails(out_dir: str | Path) -> None:
 
 def estimation_hash(config: PipelineConfig) -> str:
     """Hash of what a slide's estimate depends on (not the target)."""
-    data = config.model_dump(mode="json", include={"tiling", "tissue", "stain"})
+    data = config.model_dump(mode="json", include={"tiling", "tissue", "stain", "qc", "annotations"})
+    data["annotations"].pop("dir")  # the files enter each slide's fingerprint (plan_stain)
+    data["annotations"].pop("cam_classes")
     data["stain"].pop("target")
     data["stain"].pop("reference_slide")
     data["tiling"].pop("chunk_tiles")
@@ -185,6 +214,8 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
     for slide_id, path in ids.items():
         try:
             fingerprints[slide_id] = slide_fingerprint(path)
+            digest = annotation_digest(config.annotations.dir, slide_id)  # as describe's: an edited file is stale
+            fingerprints[slide_id] += f"+annotations:{digest}" if digest else ""
         except OSError:
             fingerprints[slide_id] = "unreadable"
         entry = cached.get(slide_id) or {}
