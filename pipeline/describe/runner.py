@@ -1,11 +1,12 @@
 """Stage 1-2: slides -> tissue mask -> tile grid -> per-tile descriptors in a Zarr store per slide.
 
-Two task functions run on workers (each opens its own slide handle):
+Task functions that run on workers (each opens its own slide handle):
 
 * ``plan_slide`` (``plan.py``): metadata, tile grid, tissue mask and thumbnail of one slide (``prepare_slide``), and
   its partial store created there (the thumbnail is written by the worker; small arrays come back);
 * ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
-  straight into that block's own Zarr chunk.
+  straight into that block's own Zarr chunk; a slide with a single block is described in its plan task
+  (``plan_and_describe``).
 
 ``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
 finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
@@ -80,6 +81,28 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
     return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
             "encoded_on": where_am_i()["worker"], "device": f"{encoder.spec.device}, {encoder.spec.precision}"}
+
+
+def slide_blocks(plan: dict, chunk_tiles: int) -> list[tuple[int, int, int, int]]:
+    """The blocks (Zarr chunks) of a planned slide that hold tiles to describe."""
+    tissue = plan["tissue_tiles"]
+    return [b for b in TileGrid.from_dict(plan["grid"]).chunks(chunk_tiles) if tissue[b[0]:b[1], b[2]:b[3]].any()]
+
+
+def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
+                      encoder: dict | None = None, surveyed: dict | None = None, stain: dict | None = None) -> dict:
+    """``plan_slide``, then the slide's block when it has only one (a small slide): one task instead of two, each of
+    which costs milliseconds of scheduling. The plan gets ``described``: that block and its ``describe_block``
+    result."""
+    plan = plan_slide(path, config, out_dir, slide_id, fingerprint, encoder, surveyed)
+    blocks = slide_blocks(plan, config.tiling.chunk_tiles)
+    if len(blocks) == 1 and [blocks[0][0], blocks[0][2]] not in [list(a) for a in plan["already"]]:
+        r0, r1, c0, c1 = block = blocks[0]
+        result = describe_block(path, plan["store"], out_dir, slide_id, plan["grid"], block,
+                                plan["tissue_tiles"][r0:r1, c0:c1].copy(), config, len(plan["descriptor_names"]),
+                                plan["reader"], stain)
+        plan["described"] = {"block": list(block), **result}
+    return plan
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -234,6 +257,13 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         bar.slide_done()
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
 
+    def block_done(job: _SlideJob, result: dict) -> None:
+        job.tiles += int(result["tiles"])
+        job.fallback_regions += int(result["fallback_regions"])
+        job.delegated_regions += int(result["delegated_regions"])
+        job.encoded_on.add(f"{result.get('encoded_on') or 'client'} ({result.get('device', 'cpu')})")
+        bar.tiles_done(int(result["tiles"]))
+
     def next_task() -> Task | None:
         """Blocks of already-planned slides first (finish what is open), new slides when few blocks wait."""
         if pending and len(jobs) < max_slides_open and len(block_queue) < plan_ahead_blocks:
@@ -254,8 +284,11 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     def plan_task() -> Task:
         job = pending.pop()
         jobs[job.slide_id] = job
-        return Task(plan_slide, (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder,
-                                 stain.surveyed.pop(job.slide_id, None)), ("prepare", job.slide_id))
+        args = (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder,
+                stain.surveyed.pop(job.slide_id, None))
+        if resources:  # blocks go to the GPU workers: plan alone
+            return Task(plan_slide, args, ("prepare", job.slide_id))
+        return Task(plan_and_describe, (*args, stain.transforms.get(job.slide_id)), ("prepare", job.slide_id))
 
     for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
         kind, slide_id = done.tag
@@ -269,36 +302,29 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             job.plan = done.result
             job.store = job.plan["store"]
             already = {tuple(origin) for origin in job.plan["already"]}
-            grid = job.plan["grid"]
+            described = job.plan.pop("described", None)
             tissue = job.plan["tissue_tiles"]
-            blocks = [b for b in TileGrid.from_dict(grid).chunks(config.tiling.chunk_tiles)
-                      if tissue[b[0]:b[1], b[2]:b[3]].any()]
-            total_tiles = int(tissue.sum())
-            bar.add_tiles(total_tiles)
+            bar.add_tiles(int(tissue.sum()))
             todo_blocks = []
-            for b in blocks:
+            for b in slide_blocks(job.plan, config.tiling.chunk_tiles):
                 n = int(tissue[b[0]:b[1], b[2]:b[3]].sum())
                 if (b[0], b[2]) in already:
                     job.tiles += n
                     bar.tiles_done(n)
-                    continue
-                todo_blocks.append((n, b))
+                elif described is not None and tuple(described["block"]) == b:
+                    block_done(job, described)
+                else:
+                    todo_blocks.append((n, b))
             # Largest blocks are submitted first (the queue pops from its end): the last tasks of a slide are then
             # the small ones, so workers run out of work at nearly the same time.
             for n, b in sorted(todo_blocks, key=lambda nb: nb[0]):
                 block_queue.append((slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
                 job.blocks_left += 1
-            if job.blocks_left == 0:
-                finish(job)
         else:
-            job.tiles += int(done.result["tiles"])
-            job.fallback_regions += int(done.result["fallback_regions"])
-            job.delegated_regions += int(done.result["delegated_regions"])
-            job.encoded_on.add(f"{done.result.get('encoded_on') or 'client'} ({done.result.get('device', 'cpu')})")
-            bar.tiles_done(int(done.result["tiles"]))
+            block_done(job, done.result)
             job.blocks_left -= 1
-            if job.blocks_left == 0:
-                finish(job)
+        if job.blocks_left == 0:
+            finish(job)
 
     bar.close()
     discard_kept_thumbnails(out_dir)  # those of slides that failed before their plan

@@ -67,3 +67,30 @@ def test_the_plan_taken_from_the_stain_pass_gives_the_same_store(small_slides, t
         attrs_a, attrs_b = read_attrs(a), read_attrs(b)
         for key in ("slide_info", "reader", "reader_choice", "pixel_decode", "tile_grid", "stain", "qc", "tiles"):
             assert attrs_a[key] == attrs_b[key], key
+
+
+def test_a_single_block_slide_is_described_in_its_plan_task(small_slides, tmp_path, monkeypatch):
+    """One block per slide (chunks of 64 tiles): no block task, the same values as block by block (4-tile chunks)."""
+    import pipeline.describe.runner as runner_module
+
+    tasks: Counter = Counter()
+    original = runner_module.Task
+
+    def counted_task(fn, *args, **kwargs):
+        tasks[fn.__name__] += 1
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "Task", counted_task)
+    stores = {}
+    for chunk in (64, 4):
+        config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": chunk}})
+        out = tmp_path / f"chunks{chunk}"
+        assert describe_slides([small_slides], out, config, runner=LocalRunner(), progress=False)["done"] == 2
+        stores[chunk] = out
+        if chunk == 64:
+            assert tasks == Counter({"plan_and_describe": 2}), tasks
+    for slide_id in ("slide-a", "slide-b"):
+        one, many = store_path(stores[64], slide_id), store_path(stores[4], slide_id)
+        for name in ("descriptors", "tissue_mask", "qc_code", "qc_scores", "thumbnail"):
+            assert np.array_equal(read_array(one, name), read_array(many, name), equal_nan=True), name
+        assert read_attrs(one)["tiles"] == read_attrs(many)["tiles"] > 0
