@@ -2,10 +2,13 @@
 
 Features per pixel: optical-density chromaticity (two numbers, the hue of what absorbs) and log total optical density
 (darkness). A robust covariance (minimum covariance determinant over 90% of the pixels, ``robust_fit``, refitted
-without the pixels the last fit called ink, up to three times) of the slide's tissue pixels models its stain; a pixel
-further than ``max_distance`` (Mahalanobis) is ink. Relative to the slide, so a second lab's stain is not ink; blue,
-green and red inks move the chromaticity, black ink the darkness. Runs on the tissue-mask thumbnail (8 µm/px):
-strokes are tens of pixels wide there and averaging over nuclei steadies the tissue colours (docs/design/qc.md).
+without the pixels the last fit called ink, up to three times) of the slide's tissue pixels models its stain; pixels
+whose colour only marker ink gives (``ink_like``: blue, red, green, grey or black, whatever the H&E) are left out of
+the fit, so a stroke that covers much of the tissue, or two strokes of one colour, do not become a tissue colour. A
+pixel further than ``max_distance`` (Mahalanobis) is ink when it is ink-like or darker than the tissue's mean (ink adds
+optical density; a far, lighter pixel is a tissue colour the model missed). Relative to the slide, so a second lab's
+stain is not ink. Runs on the tissue-mask thumbnail (8 µm/px): strokes are tens of pixels wide there and averaging
+over nuclei steadies the tissue colours (docs/design/qc.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ SUPPORT = 0.9  # share of the sample each robust fit covers: every tissue colour
 ROUNDS = 3  # robust fits at most
 MIN_BLOB_PX = 40  # flagged blobs smaller than this (40 px at 8 µm/px: 0.0026 mm²) are dark nuclei, not a stroke
 GLASS_MARGIN = 15  # grey levels: pixels whose darkest channel is within this of the slide's glass are glass
+# Where marker ink lies in (OD chromaticity red - green, blue; log total OD) and H&E tissue does not (docs/design/qc.md):
+BLUE_MAX = 0.2  # blue ink passes blue light: blue chromaticity below this (H&E: >= 0.2 for both labs' stains)
+RED_MIN = 0.38  # red ink absorbs green and blue: blue chromaticity above this
+GREEN_RG_MIN = -0.05  # green ink absorbs red, grey (black ink on glass) red as much as green: red - green above
+GREEN_BLUE_MIN = 0.27  # this with blue above this
+BLACK_RG_MIN, BLACK_BLUE_MIN, BLACK_LOG_OD_MIN = -0.12, 0.28, 1.1  # black: near neutral and dark
+MIN_FIT_SHARE = 0.5  # the prior leaves fewer of the tissue pixels than this: it does not fit this slide, unused
 
 
 def colour_features(rgb: np.ndarray) -> np.ndarray:
@@ -30,6 +40,15 @@ def colour_features(rgb: np.ndarray) -> np.ndarray:
     total = od.sum(axis=-1)
     chroma = od / np.maximum(total, 1e-3)[..., None]
     return np.stack([chroma[..., 0] - chroma[..., 1], chroma[..., 2], np.log(total + 1e-3)], axis=-1)
+
+
+def ink_like(features: np.ndarray) -> np.ndarray:
+    """Bool (n,): rows of ``features`` (n, 3) whose colour only marker ink gives (blue, red, green or black), whatever
+    the slide's stain. Left out of the colour model's fit, so a stroke that covers much of the tissue, or two of one
+    colour, cannot become a tissue colour mode; the pixels are still judged by their distance to the model."""
+    rg, blue, log_od = features[:, 0], features[:, 1], features[:, 2]
+    return ((blue < BLUE_MAX) | (blue > RED_MIN) | ((rg > GREEN_RG_MIN) & (blue > GREEN_BLUE_MIN))
+            | ((rg > BLACK_RG_MIN) & (blue > BLACK_BLUE_MIN) & (log_od > BLACK_LOG_OD_MIN)))
 
 
 def _squared_distance(x: np.ndarray, centre: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -114,31 +133,37 @@ def _robust_fit_columns(xt: np.ndarray, support: float, steps: int) -> tuple[np.
     return centre, np.linalg.pinv(cov)
 
 
-def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.25, sample_px: int = 20000,
+def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.25, sample_px: int = 6000,
                seed: int = 0) -> np.ndarray:
     """Bool (h, w): pixels of ``thumbnail`` (uint8 RGB) whose colour is ink, relative to its ``tissue_px``."""
     from scipy.ndimage import binary_opening
 
-    features = colour_features(thumbnail)
     darkest = thumbnail.min(axis=-1).astype(np.int16)
     glass = np.median(darkest[~tissue_px]) if (~tissue_px).sum() >= MIN_PIXELS else 240  # this slide's glass
     model_px = tissue_px & (darkest < glass - GLASS_MARGIN)  # glass the mask closed over is no part of the model
     # tested: the tissue and whatever is clearly darker than glass (grey ink on glass is not tissue to the mask)
     not_glass = (tissue_px | (darkest < glass - 3 * GLASS_MARGIN)) & (darkest < glass - GLASS_MARGIN)
     out = np.zeros(tissue_px.shape, dtype=bool)
-    if model_px.sum() < MIN_PIXELS:
+    n_model = int(model_px.sum())
+    if n_model < MIN_PIXELS:
         return out
+    tested = colour_features(thumbnail[not_glass])  # (n, 3); the model's pixels are among them (model_px ⊆ not_glass)
     rng = np.random.default_rng(seed)
-    sample = features[model_px][rng.choice(int(model_px.sum()), min(int(model_px.sum()), sample_px), replace=False)]
+    sample = tested[model_px[not_glass]][rng.choice(n_model, min(n_model, sample_px), replace=False)]
+    tissue_like = ~ink_like(sample)
+    if tissue_like.sum() >= max(MIN_PIXELS, MIN_FIT_SHARE * len(sample)):
+        sample = sample[tissue_like]
     sample = np.ascontiguousarray(sample.T, dtype=np.float64)  # (3, n): one row per feature
     for _ in range(ROUNDS):  # refit without what the last fit called ink: ink that shifted the first fit is found
         centre, precision = _robust_fit_columns(sample, SUPPORT, 10)
-        inside = np.sqrt(_distance_by_column(sample, centre, precision)) <= max_distance
+        inside = _distance_by_column(sample, centre, precision) <= max_distance ** 2
         if inside.all() or inside.sum() < MIN_PIXELS:
             break
         sample = sample.compress(inside, axis=1)
-    distance = np.sqrt(_squared_distance(features[not_glass].astype(np.float64), centre, precision))
-    out[not_glass] = distance > max_distance
+    far = _squared_distance(tested.astype(np.float64), centre, precision) > max_distance ** 2
+    # far from the tissue, and either ink's colour or darker than the tissue's mean: ink adds optical density, so a
+    # far pixel lighter than the tissue is a tissue colour the model missed (pale eosin of a second lab's stain)
+    out[not_glass] = far & (ink_like(tested) | (tested[:, 2] > centre[2]))
     out = binary_opening(out, structure=np.ones((3, 3), bool))  # strokes are wide: lone pixels are not ink
     return remove_small_objects(out, max_size=MIN_BLOB_PX - 1)  # nor are compact specks of dense nuclei
 
