@@ -27,7 +27,8 @@ MIN_BLOB_PX = 40  # flagged blobs smaller than this (40 px at 8 µm/px: 0.0026 m
 GLASS_MARGIN = 15  # grey levels: pixels whose darkest channel is within this of the slide's glass are glass
 # Where marker ink lies in (OD chromaticity red - green, blue; log total OD) and H&E tissue does not (docs/design/qc.md):
 BLUE_MAX = 0.2  # blue ink passes blue light: blue chromaticity below this (H&E: >= 0.2 for both labs' stains)
-RED_MIN = 0.38  # red ink absorbs green and blue: blue chromaticity above this
+RED_MIN = 0.38  # red ink absorbs green and blue: blue chromaticity above this, or above DARK_BLUE_MIN when dark
+DARK_BLUE_MIN, DARK_LOG_OD_MIN = 0.33, 0.9  # (dense H&E absorbs less blue than that: its haematoxylin does not)
 GREEN_RG_MIN = -0.05  # green ink absorbs red, grey (black ink on glass) red as much as green: red - green above
 GREEN_BLUE_MIN = 0.27  # this with blue above this
 BLACK_RG_MIN, BLACK_BLUE_MIN, BLACK_LOG_OD_MIN = -0.12, 0.28, 1.1  # black: near neutral and dark
@@ -47,7 +48,8 @@ def ink_like(features: np.ndarray) -> np.ndarray:
     the slide's stain. Left out of the colour model's fit, so a stroke that covers much of the tissue, or two of one
     colour, cannot become a tissue colour mode; the pixels are still judged by their distance to the model."""
     rg, blue, log_od = features[:, 0], features[:, 1], features[:, 2]
-    return ((blue < BLUE_MAX) | (blue > RED_MIN) | ((rg > GREEN_RG_MIN) & (blue > GREEN_BLUE_MIN))
+    return ((blue < BLUE_MAX) | (blue > RED_MIN) | ((blue > DARK_BLUE_MIN) & (log_od > DARK_LOG_OD_MIN))
+            | ((rg > GREEN_RG_MIN) & (blue > GREEN_BLUE_MIN))
             | ((rg > BLACK_RG_MIN) & (blue > BLACK_BLUE_MIN) & (log_od > BLACK_LOG_OD_MIN)))
 
 
