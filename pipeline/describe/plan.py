@@ -23,11 +23,12 @@ from .stain_cohort import slide_reader, take_kept_thumbnail, tissue_image
 
 
 def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None,
-                  kept: tuple[np.ndarray, np.ndarray] | None = None, surveyed: dict | None = None) -> dict:
+                  kept: dict | None = None, surveyed: dict | None = None) -> dict:
     """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
 
     ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
-    ``kept``: (thumbnail, tissue mask) when the stain pass already made them; None = made here.
+    ``kept``: {"thumbnail", "mask", "flags"} when the stain pass already made them (``take_kept_thumbnail``); None =
+    made here.
     ``surveyed``: the stain pass's {"info": SlideInfo, "reader": ReaderChoice} of this slide; None = read here.
     """
     info = surveyed["info"] if surveyed else read_slide_info(path, mpp_override=config.tiling.mpp_override)
@@ -38,7 +39,7 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
             f"{config.tiling.tile_px}-px tile at {config.tiling.mpp:.4g} µm/px", path=path)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     reader = surveyed["reader"] if surveyed else slide_reader(info, grid, config)
-    thumbnail, mask = kept if kept is not None else tissue_image(path, reader, grid, mask_ds, config)
+    thumbnail, mask = (kept["thumbnail"], kept["mask"]) if kept else tissue_image(path, reader, grid, mask_ds, config)
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
     # fraction_min 0 means "any tissue at all", not "every tile"
     tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min
@@ -46,7 +47,8 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
         raise NoTissueError(
             f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "
             f"(tissue covers {mask.mean():.1%} of the slide)", path=path)
-    qc = plan_slide_qc(thumbnail, mask, mask_ds, grid, tiles, config, slide_id or slide_id_from_path(path))
+    qc = plan_slide_qc(thumbnail, mask, mask_ds, grid, tiles, config, slide_id or slide_id_from_path(path),
+                       kept["flags"] if kept else None)
     encoder = encoder or encoder_info(get_encoder(config.descriptor))
     if not (tiles & (qc["qc_code"] == 0)).any():
         raise NoTissueError(f"QC excluded all {int(tiles.sum())} tissue tiles (codes {np.unique(qc['qc_code'])})",

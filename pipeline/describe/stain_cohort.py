@@ -39,6 +39,7 @@ log = logging.getLogger("pipeline")
 
 STAIN_JSON = "stain.json"
 KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: the stain pass's thumbnails, taken by plan_slide
+FLAG_PREFIX = "flag_"  # kept arrays of the thumbnail QC detectors' pixels: flag_<detector>
 
 
 def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> Path:
@@ -57,28 +58,35 @@ def survey_slide(path: str, config: PipelineConfig, keep: str | None = None) -> 
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     reader = slide_reader(info, grid, config)
     thumbnail, mask = tissue_image(path, reader, grid, mask_ds, config)
+    flags = thumbnail_flags(thumbnail, mask, config)
     if keep:
         tmp = Path(f"{keep}.tmp-{os.getpid()}.npz")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, thumbnail=thumbnail, mask=mask)
+        np.savez(tmp, thumbnail=thumbnail, mask=mask, **{FLAG_PREFIX + name: px for name, px in flags.items()})
         os.replace(tmp, keep)
     # Ink, debris and what the slide's annotations exclude are not stain: a pen stroke alone pulled the Macenko
     # vectors of pen-marked slides far off (docs/design/classifier.md, "Artefacts and QC holes").
-    stained = mask & ~excluded_pixels(thumbnail, mask, mask_ds, info, config, slide_id_from_path(path))
+    stained = mask & ~excluded_pixels(thumbnail, mask, mask_ds, info, config, slide_id_from_path(path), flags)
     return {"record": estimate_stain(thumbnail, stained, config.stain),
             "slide": {"info": info, "reader": reader, "kept": keep}}
 
 
+def thumbnail_flags(thumbnail: np.ndarray, mask: np.ndarray, config: PipelineConfig) -> dict[str, np.ndarray]:
+    """The pixels each thumbnail QC detector (``pen``, ``debris``) flags, by name; kept for the plan's QC codes."""
+    return {detector.name: np.asarray(detector.pixels(thumbnail, mask, config.qc), bool)
+            for detector in active_detectors(config.qc.detectors) if detector.where == "thumbnail"}
+
+
 def excluded_pixels(thumbnail: np.ndarray, mask: np.ndarray, mask_ds: float, info, config: PipelineConfig,
-                    slide_id: str) -> np.ndarray:
+                    slide_id: str, flags: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Tissue pixels of the thumbnail that describe leaves out: flagged by a thumbnail QC detector (``pen``,
-    ``debris``) or inside an annotation of an ``annotations.exclude`` class (pixel centres, level-0 geometry)."""
+    ``debris``; ``flags``: ``thumbnail_flags``, None = computed here) or inside an annotation of an
+    ``annotations.exclude`` class (pixel centres, level-0 geometry)."""
     import shapely
 
     out = np.zeros(mask.shape, bool)
-    for detector in active_detectors(config.qc.detectors):
-        if detector.where == "thumbnail":
-            out |= np.asarray(detector.pixels(thumbnail, mask, config.qc), bool)
+    for px in (thumbnail_flags(thumbnail, mask, config) if flags is None else flags).values():
+        out |= px
     source = annotation_file(config.annotations.dir, slide_id)
     if source is None:
         return out & mask
@@ -109,16 +117,18 @@ def tissue_image(path: str, reader, grid, mask_ds: int, config: PipelineConfig) 
     return thumbnail, tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
 
 
-def take_kept_thumbnail(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(thumbnail, tissue mask) the stain pass left at ``path`` (the file is removed), or None."""
+def take_kept_thumbnail(path: str | Path) -> dict | None:
+    """{"thumbnail", "mask", "flags"} the stain pass left at ``path`` (the file is removed), or None; "flags": the
+    thumbnail QC detectors' pixels (``thumbnail_flags``)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as kept:
-            thumbnail, mask = kept["thumbnail"], kept["mask"]
+            out = {"thumbnail": kept["thumbnail"], "mask": kept["mask"],
+                   "flags": {k[len(FLAG_PREFIX):]: kept[k] for k in kept.files if k.startswith(FLAG_PREFIX)}}
     except (OSError, ValueError, KeyError):
         return None
     path.unlink(missing_ok=True)
-    return thumbnail, mask
+    return out
 
 
 def discard_kept_thumbnails(out_dir: str | Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import pipeline.describe.plan as plan_module
 import pipeline.describe.stain_cohort as stain_module
 import pipeline.slides.open as open_module
+import pipeline.slides.qc.pen as pen_module
 from pipeline.core.config import config_from_dict
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.store import read_array, read_attrs, store_path
@@ -38,6 +39,7 @@ def test_each_slide_is_read_once_per_run(small_slides, tmp_path, monkeypatch, st
         _counting(monkeypatch, module, "tissue_image", calls)
     _counting(monkeypatch, stain_module, "choose_reader", calls, key=lambda info, *a, **k: info.path)
     _counting(monkeypatch, open_module, "_hash_file", calls)
+    _counting(monkeypatch, pen_module, "pen_pixels", calls, key=lambda *a, **k: "any slide")
     config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 4}, "stain": {"method": stain}})
     out = tmp_path / "out"
     summary = describe_slides([small_slides], out, config, runner=LocalRunner(), progress=False)
@@ -45,6 +47,7 @@ def test_each_slide_is_read_once_per_run(small_slides, tmp_path, monkeypatch, st
     paths = sorted(str(p) for p in small_slides.glob("*.svs"))
     for name in ("read_slide_info", "tissue_image", "choose_reader", "_hash_file"):
         assert [calls[(name, p)] for p in paths] == [1, 1], (name, calls)
+    assert calls[("pen_pixels", "any slide")] == 2  # the stain pass's flags are the plan's
     assert not (out / "slides" / KEPT_THUMBNAILS).exists()
     for path in paths:
         store = store_path(out, open_module.slide_id_from_path(path))

@@ -54,13 +54,15 @@ def active_detectors(names) -> list[Detector]:
 
 
 def thumbnail_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample: float, grid, tissue_tiles: np.ndarray,
-                 qc) -> np.ndarray:
-    """(rows, cols) uint8 QC codes of the thumbnail detectors for the tissue tiles (0 = kept)."""
+                 qc, flagged: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(rows, cols) uint8 QC codes of the thumbnail detectors for the tissue tiles (0 = kept). ``flagged``: pixels
+    a detector already flagged on this thumbnail and tissue mask, by name (not computed again)."""
     codes = np.zeros(tissue_tiles.shape, np.uint8)
     for detector in active_detectors(qc.detectors):
         if detector.where != "thumbnail" or not tissue_tiles.any():
             continue
-        flagged_px = detector.pixels(thumbnail, tissue_px, qc)
+        flagged_px = (flagged or {}).get(detector.name)
+        flagged_px = detector.pixels(thumbnail, tissue_px, qc) if flagged_px is None else flagged_px
         fraction = tile_tissue_fraction(flagged_px, mask_downsample, grid)
         flag = tissue_tiles & (codes == 0) & (fraction >= detector.tile_fraction(qc))
         codes[flag] = detector.code

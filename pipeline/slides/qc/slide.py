@@ -21,13 +21,13 @@ SCORES = "qc_scores"
 
 
 def plan_slide_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample: float, grid, tissue_tiles: np.ndarray,
-                  config, slide_id: str) -> dict:
+                  config, slide_id: str, flagged: dict[str, np.ndarray] | None = None) -> dict:
     """{"qc_code", "tile_annotation", "annotation_classes", "annotation_file"} of a slide's tissue tiles.
 
     An annotation's exclusion wins over a detector's (it is the pathologist's call). Raises the annotation file's
-    typed error (``AnnotationError`` and subclasses).
+    typed error (``AnnotationError`` and subclasses). ``flagged``: thumbnail detectors' pixels already computed.
     """
-    codes = thumbnail_qc(thumbnail, tissue_px, mask_downsample, grid, tissue_tiles, config.qc)
+    codes = thumbnail_qc(thumbnail, tissue_px, mask_downsample, grid, tissue_tiles, config.qc, flagged)
     labels, classes = np.zeros(grid.shape, np.uint16), []
     path = annotation_file(config.annotations.dir, slide_id)
     if path is not None:
