@@ -32,6 +32,7 @@ DARK_BLUE_MIN, DARK_LOG_OD_MIN = 0.33, 0.9  # (dense H&E absorbs less blue than 
 GREEN_RG_MIN = -0.05  # green ink absorbs red, grey (black ink on glass) red as much as green: red - green above
 GREEN_BLUE_MIN = 0.27  # this with blue above this
 BLACK_RG_MIN, BLACK_BLUE_MIN, BLACK_LOG_OD_MIN = -0.12, 0.28, 1.1  # black: near neutral and dark
+INK_LIKE_DISTANCE = 2.0  # an ink-like pixel this far from the tissue model is ink (others: ``max_distance``)
 MIN_FIT_SHARE = 0.5  # the prior leaves fewer of the tissue pixels than this: it does not fit this slide, unused
 
 
@@ -162,10 +163,12 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
         if inside.all() or inside.sum() < MIN_PIXELS:
             break
         sample = sample.compress(inside, axis=1)
-    far = _squared_distance(tested.astype(np.float64), centre, precision) > max_distance ** 2
-    # far from the tissue, and either ink's colour or darker than the tissue's mean: ink adds optical density, so a
-    # far pixel lighter than the tissue is a tissue colour the model missed (pale eosin of a second lab's stain)
-    out[not_glass] = far & (ink_like(tested) | (tested[:, 2] > centre[2]))
+    d2 = _squared_distance(tested.astype(np.float64), centre, precision)
+    # ink: ink's colour, off the tissue's core (a second lab's bluer haematoxylin brings the slide's stain close to
+    # blue ink), or far from the tissue and darker than its mean (ink adds optical density: a far pixel lighter than
+    # the tissue is a tissue colour the model missed, such as a second lab's pale eosin)
+    out[not_glass] = ((ink_like(tested) & (d2 > INK_LIKE_DISTANCE ** 2))
+                      | ((d2 > max_distance ** 2) & (tested[:, 2] > centre[2])))
     out = binary_opening(out, structure=np.ones((3, 3), bool))  # strokes are wide: lone pixels are not ink
     return remove_small_objects(out, max_size=MIN_BLOB_PX - 1)  # nor are compact specks of dense nuclei
 
