@@ -131,7 +131,8 @@ def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_s
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = grid_shape
     # the attributes with the group: one zarr.json write (zarr 3's attrs.update rewrites it once per key)
-    group = zarr.open_group(str(path), mode="w", attributes={**attrs, "grid_shape": list(grid_shape), "complete": False})
+    group = zarr.open_group(str(path), mode="w",
+                            attributes={**attrs, "grid_shape": list(grid_shape), "complete": False})
     group.create_array("descriptors", shape=(rows, cols, dims), chunks=(chunk_tiles, chunk_tiles, dims),
                        dtype="float32", fill_value=np.nan)
     group.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=tissue_fraction.shape or None)
