@@ -55,9 +55,9 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
 
     ``reader``: the slide's ``ReaderChoice`` as a dict (None = OpenSlide); ``stain``: the slide's fixed stain
     transform (``pipeline.slides.stain.slide_transform``; None = tiles as read), applied before descriptors.
-    Returns {"tiles": number of tiles, "fallback_regions" / "delegated_regions": regions the direct reader read
-    through OpenSlide after a decode failure /
-    because they lie at sub-pixel positions of the level, "encoded_on": the worker (None in-process) and device}.
+    Returns {"block", "tiles": number of tiles, "fallback_regions" / "delegated_regions": regions the direct reader
+    read through OpenSlide after a decode failure / because they lie at sub-pixel positions of the level,
+    "encoded_on": the worker (None in-process) and device, "qc_scores": the block's tile QC scores as written}.
     On an accelerator, tiles are read a few batches ahead of the encoder (``encoders/placement.py``).
     """
     encoder = get_encoder(config.descriptor)
@@ -79,8 +79,9 @@ def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict
         fallbacks, delegated = handle.fallback_regions, handle.delegated_regions
     write_block_scores(store, block, scores)  # before the chunk's done marker
     write_descriptor_chunk(store, out_dir, slide_id, block, values)
-    return {"tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
-            "encoded_on": where_am_i()["worker"], "device": f"{encoder.spec.device}, {encoder.spec.precision}"}
+    return {"block": list(block), "tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
+            "encoded_on": where_am_i()["worker"], "device": f"{encoder.spec.device}, {encoder.spec.precision}",
+            "qc_scores": scores}
 
 
 def slide_blocks(plan: dict, chunk_tiles: int) -> list[tuple[int, int, int, int]]:
@@ -98,10 +99,9 @@ def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id:
     blocks = slide_blocks(plan, config.tiling.chunk_tiles)
     if len(blocks) == 1 and [blocks[0][0], blocks[0][2]] not in [list(a) for a in plan["already"]]:
         r0, r1, c0, c1 = block = blocks[0]
-        result = describe_block(path, plan["store"], out_dir, slide_id, plan["grid"], block,
-                                plan["tissue_tiles"][r0:r1, c0:c1].copy(), config, len(plan["descriptor_names"]),
-                                plan["reader"], stain)
-        plan["described"] = {"block": list(block), **result}
+        plan["described"] = describe_block(path, plan["store"], out_dir, slide_id, plan["grid"], block,
+                                           plan["tissue_tiles"][r0:r1, c0:c1].copy(), config,
+                                           len(plan["descriptor_names"]), plan["reader"], stain)
     return plan
 
 
@@ -121,6 +121,8 @@ class _SlideJob:
     fallback_regions: int = 0
     delegated_regions: int = 0
     encoded_on: set = field(default_factory=set)  # "worker (device)" of its blocks
+    scores: np.ndarray | None = None  # tile QC scores the blocks returned (all of them unless some were resumed)
+    resumed: bool = False
 
 
 def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
@@ -240,7 +242,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         info = job.plan["info"]
         seconds = round(time.monotonic() - job.started, 3)
         reader = job.plan["reader"]["kind"]
-        qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan)
+        scores = None if job.resumed else job.scores
+        qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan, scores)
         job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
         finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
                                                "reader_fallback_regions": job.fallback_regions,
@@ -263,6 +266,12 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         job.delegated_regions += int(result["delegated_regions"])
         job.encoded_on.add(f"{result.get('encoded_on') or 'client'} ({result.get('device', 'cpu')})")
         bar.tiles_done(int(result["tiles"]))
+        r0, r1, c0, c1 = result["block"]
+        if result["qc_scores"].shape[-1]:
+            if job.scores is None:
+                job.scores = np.full((*job.plan["tissue_tiles"].shape, result["qc_scores"].shape[-1]), np.nan,
+                                     np.float32)
+            job.scores[r0:r1, c0:c1] = result["qc_scores"]
 
     def next_task() -> Task | None:
         """Blocks of already-planned slides first (finish what is open), new slides when few blocks wait."""
@@ -311,6 +320,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                 if (b[0], b[2]) in already:
                     job.tiles += n
                     bar.tiles_done(n)
+                    job.resumed = True
                 elif described is not None and tuple(described["block"]) == b:
                     block_done(job, described)
                 else:

@@ -65,16 +65,19 @@ def write_block_scores(store, block: tuple[int, int, int, int], scores: np.ndarr
         write_tile_block(store, SCORES, block, scores)
 
 
-def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict) -> tuple[dict[str, int], int]:
+def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict, scores: np.ndarray | None = None
+                      ) -> tuple[dict[str, int], int]:
     """Decide the tile detectors over the slide's scores; the tiles they exclude lose their descriptors (NaN) and
     leave ``tissue_mask``. ``planned``: the slide's plan, whose ``qc_code``, ``tissue_tiles`` (``tissue_mask``) and
-    ``tissue_fraction`` the store holds (not read back). Returns ({reason: tiles excluded}, tiles excluded now)."""
+    ``tissue_fraction`` the store holds (not read back); ``scores``: its ``qc_scores`` as the blocks wrote them (None:
+    read from the store). Returns ({reason: tiles excluded}, tiles excluded now)."""
     names = tile_detector_names(config.qc)
     codes = planned["qc_code"]
     kept = planned["tissue_tiles"].astype(bool)
     flagged = np.zeros(kept.shape, bool)
     if names:  # qc_scores is made with the partial store whenever there are tile detectors
-        new = decide_tile_qc(read_array(store, SCORES), names, kept, config.qc)
+        scores = read_array(store, SCORES) if scores is None else scores
+        new = decide_tile_qc(scores, names, kept, config.qc)
         flagged = new != 0
     if flagged.any():
         codes = np.where(flagged, new, codes).astype(np.uint8)
