@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG, model_identity
+from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG, model_identity, read_model_info
 from ..core.maps import FEATURE_MAP, has_feature_map
 from ..core.store import slide_id_of
 from .annotations import write_annotation_agreement
@@ -174,7 +174,7 @@ def cam_slides(out_dir, config=None, model_dir=None, runner=None, labels: dict |
         if entries:
             save_contact_sheet(out_dir / MOSAIC_PNG, [{"image": e["png"], "caption": e["caption"]} for e in entries])
         agreement = write_annotation_agreement(out_dir, stores, config.annotations.cam_classes,
-                                               model_identity(trained.info))
+                                               model_identity(read_model_info(model_dir)))
         for slide_id, scores in (agreement or {}).get("per_slide", {}).items():  # the report's per-slide column
             manifest.slides.setdefault(slide_id, {}).setdefault("stages", {}).setdefault("cam", {}).update(
                 annotation_class=scores["class"], pointing_hit=scores["pointing_hit"],
