@@ -21,7 +21,8 @@ class QcConfig(_Section):
     detectors: list[str] = Field(["pen", "blur", "debris"], description="artifact detectors, applied in this order "
                                                                         "(pen, blur, debris; [] = no QC)")
     pen_distance: float = Field(3.25, gt=0, description="pen: robust (Mahalanobis) colour distance from the slide's "
-                                                      "tissue beyond which a thumbnail pixel is ink")
+                                                      "tissue beyond which a thumbnail pixel darker than the tissue "
+                                                      "is ink (pixels of ink's colour: beyond 2)")
     pen_tile_fraction: float = Field(0.15, gt=0, le=1,
                                      description="pen: a tile is excluded when this share of it is ink")
     blur_ratio: float = Field(0.08, gt=0, lt=1, description="blur: a tile is out of focus when the Laplacian energy "

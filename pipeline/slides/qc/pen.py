@@ -4,11 +4,12 @@ Features per pixel: optical-density chromaticity (two numbers, the hue of what a
 (darkness). A robust covariance (minimum covariance determinant over 90% of the pixels, ``robust_fit``, refitted
 without the pixels the last fit called ink, up to three times) of the slide's tissue pixels models its stain; pixels
 whose colour only marker ink gives (``ink_like``: blue, red, green, grey or black, whatever the H&E) are left out of
-the fit, so a stroke that covers much of the tissue, or two strokes of one colour, do not become a tissue colour. A
-pixel further than ``max_distance`` (Mahalanobis) is ink when it is ink-like or darker than the tissue's mean (ink adds
-optical density; a far, lighter pixel is a tissue colour the model missed). Relative to the slide, so a second lab's
-stain is not ink. Runs on the tissue-mask thumbnail (8 µm/px): strokes are tens of pixels wide there and averaging
-over nuclei steadies the tissue colours (docs/design/qc.md).
+the fit, so a stroke that covers much of the tissue, or two strokes of one colour, do not become a tissue colour. Ink:
+an ink-like pixel further than ``INK_LIKE_DISTANCE`` (Mahalanobis) from the model, or any pixel further than
+``max_distance`` that is darker than the tissue's mean (ink adds optical density; a far, lighter pixel is a tissue
+colour the model missed). Relative to the slide, so a second lab's stain is not ink. Runs on the tissue-mask
+thumbnail (8 µm/px): strokes are tens of pixels wide there and averaging over nuclei steadies the tissue colours
+(docs/design/qc.md).
 """
 
 from __future__ import annotations
