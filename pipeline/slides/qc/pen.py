@@ -27,9 +27,9 @@ ROUNDS = 3  # robust fits at most
 MIN_BLOB_PX = 40  # flagged blobs smaller than this (40 px at 8 µm/px: 0.0026 mm²) are dark nuclei, not a stroke
 GLASS_MARGIN = 15  # grey levels: pixels whose darkest channel is within this of the slide's glass are glass
 # Where marker ink lies in (OD chromaticity red - green, blue; log total OD) and H&E tissue does not (docs/design/qc.md):
-BLUE_MAX = 0.2  # blue ink passes blue light: blue chromaticity below this (H&E: >= 0.2 for both labs' stains)
+BLUE_MAX = 0.2  # blue ink passes blue light: blue chromaticity below this (99% of both labs' H&E above it)
 RED_MIN = 0.38  # red ink absorbs green and blue: blue chromaticity above this, or above DARK_BLUE_MIN when dark
-DARK_BLUE_MIN, DARK_LOG_OD_MIN = 0.33, 0.9  # (dense H&E absorbs less blue than that: its haematoxylin does not)
+DARK_BLUE_MIN, DARK_LOG_OD_MIN = 0.33, 0.9  # (dense H&E absorbs less blue: haematoxylin passes blue light)
 GREEN_RG_MIN = -0.05  # green ink absorbs red, grey (black ink on glass) red as much as green: red - green above
 GREEN_BLUE_MIN = 0.27  # this with blue above this
 BLACK_RG_MIN, BLACK_BLUE_MIN, BLACK_LOG_OD_MIN = -0.12, 0.28, 1.1  # black: near neutral and dark
@@ -48,7 +48,7 @@ def colour_features(rgb: np.ndarray) -> np.ndarray:
 def ink_like(features: np.ndarray) -> np.ndarray:
     """Bool (n,): rows of ``features`` (n, 3) whose colour only marker ink gives (blue, red, green or black), whatever
     the slide's stain. Left out of the colour model's fit, so a stroke that covers much of the tissue, or two of one
-    colour, cannot become a tissue colour mode; the pixels are still judged by their distance to the model."""
+    colour, cannot become a tissue colour mode; such a pixel is ink from ``INK_LIKE_DISTANCE`` off the model."""
     rg, blue, log_od = features[:, 0], features[:, 1], features[:, 2]
     return ((blue < BLUE_MAX) | (blue > RED_MIN) | ((blue > DARK_BLUE_MIN) & (log_od > DARK_LOG_OD_MIN))
             | ((rg > GREEN_RG_MIN) & (blue > GREEN_BLUE_MIN))
