@@ -18,6 +18,9 @@ def _masks(rng):
             noise = rng.random(shape)
             yield noise < density
             yield np.kron(noise < density, np.ones((3, 3), bool))[: shape[0] * 2, : shape[1] * 2]
+        yield np.ones(shape, bool)
+        yield np.zeros(shape, bool)
+    yield np.pad(np.ones((3, 3), bool), ((0, 20), (0, 20)))  # a blob in a corner: closing must not leak outside
 
 
 def test_morphology_equals_skimage():
