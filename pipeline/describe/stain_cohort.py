@@ -82,8 +82,6 @@ def excluded_pixels(thumbnail: np.ndarray, mask: np.ndarray, mask_ds: float, inf
     """Tissue pixels of the thumbnail that describe leaves out: flagged by a thumbnail QC detector (``pen``,
     ``debris``; ``flags``: ``thumbnail_flags``, None = computed here) or inside an annotation of an
     ``annotations.exclude`` class (pixel centres, level-0 geometry)."""
-    import shapely
-
     out = np.zeros(mask.shape, bool)
     for px in (thumbnail_flags(thumbnail, mask, config) if flags is None else flags).values():
         out |= px
@@ -93,6 +91,8 @@ def excluded_pixels(thumbnail: np.ndarray, mask: np.ndarray, mask_ds: float, inf
     excluded = [a.geometry for a in read_annotations(source, info.width_px, info.height_px)
                 if a.name in set(config.annotations.exclude)]
     if excluded:
+        import shapely  # only with annotations: its import costs ~60 ms in the worker that plans the first slide
+
         rows, cols = np.nonzero(mask & ~out)
         inside = shapely.union_all(excluded)
         out[rows, cols] = shapely.contains_xy(inside, (cols + 0.5) * mask_ds, (rows + 0.5) * mask_ds)
