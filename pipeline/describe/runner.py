@@ -194,6 +194,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
 
     manifest.data["annotation_warnings"] = [f"{p}: no slide with this id in the run; the file is not used"
                                             for p in unmatched_annotation_files(config.annotations.dir, ids)]
+    for warning in manifest.data["annotation_warnings"]:
+        log.warning("annotations: %s", warning)
     todo: list[_SlideJob] = []
     skipped = 0
     for slide_id, path in ids.items():

@@ -112,7 +112,7 @@ def test_a_small_overshoot_past_the_edge_is_accepted():
     assert len(parse_annotations(json.dumps([_feature([ring], "Tissue")]), 1200, 1000)) == 1
 
 
-def test_describe_with_annotations(tmp_path):
+def test_describe_with_annotations(tmp_path, caplog):
     """Through describe: tiles removed and labelled, a broken file fails only its slide, an unmatched file is a
     warning, and an edited annotation file makes only its slide stale."""
     slides, notes = tmp_path / "slides", tmp_path / "annotations"
@@ -133,6 +133,7 @@ def test_describe_with_annotations(tmp_path):
     assert summary["done"] == 1 and summary["failed"] == 1
     assert manifest["slides"]["b"]["error"]["code"] == "bad_annotation"
     assert any("c.geojson" in w for w in manifest["annotation_warnings"])
+    assert any("c.geojson" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)  # and in the log
     store = store_path(out, "a")
     codes, tissue = read_array(store, "qc_code"), read_array(store, "tissue_fraction") >= 0.5
     band = np.zeros(codes.shape, bool)
