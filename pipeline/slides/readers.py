@@ -35,9 +35,7 @@ not OpenSlide's pixels but close to their area average, which ``read_tile_row`` 
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -47,14 +45,10 @@ from ..core.errors import DirectReadUnsupportedError, TileReadError
 from . import jpeg
 from .open import open_handle
 from .pixels import read_level_region, reduce_box
+from .tiff_pages import LevelPage, NotDirect, map_levels
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages (one page per level, no extra geometry).
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
-
-# TIFF compressions decoded directly: the lossless ones give the stored values by construction, JPEG is tested against
-# OpenSlide (tests/slides/test_readers.py), and ``auto`` probes every slide anyway. Others (e.g. Aperio's JPEG 2000, whose
-# colour handling is OpenSlide's own) stay with OpenSlide.
-DIRECT_COMPRESSIONS = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate"}
 
 BACKGROUND = 255  # white: what OpenSlide's transparent pixels become (slides.rgba_to_rgb)
 
@@ -145,79 +139,6 @@ def as_reader(handle, path: str = "") -> TileReader:
 # --- the direct TIFF reader -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _LevelPage:
-    """What decoding one level needs, bound once when the file is opened (see the decode gotcha below)."""
-
-    page_index: int
-    width: int
-    height: int
-    tile_w: int
-    tile_h: int
-    tiles_across: int
-    offsets: np.ndarray
-    bytecounts: np.ndarray
-    decode: object               # tifffile's page.decode closure
-    jpegtables: bytes | None
-    compression: int
-    jpeg_prefix: bytes | None    # for scaled decoding: SOI + colour-space marker + tables (None: not JPEG)
-
-
-class _NotDirect(Exception):
-    """Internal: why a slide cannot be read directly."""
-
-
-def _page_problem(page) -> str | None:
-    """Why a tiled page cannot be decoded straight to OpenSlide's RGB pixels (None if it can)."""
-    if page.compression not in DIRECT_COMPRESSIONS:
-        return f"compression {int(page.compression)} is not decoded directly"
-    if page.bitspersample != 8 or page.samplesperpixel != 3 or page.planarconfig != 1:
-        return (f"{page.samplesperpixel} samples of {page.bitspersample} bits "
-                f"(planar config {int(page.planarconfig)}), not interleaved 8-bit RGB")
-    photometric = int(page.photometric)
-    if not (photometric == 2 or (photometric == 6 and page.compression == 7)):
-        return f"photometric {photometric} is neither RGB nor JPEG YCbCr"
-    if page.imagedepth != 1 or page.tiledepth != 1:
-        return "volumetric tiles"
-    if page.predictor not in (1, 2):
-        return f"predictor {page.predictor}"
-    return None
-
-
-def _map_levels(tif, level_dimensions: Sequence[Sequence[int]]) -> list[_LevelPage]:
-    """The TIFF page holding each OpenSlide level, matched by dimensions.
-
-    Aperio SVS keeps level 0 as page 0, a stripped thumbnail, the other levels, then label and macro images; a
-    generic pyramidal TIFF has one tiled page per level. Untiled pages (thumbnail, label) never match; among tiled
-    pages of equal size the first unused one wins, which is OpenSlide's order too.
-    """
-    pages = list(tif.pages)
-    used: set[int] = set()
-    out = []
-    for level, (w, h) in enumerate(level_dimensions):
-        index = next((i for i, p in enumerate(pages) if i not in used and p.is_tiled
-                      and int(p.imagewidth) == int(w) and int(p.imagelength) == int(h)), None)
-        if index is None:
-            raise _NotDirect(f"no tiled TIFF page of {w}x{h} px for level {level}")
-        used.add(index)
-        page = pages[index]
-        problem = _page_problem(page)
-        if problem:
-            raise _NotDirect(f"level {level} (page {index}): {problem}")
-        # tifffile gotcha: the decode closure and the JPEG tables load tag values through the file handle, so bind
-        # them now, before any tile is read (reads go through a separate descriptor with os.pread anyway).
-        out.append(_LevelPage(
-            page_index=index, width=int(page.imagewidth), height=int(page.imagelength),
-            tile_w=int(page.tilewidth), tile_h=int(page.tilelength),
-            tiles_across=math.ceil(int(page.imagewidth) / int(page.tilewidth)),
-            offsets=np.asarray(page.dataoffsets, dtype=np.int64),
-            bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
-            decode=page.decode, jpegtables=page.jpegtables, compression=int(page.compression),
-            jpeg_prefix=jpeg.stream_prefix(page.jpegtables, rgb=int(page.photometric) == 2)
-            if int(page.compression) == 7 else None))
-    return out
-
-
 class TiffTileReader(TileReader):
     """Decodes whole native tiles of the level's TIFF page; each tile once per task (a per-task tile cache).
 
@@ -250,9 +171,9 @@ class TiffTileReader(TileReader):
         self._fd = -1
         try:
             self._tif = tifffile.TiffFile(self.path)
-            self._levels = _map_levels(self._tif, self.level_dimensions)
+            self._levels = map_levels(self._tif, self.level_dimensions)
             self._fd = os.open(self.path, os.O_RDONLY)
-        except _NotDirect as err:
+        except NotDirect as err:
             self.close()
             raise DirectReadUnsupportedError(str(err), path=self.path) from None
         except Exception as err:  # noqa: BLE001 - tifffile raises many types for files it cannot parse
@@ -262,7 +183,7 @@ class TiffTileReader(TileReader):
 
     # -- native tiles --
 
-    def _decode_tile(self, lp: _LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
+    def _decode_tile(self, lp: LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
         """One native tile (at 1/``scale``) cropped to the image, or None for a tile the file leaves out."""
         index = ty * lp.tiles_across + tx
         offset, count = int(lp.offsets[index]), int(lp.bytecounts[index])
@@ -291,7 +212,7 @@ class TiffTileReader(TileReader):
         self.tiles_decoded += 1
         return tile[:h, :w]
 
-    def _tile(self, lp: _LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
+    def _tile(self, lp: LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
         key = (level, ty, tx, scale)
         if key in self._cache:
             return self._cache[key]
