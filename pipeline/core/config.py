@@ -154,8 +154,9 @@ class StainConfig(_Section):
                                                                                "density -ln((I + 1) / Io); None = "
                                                                                "measured per slide and channel on its "
                                                                                "glass")
-    luminosity_od: float = Field(0.15, ge=0, description="pixels with an optical density below this in any channel "
-                                                          "are not used for the estimate")
+    luminosity_od: float = Field(0.15, ge=0, description="pixels whose optical density norm is below that of a grey "
+                                                          "pixel at this OD in every channel are not used for the "
+                                                          "estimate")
     angle_percentile: float = Field(1.0, gt=0, lt=50, description="macenko: percentile of the stain angles taken "
                                                                   "as the two stain vectors")
     min_tissue_pixels: int = Field(500, ge=10, description="fewer stained pixels at the mask resolution: the slide "

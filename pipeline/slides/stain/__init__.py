@@ -1,7 +1,7 @@
 """Stain normalisation: each slide's stain is estimated once on its tissue, a cohort target is fitted, and one fixed
 per-slide colour transform is applied to every tile before descriptors.
 
-* ``macenko``: stain vectors and concentration maxima (torchstain's numpy backend), applied as one 3x3 map in
+* ``macenko``: stain vectors and concentration maxima (Macenko's fit, as torchstain's), applied as one 3x3 map in
   optical density;
 * ``reinhard``: CIELAB means and spreads of the tissue (scikit-image colour conversions);
 * ``estimate``: the checks around both (too little tissue, a dark/fluorescence image, stains that are not H&E) and
