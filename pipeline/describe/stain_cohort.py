@@ -32,6 +32,7 @@ from ..slides.pixels import read_thumbnail
 from ..slides.qc import active_detectors
 from ..slides.reader_choice import choose_reader, open_reader
 from ..slides.stain import estimate_stain, fit_target, slide_transform
+from ..slides.stain.macenko import ESTIMATE_REVISION
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tissue_mask
 
@@ -143,6 +144,7 @@ def estimation_hash(config: PipelineConfig) -> str:
     data["stain"].pop("target")
     data["stain"].pop("reference_slide")
     data["tiling"].pop("chunk_tiles")
+    data["estimate_revision"] = ESTIMATE_REVISION  # an estimate cached by an older fit is made again
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,8 @@ from pipeline.core.outputs import Manifest
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.store import list_stores, read_array, read_attrs, store_path
 from pipeline.describe.runner import describe_slides
-from pipeline.describe.stain_cohort import KEPT_THUMBNAILS, STAIN_JSON, estimate_slide_stain
+from pipeline.describe import stain_cohort
+from pipeline.describe.stain_cohort import KEPT_THUMBNAILS, STAIN_JSON, estimate_slide_stain, estimation_hash
 from pipeline.predict import describe_config_for, with_reducer_stain
 from pipeline.reduce.reducers import load_reducer
 from pipeline.reduce.runner import reduce_slides
@@ -169,3 +170,12 @@ def test_reference_slide_and_given_target(tmp_path):
     missing = config_from_dict({**base, "stain": {"reference_slide": str(tmp_path / "nowhere.svs")}})
     with pytest.raises(ConfigError, match="reference_slide"):
         describe_slides([slides], tmp_path / "missing", missing, runner=LocalRunner(), progress=False)
+
+
+def test_a_new_estimate_revision_redoes_cached_estimates(monkeypatch):
+    """Estimates cached by an older fit (another stained-pixel rule) are not reused: the revision is in their key."""
+    config = config_from_dict({})
+    before = estimation_hash(config)
+    assert estimation_hash(config) == before
+    monkeypatch.setattr(stain_cohort, "ESTIMATE_REVISION", stain_cohort.ESTIMATE_REVISION + 1)
+    assert estimation_hash(config) != before

@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 MAX_CONCENTRATION_PERCENTILE = 99.0
+# Changes when the fit gives other numbers for the same pixels and settings: cached estimates (OUT/stain.json) and
+# the target fitted on them are then redone (torchstain's every-channel rule was revision 1).
+ESTIMATE_REVISION = 2
 
 
 def optical_density(pixels: np.ndarray, glass: np.ndarray) -> np.ndarray:
