@@ -38,4 +38,6 @@ def test_pen_annotation_keeps_the_stain_estimate(tmp_path):
     ref_h, kept_h = reference["estimate"]["stain_vectors"][0], kept["estimate"]["stain_vectors"][0]
     assert _angle_deg(ref_h, kept_h) < 3.0
     inked_all = estimate_stain(thumb, mask, config.stain)  # the ink in the estimate: far off, or not H&E at all
-    assert inked_all["status"] != "estimated" or _angle_deg(ref_h, inked_all["estimate"]["stain_vectors"][0]) > 6
+    moved = [_angle_deg(r, i) for r, i in zip(reference["estimate"]["stain_vectors"],  # H, E (here the ink moves E)
+                                              (inked_all["estimate"] or {}).get("stain_vectors", []))]
+    assert inked_all["status"] != "estimated" or max(moved) > 6
