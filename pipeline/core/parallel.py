@@ -185,8 +185,9 @@ def _worker_env_config() -> dict:
     return {"distributed.nanny.pre-spawn-environ": {**current, **WORKER_ENV}}
 
 
-# Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork).
-FORK_UNSAFE_MODULES = ("tensorflow", "jax", "torch")
+# Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork):
+# onnxruntime too, whose session thread pools, once run in the parent (the encoder check), hung a forked worker.
+FORK_UNSAFE_MODULES = ("tensorflow", "jax", "torch", "onnxruntime")
 
 
 def worker_start_method(cluster: ClusterConfig) -> str:

@@ -196,6 +196,11 @@ def test_local_workers_fork_unless_a_fork_unsafe_framework_is_loaded(monkeypatch
     monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
     assert worker_start_method(ClusterConfig()) == "spawn"  # TensorFlow's threads do not survive a fork
     assert worker_start_method(ClusterConfig(worker_start="fork")) == "fork"
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))
+    assert worker_start_method(ClusterConfig()) == "spawn"  # nor onnxruntime's session thread pools
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.delitem(sys.modules, "tensorflow")
     assert worker_start_method(ClusterConfig()) == "spawn"

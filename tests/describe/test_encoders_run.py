@@ -31,7 +31,8 @@ def cohort(tmp_path_factory):
 
 
 def onnx_config(model, **descriptor):
-    return config_from_dict({"tiling": {"mpp": 1.0, "tile_px": 32, "chunk_tiles": 4},
+    # stain none: the stored vectors are compared with the encoder on the tiles as OpenSlide reads them
+    return config_from_dict({"tiling": {"mpp": 1.0, "tile_px": 32, "chunk_tiles": 4}, "stain": {"method": "none"},
                              "descriptor": {"name": "onnx", "model": str(model), **descriptor}})
 
 

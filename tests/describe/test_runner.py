@@ -11,7 +11,7 @@ import openslide
 import pytest
 
 import pipeline
-from pipeline.core.config import config_from_dict
+from pipeline.core.config import config_from_dict, load_config
 from pipeline.core.errors import MissingMppError, NoTissueError
 from pipeline.core.parallel import LocalRunner, task_runner
 from pipeline.core.store import read_array, read_attrs, store_path
@@ -62,7 +62,7 @@ def test_cli_end_to_end(small_slides, tmp_path):
 def test_descriptors_equal_direct_computation(small_slides, tmp_path):
     """At 1.0 µm/px the tiles are exactly level 1 (downsample 4) of the slide: recompute from OpenSlide pixels."""
     slide = small_slides / "slide-a.svs"
-    config = config_from_dict({"tiling": {"mpp": 1.0, "tile_px": 32}})
+    config = config_from_dict({"tiling": {"mpp": 1.0, "tile_px": 32}, "stain": {"method": "none"}})  # pixels as read
     store = pipeline.describe_slide(slide, tmp_path, config)
     desc = read_array(store, "descriptors")
     tissue = read_array(store, "tissue_mask")
@@ -115,7 +115,10 @@ def test_rerun_skips_complete_slides_and_redoes_stale_ones(small_slides, small_c
     changed = small_config.with_overrides(tissue__fraction_min=0.25)
     summary = describe_slides([small_slides], tmp_path, changed, runner=CountingRunner(), progress=False)
     assert summary["done"] == 2 and summary["skipped"] == 0
-    assert read_attrs(store_path(tmp_path, "slide-a"))["config_hash"] == changed.stage_hash("describe")
+    # the stores carry the hash of the run's settings: these ones with the cohort's stain target (OUT/config.yaml)
+    run_config = load_config(tmp_path / "config.yaml")
+    assert run_config.tissue.fraction_min == 0.25
+    assert read_attrs(store_path(tmp_path, "slide-a"))["config_hash"] == run_config.stage_hash("describe")
 
 
 def test_interrupted_run_resumes_chunk_by_chunk(small_slides, small_config, tmp_path):
