@@ -21,10 +21,16 @@ MAX_CONCENTRATION_PERCENTILE = 99.0
 ESTIMATE_REVISION = 2
 
 
-def optical_density(pixels: np.ndarray, glass: np.ndarray) -> np.ndarray:
-    """(n, 3) float64 OD = -ln((I + 1) / glass) of (n, 3) uint8 pixels (a 256-entry table per channel)."""
+def od_tables(glass) -> list[np.ndarray]:
+    """Per channel, the (256,) float64 optical density -ln((I + 1) / glass) of every uint8 value I: the definition
+    the estimate and the per-slide transform (``transform.py``) share."""
     values = np.arange(256, dtype=np.float64) + 1.0
-    tables = [-np.log(values / float(g)) for g in np.broadcast_to(np.asarray(glass, np.float64), 3)]
+    return [-np.log(values / float(g)) for g in np.broadcast_to(np.asarray(glass, np.float64), 3)]
+
+
+def optical_density(pixels: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """(n, 3) float64 OD = -ln((I + 1) / glass) of (n, 3) uint8 pixels (``od_tables``)."""
+    tables = od_tables(glass)
     pixels = np.asarray(pixels, np.uint8).reshape(-1, 3)
     return np.stack([tables[c][pixels[:, c]] for c in range(3)], axis=1)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.jit import njit
+from .macenko import od_tables
 from .reinhard import reinhard_apply
 
 OD_MIN, OD_MAX, OD_STEPS = -0.25, 8.0, 1024  # range and resolution of the intensity tables
@@ -23,10 +24,8 @@ LATTICE_NODES = 33  # per RGB axis of the sampled colour map
 def _od_tables(matrix: np.ndarray, background_in, background_out) -> tuple[np.ndarray, ...]:
     """Per input channel k, (256, 3) float32 tables t_k[v, c] = matrix[c, k] * OD_k(v) in intensity-table steps (t_0
     also carries the table's offset and the rounding), and (3, K) uint8: the intensity of each OD level per channel."""
-    values = np.arange(256, dtype=np.float64)
     steps = []
-    for k, b in enumerate(background_in):
-        od = -np.log((values + 1.0) / b)
+    for k, od in enumerate(od_tables(background_in)):
         steps.append((od[:, None] * np.asarray(matrix, np.float64)[None, :, k] * OD_STEPS).astype(np.float32))
     steps[0] += np.float32(-OD_MIN * OD_STEPS + 0.5)
     levels = OD_MIN + np.arange(int((OD_MAX - OD_MIN) * OD_STEPS) + 1) / OD_STEPS
