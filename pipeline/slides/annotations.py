@@ -133,6 +133,16 @@ def _inside(geometry, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def inside_classes(annotations: list[Annotation], names, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bool, shaped like ``x``: the level-0 points (x, y) inside an annotation of one of the classes ``names``."""
+    names = set(names)
+    out = np.zeros(np.shape(x), bool)
+    for a in annotations:
+        if a.name in names:
+            out |= _inside(a.geometry, x, y)
+    return out
+
+
 def tile_annotation(annotations: list[Annotation], grid) -> tuple[np.ndarray, list[str]]:
     """(rows, cols) uint16 index of the class covering each tile centre (0 = none; i = classes[i - 1]), classes."""
     classes = sorted({a.name for a in annotations})
@@ -149,13 +159,7 @@ def annotation_qc(annotations: list[Annotation], grid, exclude, include) -> np.n
     every included-class annotation when the slide has one (0 elsewhere)."""
     x, y = tile_centres(grid)
     codes = np.zeros(x.shape, np.uint8)
-    included = [a for a in annotations if a.name in set(include)]
-    if included:
-        inside = np.zeros(x.shape, bool)
-        for a in included:
-            inside |= _inside(a.geometry, x, y)
-        codes[~inside] = QC_CODES["annotation_outside"]
-    for a in annotations:
-        if a.name in set(exclude):
-            codes[_inside(a.geometry, x, y)] = QC_CODES["annotation_exclude"]
+    if any(a.name in set(include) for a in annotations):
+        codes[~inside_classes(annotations, include, x, y)] = QC_CODES["annotation_outside"]
+    codes[inside_classes(annotations, exclude, x, y)] = QC_CODES["annotation_exclude"]
     return codes
