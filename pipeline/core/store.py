@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import zarr_files
 from .outputs import replace_directory
 
 SLIDES_DIR = "slides"
@@ -89,9 +90,19 @@ def read_attrs(path: str | Path) -> dict | None:
     if not (path / "zarr.json").exists():
         return None
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception:  # noqa: BLE001 - a damaged store is treated as missing
+        document = zarr_files.read_document(path)
+    except (OSError, ValueError):  # a damaged store is treated as missing
         return None
+    if document.get("zarr_format") != 3 or document.get("node_type") != "group":
+        return None
+    return dict(document.get("attributes", {}))
+
+
+def update_attrs(path: str | Path, attrs: dict) -> None:
+    """Add or replace group attributes in one ``zarr.json`` rewrite (what zarr's ``update_attributes`` writes)."""
+    document = zarr_files.read_document(path)
+    document["attributes"] = {**document.get("attributes", {}), **attrs}
+    zarr_files.write_file(Path(path) / zarr_files.ZARR_JSON, zarr_files.dumps(document))
 
 
 def store_is_current(path: str | Path, fingerprint: str, config_hash: str) -> bool:
@@ -130,26 +141,51 @@ def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_s
     shutil.rmtree(marks, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = grid_shape
-    # the attributes with the group: one zarr.json write (zarr 3's attrs.update rewrites it once per key)
-    group = zarr.open_group(str(path), mode="w",
-                            attributes={**attrs, "grid_shape": list(grid_shape), "complete": False})
-    group.create_array("descriptors", shape=(rows, cols, dims), chunks=(chunk_tiles, chunk_tiles, dims),
-                       dtype="float32", fill_value=np.nan)
-    group.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=tissue_fraction.shape or None)
-    group.create_array("tissue_mask", data=tissue_mask.astype(bool), chunks=tissue_mask.shape or None)
-    group.create_array("thumbnail", data=thumbnail, chunks=(min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3))
-    for name, spec in (arrays or {}).items():
-        group.create_array(name, **spec)
+    specs = {"descriptors": {"shape": (rows, cols, dims), "chunks": (chunk_tiles, chunk_tiles, dims),
+                             "dtype": "float32", "fill_value": np.nan},
+             "tissue_fraction": {"data": tissue_fraction.astype(np.float32), "chunks": tissue_fraction.shape or None},
+             "tissue_mask": {"data": tissue_mask.astype(bool), "chunks": tissue_mask.shape or None},
+             "thumbnail": {"data": thumbnail,
+                           "chunks": (min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3)},
+             **(arrays or {})}
+    group_attrs = {**attrs, "grid_shape": list(grid_shape), "complete": False}
+    if not _create_direct(path, group_attrs, specs):
+        group = zarr.open_group(str(path), mode="w", attributes=group_attrs)  # one zarr.json write
+        for name, spec in specs.items():
+            group.create_array(name, **spec)
     marks.mkdir(parents=True, exist_ok=True)
     return path, set()
+
+
+_SPEC_KEYS = frozenset({"data", "shape", "dtype", "fill_value", "chunks", "attributes"})
+
+
+def _create_direct(path: Path, attrs: dict, specs: dict[str, dict]) -> bool:
+    """A group and its arrays (``create_array`` keywords) written as zarr would write them, without its API
+    (``zarr_files``: ~1 ms instead of 12-20 ms CPU for a slide's 7 arrays); False (nothing written) when zarr must."""
+    files: dict[str, bytes | None] = {}
+    for name, spec in specs.items():
+        if not set(spec) <= _SPEC_KEYS:
+            return False
+        data = None if spec.get("data") is None else np.asarray(spec["data"])
+        shape, dtype = (data.shape, data.dtype) if data is not None else (spec["shape"], spec["dtype"])
+        document = zarr_files.array_document(shape, dtype, spec.get("fill_value"), spec.get("chunks"),
+                                             spec.get("attributes"))
+        array = zarr_files.array_files(document, data)
+        if array is None:
+            return False
+        files.update({f"{name}/{key}": value for key, value in array.items()})
+    files[zarr_files.ZARR_JSON] = zarr_files.dumps(zarr_files.group_document(attrs))  # last: the group exists whole
+    zarr_files.write_files(path, files)
+    return True
 
 
 def write_descriptor_chunk(path: str | Path, out_dir: str | Path, slide_id: str, block: tuple[int, int, int, int],
                            values: np.ndarray) -> None:
     """Write one whole Zarr chunk of descriptors and mark it done (called from the worker that computed it)."""
     r0, r1, c0, c1 = block
-    arr = zarr.open_array(str(Path(path) / "descriptors"), mode="r+")
-    arr[r0:r1, c0:c1, :] = values
+    if not zarr_files.write_chunk(Path(path) / "descriptors", (r0, c0, 0), values):
+        zarr.open_array(str(Path(path) / "descriptors"), mode="r+")[r0:r1, c0:c1, :] = values
     marker = progress_dir(out_dir, slide_id) / f"{r0}_{c0}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
@@ -158,15 +194,15 @@ def write_descriptor_chunk(path: str | Path, out_dir: str | Path, slide_id: str,
 def write_tile_block(path: str | Path, name: str, block: tuple[int, int, int, int], values: np.ndarray) -> None:
     """Write one block of a per-tile array (a whole chunk of it: one writer per chunk)."""
     r0, r1, c0, c1 = block
-    zarr.open_array(str(Path(path) / name), mode="r+")[r0:r1, c0:c1] = values
+    if not zarr_files.write_chunk(Path(path) / name, (r0, c0, *[0] * (values.ndim - 2)), values):
+        zarr.open_array(str(Path(path) / name), mode="r+")[r0:r1, c0:c1] = values
 
 
 def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, Any]) -> Path:
     """Mark the partial store complete and move it into place (replacing a stale store)."""
     partial = partial_path(out_dir, slide_id)
     final = store_path(out_dir, slide_id)
-    group = zarr.open_group(str(partial), mode="r+")
-    group.update_attributes({**extra_attrs, "complete": True})
+    update_attrs(partial, {**extra_attrs, "complete": True})
     replace_directory(partial, final)
     shutil.rmtree(progress_dir(out_dir, slide_id), ignore_errors=True)
     return final
@@ -175,14 +211,19 @@ def finalize_store(out_dir: str | Path, slide_id: str, extra_attrs: dict[str, An
 def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
                 attrs: dict | None = None, fill_value: Any = None) -> None:
     """Add or replace one array of a store atomically: written as ``.<name>.tmp-*`` then renamed to ``name``."""
-    store = Path(store)
+    store, data = Path(store), np.asarray(data)
     tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(str(store), mode="r+")
-    arr = group.create_array(tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape,
-                             fill_value=fill_value)
-    arr[...] = data
-    if attrs:
-        arr.update_attributes(attrs)
+    zarr_files.read_document(store)  # the store must exist (raises)
+    document = zarr_files.array_document(data.shape, data.dtype, fill_value, chunks or data.shape, attrs)
+    files = zarr_files.array_files(document, data)
+    if files is not None:
+        zarr_files.write_files(store / tmp_name, files)
+    else:
+        arr = zarr.open_group(str(store), mode="r+").create_array(
+            tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, fill_value=fill_value)
+        arr[...] = data
+        if attrs:
+            arr.update_attributes(attrs)
     replace_directory(store / tmp_name, store / name)
 
 
