@@ -40,6 +40,40 @@ def call_task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return TaskFailure(err)
 
 
+@dataclass
+class TaskRetry:
+    """An unexpected error of one item of a grouped task (``call_each``): the caller runs that item again alone, as
+    its own task (with Dask's retries), so one item never fails the others of its group."""
+
+    message: str
+
+
+def call_each(fn: Callable, arg_list: list[tuple]) -> list:
+    """``fn(*args)`` for each ``args`` in one task (several small items: one task's overhead instead of one each).
+    Returns one outcome per item, in order: its result, a ``TaskFailure`` (typed error, final) or a ``TaskRetry``."""
+    outcomes: list = []
+    for args in arg_list:
+        try:
+            outcomes.append(fn(*args))
+        except PipelineError as err:
+            outcomes.append(TaskFailure(err))
+        except Exception as err:  # noqa: BLE001 - run again alone by the caller
+            outcomes.append(TaskRetry(f"{type(err).__name__}: {err}"))
+    return outcomes
+
+
+def group_size(waiting: int, capacity: int, mean_weight: float | None, target_weight: float,
+               max_group: int = 8) -> int:
+    """How many waiting items (e.g. slides) the next task takes: 1 while their size is unknown (``mean_weight`` None:
+    nothing finished yet), else as many as make ``target_weight`` at the mean weight seen (e.g. a few hundred tiles),
+    at most ``max_group`` and at most ``waiting / (4 x capacity)``: groups shrink towards the end, so the workers
+    finish together (guided self-scheduling)."""
+    if not mean_weight or waiting <= 1:
+        return 1
+    by_weight = int(target_weight // max(mean_weight, 1e-9))
+    return max(1, min(max_group, by_weight, -(-waiting // (4 * max(1, capacity)))))
+
+
 def _done(tag: Any, result: Any) -> "Done":
     if isinstance(result, TaskFailure):
         return Done(tag, error=result.error)

@@ -6,7 +6,7 @@ Task functions that run on workers (each opens its own slide handle):
   its partial store created there (the thumbnail is written by the worker; small arrays come back);
 * ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
   straight into that block's own Zarr chunk; a slide with a single block is described in its plan task
-  (``plan_and_describe``).
+  (``plan_and_describe``), and small slides go several to a task (``grouping.py``).
 
 ``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
 finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
@@ -25,8 +25,8 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.parallel import (LocalRunner, Task, in_flight_limit, run_bounded, runner_for, where_am_i,
-                             worker_start_method)
+from ..core.parallel import (LocalRunner, Task, TaskRetry, call_each, in_flight_limit, run_bounded, runner_for,
+                             where_am_i, worker_start_method)
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
 from ..slides.open import find_slides, slide_fingerprint, slide_id_from_path
@@ -39,6 +39,7 @@ from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
+from .grouping import MAX_GROUP, PlanQueue, outcomes
 from .plan import plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry point)
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
@@ -123,6 +124,7 @@ class _SlideJob:
     encoded_on: set = field(default_factory=set)  # "worker (device)" of its blocks
     scores: np.ndarray | None = None  # tile QC scores the blocks returned (all of them unless some were resumed)
     resumed: bool = False
+    alone: bool = False  # run again in a task of its own (``grouping.PlanQueue.again``)
 
 
 def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
@@ -217,11 +219,11 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     resources = block_resources(encoder, runner, config.cluster)  # GPU workers for a learned encoder, if any
     # Slides are planned ahead while few blocks wait, so the next slides' plan tasks (thumbnail, tissue mask, partial
     # store) run beside the current slides' blocks: a directory of small slides keeps the workers busy.
-    max_slides_open = max(4, 4 * runner.capacity)
+    max_slides_open = max(4, 4 * runner.capacity) * MAX_GROUP  # slides, a group's counted whole
     plan_ahead_blocks = 2 * runner.capacity
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
-    pending = list(reversed(todo))
+    pending = PlanQueue(todo, runner.capacity)
     done_count = failed_count = 0
     record_slide = ManifestRecords(manifest)  # saved at intervals, and by record_run at the end
 
@@ -293,19 +295,30 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         return None
 
     def plan_task() -> Task:
-        job = pending.pop()
-        jobs[job.slide_id] = job
-        args = (job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder,
-                stain.surveyed.pop(job.slide_id, None))
-        if resources:  # blocks go to the GPU workers: plan alone
-            return Task(plan_slide, args, ("prepare", job.slide_id))
-        return Task(plan_and_describe, (*args, stain.transforms.get(job.slide_id)), ("prepare", job.slide_id))
+        group = pending.take(grouped=not resources)  # blocks go to the GPU workers: plan alone
+        jobs.update((job.slide_id, job) for job in group)
+        args = [(job.path, config, str(out_dir), job.slide_id, job.fingerprint, plan_encoder,
+                 stain.surveyed.get(job.slide_id)) for job in group]
+        tag = ("prepare", tuple(job.slide_id for job in group))
+        if resources:
+            return Task(plan_slide, args[0], tag)
+        args = [(*a, stain.transforms.get(job.slide_id)) for a, job in zip(args, group)]
+        return Task(plan_and_describe, args[0], tag) if len(group) == 1 else Task(call_each, (plan_and_describe, args), tag)
 
-    for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
-        kind, slide_id = done.tag
-        job = jobs.get(slide_id)
-        if job is None:
-            continue
+    def results():
+        """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""
+        for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
+            kind, key = done.tag
+            for slide_id, one in zip(key, outcomes(done, len(key))) if kind == "prepare" else [(key, done)]:
+                job = jobs.get(slide_id)
+                if job is not None and isinstance(one.result, TaskRetry):
+                    log.info("slide %s: run again alone (%s)", slide_id, one.result.message)
+                    jobs.pop(slide_id)
+                    pending.again(job)
+                elif job is not None:
+                    yield kind, job, one
+
+    for kind, job, done in results():
         if done.error is not None:
             fail(job, done.error)
             continue
@@ -316,6 +329,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             described = job.plan.pop("described", None)
             tissue = job.plan["tissue_tiles"]
             bar.add_tiles(int(tissue.sum()))
+            pending.planned(int(tissue.sum()))
             todo_blocks = []
             for b in slide_blocks(job.plan, config.tiling.chunk_tiles):
                 n = int(tissue[b[0]:b[1], b[2]:b[3]].sum())
@@ -330,7 +344,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             # Largest blocks are submitted first (the queue pops from its end): the last tasks of a slide are then
             # the small ones, so workers run out of work at nearly the same time.
             for n, b in sorted(todo_blocks, key=lambda nb: nb[0]):
-                block_queue.append((slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
+                block_queue.append((job.slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
                 job.blocks_left += 1
         else:
             block_done(job, done.result)

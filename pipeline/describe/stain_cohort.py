@@ -24,7 +24,7 @@ import numpy as np
 from ..core.config import PipelineConfig
 from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
-from ..core.parallel import Task, in_flight_limit, run_bounded
+from ..core.parallel import Task, TaskRetry, call_each, group_size, in_flight_limit, run_bounded
 from ..core.store import slides_dir
 from ..slides.annotations import annotation_digest, annotation_file, inside_classes, read_annotations
 from ..slides.open import read_slide_info, slide_fingerprint, slide_id_from_path
@@ -35,12 +35,14 @@ from ..slides.stain import estimate_stain, fit_target, slide_transform
 from ..slides.stain.macenko import ESTIMATE_REVISION
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tissue_mask
+from .grouping import outcomes
 
 log = logging.getLogger("pipeline")
 
 STAIN_JSON = "stain.json"
 KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: the stain pass's thumbnails, taken by plan_slide
 FLAG_PREFIX = "flag_"  # kept arrays of the thumbnail QC detectors' pixels: flag_<detector>
+SURVEY_GROUP_TILES = 1024  # grid tiles of the slides one survey task takes (small slides several to a task)
 
 
 def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> Path:
@@ -185,14 +187,30 @@ def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runn
     """(slide id -> record, slide id -> what was read of it) for ``todo`` (slide id -> (path, fingerprint)), one
     ``survey_slide`` task per slide; with ``out_dir`` each task leaves its thumbnail for ``plan_slide``."""
     keep = {sid: str(_kept_path(out_dir, sid, fp, config)) if out_dir else None for sid, (_, fp) in todo.items()}
-    tasks = iter([Task(survey_slide, (path, config, keep[sid]), sid) for sid, (path, _) in todo.items()])
+    waiting, alone, grid_tiles = list(reversed(todo)), [], []  # alone: slides of a group to survey again alone
+
+    def next_task() -> Task | None:
+        if not (waiting or alone):
+            return None
+        mean = sum(grid_tiles) / len(grid_tiles) if len(grid_tiles) >= runner.capacity else None
+        count = 1 if alone else group_size(len(waiting), runner.capacity, mean, SURVEY_GROUP_TILES)
+        ids = [alone.pop()] if alone else [waiting.pop() for _ in range(count)]
+        args = [(todo[sid][0], config, keep[sid]) for sid in ids]
+        return Task(survey_slide, args[0], tuple(ids)) if len(ids) == 1 else Task(call_each, (survey_slide, args),
+                                                                                   tuple(ids))
+
     records, surveyed = {}, {}
-    for done in run_bounded(runner, lambda: next(tasks, None), in_flight_limit(runner, config.cluster)):
-        if done.error is not None:  # the slide fails again, with its typed error, when it is planned
-            records[done.tag] = {"method": config.stain.method, "status": "failed", "estimate": None,
-                                 "reason": error_record(done.error)["message"], "tissue_pixels": 0}
-        else:
-            records[done.tag], surveyed[done.tag] = done.result["record"], done.result["slide"]
+    for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
+        for sid, one in zip(done.tag, outcomes(done, len(done.tag))):
+            if isinstance(one.result, TaskRetry):
+                alone.append(sid)
+            elif one.error is not None:  # the slide fails again, with its typed error, when it is planned
+                records[sid] = {"method": config.stain.method, "status": "failed", "estimate": None,
+                                "reason": error_record(one.error)["message"], "tissue_pixels": 0}
+            else:
+                records[sid], surveyed[sid] = one.result["record"], one.result["slide"]
+                grid = tile_grid(one.result["slide"]["info"], config.tiling)
+                grid_tiles.append(grid.rows * grid.cols)
     return records, surveyed
 
 

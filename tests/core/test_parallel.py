@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.core.config import config_from_dict, load_config
 from pipeline.core.errors import NoTissueError
-from pipeline.core.parallel import LocalRunner, TaskFailure, call_task, make_slurm_cluster
+from pipeline.core.parallel import (LocalRunner, TaskFailure, TaskRetry, call_each, call_task, group_size,
+                                   make_slurm_cluster)
 from pipeline.core.store import read_array
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,28 @@ def test_typed_errors_come_back_as_values():
     runner.submit(_raise_no_tissue, "y.svs", tag="t")
     done = runner.next_done()
     assert done.tag == "t" and isinstance(done.error, NoTissueError) and "y.svs" in str(done.error)
+
+
+def _item(x):
+    if x == "no tissue":
+        raise NoTissueError("nothing here", path="z.svs")
+    return 1 / x
+
+
+def test_a_grouped_task_gives_each_item_its_own_outcome():
+    out = call_each(_item, [(2,), ("no tissue",), (0,), (4,)])
+    assert out[0] == 0.5 and out[3] == 0.25
+    assert isinstance(out[1], TaskFailure) and out[1].error.code == "no_tissue"  # typed: final for that item
+    assert isinstance(out[2], TaskRetry) and out[2].message.startswith("ZeroDivisionError")  # to run again alone
+
+
+def test_groups_follow_the_mean_size_seen_and_shrink_towards_the_end():
+    assert group_size(50, 2, None, 256) == 1  # nothing finished yet: sizes unknown
+    assert group_size(50, 2, 40.0, 256) == 6  # 256 // 40, below 50 / 8 and the cap
+    assert group_size(200, 2, 10.0, 256) == 8  # the cap
+    assert group_size(12, 2, 40.0, 256) == 2  # ceil(12 / 8): the last tasks are small
+    assert group_size(3, 2, 40.0, 256) == 1
+    assert group_size(50, 2, 2000.0, 256) == 1  # big slides stay alone
 
 
 def test_slurm_job_script_from_workflow():

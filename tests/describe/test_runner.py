@@ -202,6 +202,60 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(small_slides, tmp_path, c
     assert manifest["slides"]["Praparat_Nr_1@Präparat Nr 1.svs"]["status"] == "failed"
 
 
+def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, tmp_path, monkeypatch):
+    """Small slides planned and described several to a task (and surveyed for the stain several to a task) give the
+    stores of one task per slide; a broken slide fails alone; an unexpected error runs its slide again alone."""
+    import pipeline.describe.grouping as grouping
+    import pipeline.describe.runner as runner_module
+    import pipeline.describe.stain_cohort as stain_cohort
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(14):
+        shutil.copy(small_slides / ("slide-a.svs" if i % 2 else "slide-b.svs"), slides / f"s{i:02d}.svs")
+    (slides / "s09.svs").write_bytes(b"")
+    config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 64}})
+    plan_tasks: list[tuple[str, tuple]] = []
+    original_task, original_plan = runner_module.Task, runner_module.plan_and_describe
+    failed_once: set = set()
+
+    def counted_task(fn, args, tag, *rest):
+        if tag[0] == "prepare":
+            plan_tasks.append((fn.__name__, tag[1]))
+        return original_task(fn, args, tag, *rest)
+
+    def flaky_plan(path, config, out_dir, slide_id, *rest):
+        if slide_id == "s05" and slide_id not in failed_once:
+            failed_once.add(slide_id)
+            raise RuntimeError("a bug met once")
+        return original_plan(path, config, out_dir, slide_id, *rest)
+
+    monkeypatch.setattr(runner_module, "Task", counted_task)
+    monkeypatch.setattr(runner_module, "plan_and_describe", flaky_plan)
+    grouped = describe_slides([slides], tmp_path / "grouped", config, runner=LocalRunner(), progress=False)
+    assert any(name == "call_each" and len(ids) >= 2 for name, ids in plan_tasks), plan_tasks
+    assert len(plan_tasks) < 14 and failed_once == {"s05"}
+    with_s05 = [ids for _, ids in plan_tasks if "s05" in ids]
+    assert len(with_s05) == 2 and len(with_s05[0]) >= 2 and with_s05[1] == ("s05",)  # again alone, after its group
+
+    plan_tasks.clear()
+    monkeypatch.setattr(grouping, "GROUP_TILES", 0)  # one slide per task
+    monkeypatch.setattr(stain_cohort, "SURVEY_GROUP_TILES", 0)
+    alone = describe_slides([slides], tmp_path / "alone", config, runner=LocalRunner(), progress=False)
+    assert all(len(ids) == 1 for _, ids in plan_tasks) and len(plan_tasks) == 14
+    assert grouped["done"] == alone["done"] == 13 and grouped["failed"] == alone["failed"] == 1
+    for out in ("grouped", "alone"):
+        record = json.loads((tmp_path / out / "manifest.json").read_text())["slides"]["s09"]
+        assert (record["status"], record["error"]["code"]) == ("failed", "corrupt_slide")
+    for i in set(range(14)) - {9}:
+        a, b = store_path(tmp_path / "grouped", f"s{i:02d}"), store_path(tmp_path / "alone", f"s{i:02d}")
+        for name in ("descriptors", "tissue_mask", "tissue_fraction", "thumbnail", "qc_code", "qc_scores"):
+            assert np.array_equal(read_array(a, name), read_array(b, name), equal_nan=True), name
+        attrs_a, attrs_b = read_attrs(a), read_attrs(b)
+        assert {k: v for k, v in attrs_a.items() if k != "seconds"} == {k: v for k, v in attrs_b.items()
+                                                                        if k != "seconds"}
+
+
 def test_cli_exit_codes(tmp_path, small_slides):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiling: {tile_size: 3}\n")
