@@ -129,7 +129,7 @@ INKED_MIN = 0.25  # share of a tile under ink that makes it "inked" (as benchmar
 MARKED = ("Exclude", "Pen")  # annotation classes that remove tiles on purpose: not "clean" tissue
 
 
-def tile_truth(entry: LabSlide, grid, tile_annotation: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
+def tile_truth(entry: LabSlide, grid) -> dict[str, np.ndarray]:
     """(rows, cols) bool ground truth: ``inked`` (>= INKED_MIN of the tile), ``blurred`` (> half, no ink),
     ``clean`` (tissue at the centre, no ink, no blur, not in a MARKED annotation), ``lesion`` (centre)."""
     slide = entry.slide
@@ -137,9 +137,23 @@ def tile_truth(entry: LabSlide, grid, tile_annotation: np.ndarray, classes: list
     rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
     half = grid.tile_l0_px / 2
     centre = entry.tissue.tissue_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)
-    marked = np.isin(tile_annotation, [i + 1 for i, c in enumerate(classes) if c in MARKED])
+    marked = marked_tiles(entry, grid)
     return {"inked": ink >= INKED_MIN, "blurred": (blur > 0.5) & (ink == 0),
             "clean": centre & (ink == 0) & (blur == 0) & ~marked, "lesion": entry.tissue.lesion_at_tiles(grid)}
+
+
+def marked_tiles(entry: LabSlide, grid) -> np.ndarray:
+    """(rows, cols) bool: tile centres inside the slide's MARKED annotations (shapely on the written GeoJSON)."""
+    import shapely
+
+    shapes = [shapely.from_geojson(json.dumps(f["geometry"])) for f in annotations_of(entry)["features"]
+              if f["properties"]["classification"]["name"] in MARKED]
+    rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
+    half = grid.tile_l0_px / 2
+    if not shapes:
+        return np.zeros(rows.shape, bool)
+    return shapely.contains_xy(shapely.union_all(shapes), cols * grid.stride_l0_px + half,
+                               rows * grid.stride_l0_px + half)
 
 
 def report_rows(out_dir: str | os.PathLike) -> dict[str, dict]:
@@ -156,10 +170,12 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
 
     Accounting: tissue tiles (``tissue_fraction >= fraction_min``) == described + excluded by reason (``qc_code``);
     the described tiles are ``tissue_mask``, the finite descriptors, the feature map's tissue cells and the finite CAM
-    cells; the counts by reason equal the manifest's ``qc`` and the report's row.
+    cells; the tissue tiles whose centre lies in a MARKED annotation are those coded ``annotation_exclude`` (the
+    tile's ``tile_annotation`` may name a smaller Tumor outline there); the counts by reason equal the manifest's
+    ``qc`` and the report's row.
     """
     from pipeline.core.qc_codes import DETECTOR_NAMES, QC_CODES, qc_counts
-    from pipeline.core.store import array_attrs, read_array, read_attrs
+    from pipeline.core.store import read_array, read_attrs
     from pipeline.slides.tiling import TileGrid
 
     store = Path(out_dir) / "slides" / f"{entry.slide_id}.zarr"
@@ -183,8 +199,11 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
     row, want = report.get(entry.slide_id, {}), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or None
     if row.get("qc_reasons") != want or (row.get("qc_excluded") or 0) != sum(counts.values()):
         problems.append(f"report {row.get('qc_excluded')} / {row.get('qc_reasons')!r} != store {want!r}")
-    classes = list((array_attrs(store, "tile_annotation") or {}).get("classes") or [])
-    t = {k: v & tissue for k, v in tile_truth(entry, grid, read_array(store, "tile_annotation"), classes).items()}
+    marked = tissue & marked_tiles(entry, grid)
+    if not np.array_equal(marked, codes == QC_CODES["annotation_exclude"]):
+        problems.append(f"{int(marked.sum())} tissue tiles in {MARKED} annotations, "
+                        f"{int((codes == QC_CODES['annotation_exclude']).sum())} coded annotation_exclude")
+    t = {k: v & tissue for k, v in tile_truth(entry, grid).items()}
     kept, detector = tissue & (codes == 0), tissue & np.isin(codes, [QC_CODES[n] for n in DETECTOR_NAMES])
     n = {"tissue": int(tissue.sum()), "described": int(described.sum()), "excluded": counts,
          "inked": int(t["inked"].sum()), "inked_kept": int((t["inked"] & kept).sum()),
