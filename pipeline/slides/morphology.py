@@ -9,6 +9,8 @@ scikit-image. Why not scikit-image itself here: importing ``skimage.morphology``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 
@@ -38,20 +40,50 @@ def disk(radius: int) -> np.ndarray:
     return (steps[:, None] ** 2 + steps[None, :] ** 2) <= radius ** 2
 
 
+# Up to this radius the closing is made of shifted copies (about 3r + 1 per pass): the default radius of 4 px closes a
+# small slide's thumbnail 7x and the 1-gigapixel slide's 20x faster than two distance transforms, which win from
+# r ~ 50 on (their cost does not grow with r).
+SHIFT_RADIUS_MAX = 40
+
+
 def close_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """Morphological closing of a bool mask with a ``disk(radius)`` (gaps narrower than the disk bridged).
 
-    Dilation and erosion by a disk are thresholds of Euclidean distance transforms (a pixel is within the disk of a
-    mask pixel exactly when its distance to the mask is at most ``radius``): linear in the pixels, where a min/max
-    filter costs the disk's area per pixel (2x faster on a 1-gigapixel slide's mask). Reflected borders add nothing
-    to either, so the result equals scikit-image's closing (tested)."""
+    Dilation by a disk: each row offset ``dy`` of the disk adds the mask dilated along rows by the disk's half-width
+    there (``dilate_disk``); erosion is the dilation of the complement. Beyond ``SHIFT_RADIUS_MAX``: thresholds of
+    Euclidean distance transforms (a pixel is within the disk of a mask pixel exactly when its distance to the mask
+    is at most ``radius``), linear in the pixels. Pixels outside the image count as background for the dilation and
+    as mask for the erosion, which equals scikit-image's closing with reflected borders (tested)."""
     mask = np.asarray(mask, dtype=bool)
     if mask.all() or not mask.any():
         return mask.copy()
+    if radius <= SHIFT_RADIUS_MAX:
+        dilated = dilate_disk(mask, radius)
+        return dilated if dilated.all() else ~dilate_disk(~dilated, radius)
     dilated = ndimage.distance_transform_edt(~mask) <= radius
     if dilated.all():
         return dilated
     return ndimage.distance_transform_edt(dilated) > radius
+
+
+def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Bool 2-D ``mask`` dilated by ``disk(radius)``, pixels outside the image being background: the union over the
+    disk's row offsets ``dy`` of the mask dilated along rows by ``isqrt(r^2 - dy^2)`` and shifted by ``dy``."""
+    height, width = mask.shape
+    along_rows = [mask]  # along_rows[k]: dilated by k pixels to either side within each row
+    for k in range(1, radius + 1):
+        wider = along_rows[-1].copy()
+        wider[:, k:] |= mask[:, :max(width - k, 0)]
+        wider[:, :max(width - k, 0)] |= mask[:, k:]
+        along_rows.append(wider)
+    out = np.zeros_like(mask)
+    for dy in range(-radius, radius + 1):
+        rows = along_rows[math.isqrt(radius * radius - dy * dy)]
+        if dy >= 0:
+            out[dy:] |= rows[:max(height - dy, 0)]
+        else:
+            out[:max(height + dy, 0)] |= rows[-dy:]
+    return out
 
 
 def remove_small_objects(mask: np.ndarray, max_size: int) -> np.ndarray:

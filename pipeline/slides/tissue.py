@@ -23,8 +23,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (max - min) / max, 0 where max is 0: ``skimage.color.rgb2hsv(rgb)[..., 1]`` without the hue and
     value planes it also computes (10x faster on a thumbnail, which a slide's first task waits for)."""
     rgb = np.asarray(rgb)
-    cmax = rgb.max(axis=-1).astype(np.float64)
-    delta = cmax - rgb.min(axis=-1)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # per channel: reducing the 3-long axis is 5x slower
+    cmax = np.maximum(np.maximum(red, green), blue).astype(np.float64)
+    delta = cmax - np.minimum(np.minimum(red, green), blue)
     with np.errstate(invalid="ignore", divide="ignore"):
         sat = np.where(cmax > 0, delta / cmax, 0.0)
     return sat.astype(np.float32)

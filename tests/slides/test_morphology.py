@@ -37,6 +37,22 @@ def test_morphology_equals_skimage():
     np.testing.assert_array_equal(ours.disk(4), morphology.disk(4).astype(bool))
 
 
+def test_both_closings_agree_around_the_switch(monkeypatch):
+    """Shifted copies (small radii) and distance transforms (large radii) give the same closing, and scikit-image's
+    on each side of ``SHIFT_RADIUS_MAX`` (lowered here: scikit-image's closing with a large disk is slow)."""
+    rng = np.random.default_rng(2)
+    masks = [np.kron(rng.random((30, 40)) < d, np.ones((4, 4), bool)) for d in (0.05, 0.4, 0.9)]
+    shifted = {(i, r): ours.close_disk(m, r) for i, m in enumerate(masks) for r in (0, 1, 3, 7, 12)}
+    monkeypatch.setattr(ours, "SHIFT_RADIUS_MAX", 3)
+    for mask in masks:
+        for radius in (3, 4):
+            np.testing.assert_array_equal(ours.close_disk(mask, radius),
+                                          morphology.closing(mask, morphology.disk(radius)).astype(bool))
+    monkeypatch.setattr(ours, "SHIFT_RADIUS_MAX", -1)
+    for (i, radius), expected in shifted.items():
+        np.testing.assert_array_equal(ours.close_disk(masks[i], radius), expected)
+
+
 def test_otsu_equals_skimage():
     rng = np.random.default_rng(1)
     samples = [rng.random((60, 70)).astype(np.float32), rng.normal(0, 1, (33, 9)),
