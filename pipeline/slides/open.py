@@ -220,7 +220,11 @@ def check_tiff_complete(path: Path) -> None:
     """
     import tifffile
 
-    size = path.stat().st_size
+    stat = path.stat()
+    identity = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if identity in _COMPLETE_TIFFS:  # checked already in this process (a run opens each slide several times)
+        return
+    size = stat.st_size
     try:
         with tifffile.TiffFile(path) as tif:
             for index, page in enumerate(tif.pages):
@@ -235,6 +239,13 @@ def check_tiff_complete(path: Path) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - tifffile raises many types on broken directories
         raise CorruptSlideError(f"the TIFF structure is damaged ({type(err).__name__}: {err})", path=path) from None
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= RECENT_S * 1e9:  # as slide_fingerprint's memory
+        if len(_COMPLETE_TIFFS) >= 4096:
+            _COMPLETE_TIFFS.clear()
+        _COMPLETE_TIFFS.add(identity)
+
+
+_COMPLETE_TIFFS: set[tuple] = set()  # (path, device, inode, size, mtime, ctime) of TIFFs found complete
 
 
 def _has_tiff_header(path: Path) -> bool:

@@ -58,15 +58,22 @@ class ReaderChoice:
 
 def direct_read_problem(info: SlideInfo) -> str | None:
     """Why this slide cannot use the direct TIFF reader (None when it can)."""
+    direct, problem = open_direct(info)
+    if direct is not None:
+        direct.close()
+    return problem
+
+
+def open_direct(info: SlideInfo) -> tuple[TiffTileReader | None, str | None]:
+    """(the slide's direct TIFF reader, open: close it, None), or (None, why the slide cannot use one)."""
     if info.backend != "openslide":
-        return f"read through the {info.backend} fallback, not a tiled TIFF"
+        return None, f"read through the {info.backend} fallback, not a tiled TIFF"
     if info.vendor not in DIRECT_VENDORS:
-        return f"OpenSlide vendor '{info.vendor}' is not one of {sorted(DIRECT_VENDORS)}"
+        return None, f"OpenSlide vendor '{info.vendor}' is not one of {sorted(DIRECT_VENDORS)}"
     try:
-        TiffTileReader(info.path, info.level_dimensions, info.level_downsamples).close()
+        return TiffTileReader(info.path, info.level_dimensions, info.level_downsamples), None
     except DirectReadUnsupportedError as err:
-        return err.detail
-    return None
+        return None, err.detail
 
 
 PROBE_PX = 96  # edge of each probe region: enough to see a wrong colour space or table, cheap for OpenSlide
@@ -146,26 +153,26 @@ def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> Rea
         return _dicom_choice(info, requested, choice)
     if requested == "openslide":
         return choice("openslide", "requested")
-    problem = direct_read_problem(info)
+    direct, problem = open_direct(info)  # the one opened to check is the one probed
     if problem is not None:
         if requested == "tiff":
             raise DirectReadUnsupportedError(f"the direct TIFF reader cannot read it: {problem}", path=info.path)
         return choice("openslide", problem)
-    if requested == "tiff":
-        return choice("tiff", "requested")
-    if read_level is not None and not float(info.level_downsamples[read_level]).is_integer():
-        return choice("openslide", f"tiles are read from level {read_level}, whose downsample "
-                                   f"{info.level_downsamples[read_level]:.6g} is fractional: OpenSlide interpolates "
-                                   "sub-pixel positions there, which only OpenSlide reproduces")
-    try:
-        with TiffTileReader(info.path, info.level_dimensions, info.level_downsamples) as direct, \
-                OpenSlideReader(info.path) as reference:
-            for region in _probe_regions(direct):
-                if not np.array_equal(direct.read_region(*region), reference.read_region(*region)):
-                    return choice("openslide", f"direct decode differs from OpenSlide at level {region[0]} "
-                                               f"({region[1]}, {region[2]})")
-    except (DirectReadUnsupportedError, TileReadError) as err:
-        return choice("openslide", f"direct probe failed: {err.detail}")
+    with direct:
+        if requested == "tiff":
+            return choice("tiff", "requested")
+        if read_level is not None and not float(info.level_downsamples[read_level]).is_integer():
+            return choice("openslide", f"tiles are read from level {read_level}, whose downsample "
+                                       f"{info.level_downsamples[read_level]:.6g} is fractional: OpenSlide "
+                                       "interpolates sub-pixel positions there, which only OpenSlide reproduces")
+        try:
+            with OpenSlideReader(info.path) as reference:
+                for region in _probe_regions(direct):
+                    if not np.array_equal(direct.read_region(*region), reference.read_region(*region)):
+                        return choice("openslide", f"direct decode differs from OpenSlide at level {region[0]} "
+                                                   f"({region[1]}, {region[2]})")
+        except (DirectReadUnsupportedError, TileReadError) as err:
+            return choice("openslide", f"direct probe failed: {err.detail}")
     return choice("tiff", "qualified: tiled TIFF pages, probe tiles identical to OpenSlide")
 
 

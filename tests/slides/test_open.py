@@ -80,6 +80,23 @@ def test_truncated_slide_is_corrupt(cmu_slide, tmp_path):
     assert err.value.code == "corrupt_slide" and "cut.svs" in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_slide_found_complete_is_checked_again_once_changed(cmu_slide, tmp_path, monkeypatch):
+    """The completeness check is remembered by the file's stat: a slide truncated after it was read is caught."""
+    import pipeline.slides.open as open_module
+
+    monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # the copy was just written: remember it anyway
+    copy = tmp_path / "copy.svs"
+    data = cmu_slide.read_bytes()
+    copy.write_bytes(data)
+    assert read_slide_info(copy).width_px > 0
+    assert any(key[0] == str(copy) for key in open_module._COMPLETE_TIFFS)
+    with open(copy, "r+b") as fh:
+        fh.truncate(len(data) // 2)
+    with pytest.raises(CorruptSlideError, match="truncated"):
+        read_slide_info(copy)
+
+
 @pytest.mark.parametrize("name, expected", [
     ("Präparat 12.svs", "Praparat_12"),
     ("../../etc/passwd", "passwd"),
