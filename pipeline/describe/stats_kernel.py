@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ..core.jit import njit
+from .bucket_select import fill_buckets, quantiles_exact
 from .stats import ENTROPY_BINS, HED_LOG_LUT, HED_MATRIX
 
 # --- the numba kernel ----------------------------------------------------------------------------------------------
@@ -16,140 +17,16 @@ from .stats import ENTROPY_BINS, HED_LOG_LUT, HED_MATRIX
 # E[x^2] - E[x]^2 in float64, within 1e-6 relative of numpy's two-pass float32 ones; RGB moments exact in integers);
 # percentiles exact (numpy's 'linear' method) by bucket counting instead of sorting. cache=True: compiled once
 # (~6 s) and reused from disk.
+# Laid out for LLVM's vectoriser, row by row: the RGB bytes de-interleaved first (loops over (x, channel) indexing do
+# not vectorise), table lookups in a scalar loop of their own, the per-pixel float32 arithmetic in a loop with no
+# float reductions (vectorised, each value computed exactly as before), and the float64 sums over the row's values
+# in small reduction-only kernels that may reassociate (the one fast-math freedom, as _laplacian_abs_sum).
 
-_SORT_MAX = 2048
 _BUCKETS = 4096
 # the entropy histogram is read off the grey buckets (see stats_kernel): its bins must be whole runs of buckets
 assert _BUCKETS % ENTROPY_BINS == 0 and ENTROPY_BINS & (ENTROPY_BINS - 1) == 0
 # an upper bound of the H stain value (LUT values are in [0, 1]): only sizes the percentile buckets
 _H_BOUND = float(np.maximum(HED_MATRIX[:, 0], 0).sum() * HED_LOG_LUT.max()) + 1e-3
-
-
-@njit
-def _kth_from_buckets(values, buckets, n, ranks, counts, scratch, result):
-    """result[j] = the ranks[j]-th smallest of values[:n] (ranks ascending), exactly.
-
-    ``buckets[i]`` is the bucket of values[i] and ``counts`` the bucket sizes, for buckets that are monotonic in the
-    value (filled while the values were computed). One pass gathers the values of the buckets holding a wanted rank;
-    sorting those few gives each rank (buckets keep their order). Crowded buckets are narrowed down instead.
-    """
-    nb = counts.size
-    wanted = np.zeros(nb, np.bool_)
-    bucket_of = np.empty(ranks.size, np.int64)
-    start_of = np.empty(ranks.size, np.int64)
-    count_of = np.empty(ranks.size, np.int64)
-    j = 0
-    start = 0
-    union = 0
-    for bi in range(nb):
-        c = counts[bi]
-        while j < ranks.size and ranks[j] < start + c:
-            if not wanted[bi]:
-                union += c
-            wanted[bi] = True
-            bucket_of[j] = bi
-            start_of[j] = start
-            count_of[j] = c
-            j += 1
-        start += c
-        if j >= ranks.size:
-            break
-    if union <= _SORT_MAX:
-        m = 0
-        for i in range(n):
-            if wanted[buckets[i]]:
-                scratch[m] = values[i]
-                m += 1
-        part = np.sort(scratch[:m])
-        # a rank's place in the sorted union: the counts of the wanted buckets below its own, plus its place there
-        offset = 0
-        j = 0
-        for bi in range(nb):
-            if not wanted[bi]:
-                continue
-            while j < ranks.size and bucket_of[j] == bi:
-                result[j] = part[offset + ranks[j] - start_of[j]]
-                j += 1
-            offset += counts[bi]
-            if j >= ranks.size:
-                break
-        return
-    # many values in a few buckets (flat background, skewed values): narrow down inside each wanted bucket
-    j = 0
-    while j < ranks.size:
-        bi = bucket_of[j]
-        inside = np.empty(count_of[j], values.dtype)
-        c = 0
-        for i in range(n):
-            if buckets[i] == bi:
-                inside[c] = values[i]
-                c += 1
-        j_end = j
-        while j_end < ranks.size and bucket_of[j_end] == bi:
-            result[j_end] = _kth_narrowing(inside, ranks[j_end] - start_of[j], counts)
-            j_end += 1
-        j = j_end
-
-
-@njit
-def _kth_narrowing(values, k, counts):
-    """The k-th smallest of ``values`` (not modified): bucket counts narrow the range until few values are left."""
-    nb = counts.size
-    src = values
-    while src.size > _SORT_MAX:
-        lo = src.min()
-        hi = src.max()
-        if not hi > lo:
-            return lo
-        scale = nb / (np.float64(hi) - lo)
-        counts[:] = 0
-        for i in range(src.size):
-            counts[min(int((src[i] - lo) * scale), nb - 1)] += 1
-        start = 0
-        bi = 0
-        while start + counts[bi] <= k:
-            start += counts[bi]
-            bi += 1
-        dst = np.empty(counts[bi], src.dtype)
-        c = 0
-        for i in range(src.size):
-            if min(int((src[i] - lo) * scale), nb - 1) == bi:
-                dst[c] = src[i]
-                c += 1
-        src = dst
-        k -= start
-    return np.sort(src)[k]
-
-
-@njit
-def _fill_buckets(values, n, scale, buckets, counts):
-    """buckets[i] = bucket of values[i] (value * scale, clipped to the last), and the bucket sizes in ``counts``."""
-    nb = counts.size
-    counts[:] = 0
-    for i in range(n):
-        b = min(int(values[i] * scale), nb - 1)
-        buckets[i] = b
-        counts[b] += 1
-
-
-@njit
-def _quantiles_exact(values, buckets, n, counts, qs, scratch, out, first):
-    """numpy's 'linear' quantiles ``qs`` of values[:n] into out[first:first+len(qs)] (see _kth_from_buckets)."""
-    nq = qs.size
-    ranks = np.empty(2 * nq, np.int64)
-    pos = np.empty(nq)
-    for j in range(nq):
-        pos[j] = qs[j] * (n - 1)
-        k = int(math.floor(pos[j]))
-        ranks[2 * j] = k
-        ranks[2 * j + 1] = min(k + 1, n - 1)
-    vals = np.empty(2 * nq, values.dtype)
-    _kth_from_buckets(values, buckets, n, ranks, counts, scratch, vals)
-    for j in range(nq):
-        a = np.float64(vals[2 * j])
-        b = np.float64(vals[2 * j + 1])
-        t = pos[j] - ranks[2 * j]
-        out[first + j] = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
 @njit(fastmath={"reassoc", "nsz"})
@@ -169,86 +46,153 @@ def _laplacian_abs_sum(gray):
 
 
 @njit
+def _planar_row(flat, r, g, b):
+    """One row of interleaved RGB bytes into three planes (flat indexing vectorises; (x, channel) indexing does not)."""
+    for x in range(r.size):
+        r[x] = flat[3 * x]
+        g[x] = flat[3 * x + 1]
+        b[x] = flat[3 * x + 2]
+
+
+@njit
+def _lookup_row(r, g, b, logs, od_row, hed_log_lut, od_lut):
+    """The per-channel table lookups of a row (gathers, scalar): stain logarithms and each pixel's OD sum."""
+    for x in range(r.size):
+        logs[0, x] = hed_log_lut[r[x]]
+        logs[1, x] = hed_log_lut[g[x]]
+        logs[2, x] = hed_log_lut[b[x]]
+        od_row[x] = od_lut[r[x]] + od_lut[g[x]] + od_lut[b[x]]
+
+
+@njit
+def _pixel_row(r, g, b, logs, hed, sat_row, gray_row, m, luma, nuclear_thr):
+    """Per-pixel values of a row (vectorised: no float reductions): H, E, D (clipped at 0, into ``hed``), saturation,
+    luma; returns the RGB sums and sums of squares (exact integers) and the count of nuclear pixels."""
+    s_r = s_g = s_b = q_r = q_g = q_b = nuclear = 0
+    eps = np.float32(1e-6)
+    zero = np.float32(0.0)
+    m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
+    m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
+    m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
+    cr, cg, cb = luma[0], luma[1], luma[2]
+    l0s, l1s, l2s = logs[0], logs[1], logs[2]
+    hs, es, ds = hed[0], hed[1], hed[2]
+    for x in range(r.size):
+        ri = np.int32(r[x])
+        gi = np.int32(g[x])
+        bi = np.int32(b[x])
+        s_r += ri
+        s_g += gi
+        s_b += bi
+        q_r += ri * ri
+        q_g += gi * gi
+        q_b += bi * bi
+        l0 = l0s[x]
+        l1 = l1s[x]
+        l2 = l2s[x]
+        # same float32 operation order as hed_stains: ((l0*m0 + l1*m1) + l2*m2), then clipped at 0
+        vh = max(l0 * m00 + l1 * m10 + l2 * m20, zero)
+        hs[x] = vh
+        es[x] = max(l0 * m01 + l1 * m11 + l2 * m21, zero)
+        ds[x] = max(l0 * m02 + l1 * m12 + l2 * m22, zero)
+        nuclear += np.int32(vh > nuclear_thr)
+        cmax = np.float32(max(r[x], g[x], b[x]))
+        cmin = np.float32(min(r[x], g[x], b[x]))
+        sat_row[x] = (cmax - cmin) / max(cmax, eps)
+        # luma_c[v] == float32(v) * luma_c[1] (the tables are float32 products), added in the tables' order
+        gray_row[x] = np.float32(r[x]) * cr + np.float32(g[x]) * cg + np.float32(b[x]) * cb
+    return s_r, s_g, s_b, q_r, q_g, q_b, nuclear
+
+
+@njit
+def _grad_row(g0, g1, out):
+    """Gradient magnitudes of one row from forward differences (``g1`` is the next row)."""
+    for x in range(out.size):
+        gx = g0[x + 1] - g0[x]
+        gy = g1[x] - g0[x]
+        out[x] = np.sqrt(gx * gx + gy * gy)
+
+
+@njit(fastmath={"reassoc", "nsz"})
+def _sum_sq(values):
+    """(sum, sum of squares) of float32 values in float64: a pure reduction (squares of float32 are exact)."""
+    s = 0.0
+    q = 0.0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        s += v
+        q += v * v
+    return s, q
+
+
+@njit(fastmath={"reassoc", "nsz"})
+def _sum(values):
+    s = 0.0
+    for i in range(values.size):
+        s += values[i]
+    return s
+
+
+@njit
 def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, luma_b, nuclear_thr, entropy_bins):
     """The 25 statistics of each (h, w, 3) uint8 tile of ``tiles`` into ``out`` (n, 25) float64.
 
-    The per-pixel loop has no scattered writes (histogram increments there cost more than all the arithmetic): RGB
-    moments are exact integer sums, the entropy histogram is read off the grey-level percentile buckets afterwards.
+    Row by row (see the comment above); percentiles and the entropy histogram from bucket counts afterwards.
     """
     n, h, w, _ = tiles.shape
     npx = h * w
     nb = _BUCKETS
+    luma = np.array([luma_r[1], luma_g[1], luma_b[1]], np.float32)
     h_values = np.empty(npx, np.float32)
     gray = np.empty((h, w), np.float32)
     n_grad = (h - 1) * (w - 1)
     grad = np.empty(max(n_grad, 1), np.float32)
     scratch = np.empty(npx, np.float32)
-    eps = np.float32(1e-6)
-    zero = np.float32(0.0)
-    m00, m01, m02 = hed_matrix[0, 0], hed_matrix[0, 1], hed_matrix[0, 2]
-    m10, m11, m12 = hed_matrix[1, 0], hed_matrix[1, 1], hed_matrix[1, 2]
-    m20, m21, m22 = hed_matrix[2, 0], hed_matrix[2, 1], hed_matrix[2, 2]
+    planes = np.empty((3, w), np.uint8)
+    logs = np.empty((3, w), np.float32)
+    hed = np.empty((3, w), np.float32)
+    sat_row = np.empty(w, np.float32)
+    od_row = np.empty(w, np.float64)
     # percentile buckets: value * scale, monotonic (upper bounds need not be tight). The grey scale is a power of two,
     # so bucket // (nb / entropy_bins) is exactly the entropy bin int(gray * entropy_bins / 256).
     gray_scale = np.float32(nb / 256.0)
     h_scale = np.float32(nb / _H_BOUND)
     grad_scale = np.float32(nb / 362.0)
     per_bin = nb // entropy_bins
-    gray_buckets = np.empty(npx, np.uint16)
-    h_buckets = np.empty(npx, np.uint16)
-    grad_buckets = np.empty(max(n_grad, 1), np.uint16)
-    gray_counts = np.empty(nb, np.int64)
-    h_counts = np.empty(nb, np.int64)
-    grad_counts = np.empty(nb, np.int64)
+    buckets = np.empty(npx, np.int32)
+    counts = np.empty(nb, np.int64)
+    split = np.empty((4, nb), np.int32)
     q90 = np.array([0.9])
     q_gray = np.array([0.1, 0.5, 0.9])
     for t in range(n):
-        tile = tiles[t]
-        s_r = s_g = s_b = q_r = q_g = q_b = 0
-        od = 0.0
-        sh = se = sd = qh = qe = qd = 0.0
-        nuclear = 0
-        sat_sum = 0.0
-        sat_sq = 0.0
-        p = 0
+        rows = tiles[t].reshape(h, w * 3)
+        s_r = s_g = s_b = q_r = q_g = q_b = nuclear = 0
+        od = sh = se = sd = qh = qe = qd = sat_sum = sat_sq = 0.0
         for y in range(h):
-            for x in range(w):
-                r = tile[y, x, 0]
-                g = tile[y, x, 1]
-                b = tile[y, x, 2]
-                ri = np.int64(r)
-                gi = np.int64(g)
-                bi = np.int64(b)
-                s_r += ri
-                s_g += gi
-                s_b += bi
-                q_r += ri * ri
-                q_g += gi * gi
-                q_b += bi * bi
-                od += od_lut[r] + od_lut[g] + od_lut[b]
-                l0 = hed_log_lut[r]
-                l1 = hed_log_lut[g]
-                l2 = hed_log_lut[b]
-                # same float32 operation order as hed_stains: ((l0*m0 + l1*m1) + l2*m2), then clipped at 0
-                vh = max(l0 * m00 + l1 * m10 + l2 * m20, zero)
-                ve = max(l0 * m01 + l1 * m11 + l2 * m21, zero)
-                vd = max(l0 * m02 + l1 * m12 + l2 * m22, zero)
-                sh += vh
-                se += ve
-                sd += vd
-                qh += np.float64(vh) * vh
-                qe += np.float64(ve) * ve
-                qd += np.float64(vd) * vd
-                h_values[p] = vh
-                if vh > nuclear_thr:
-                    nuclear += 1
-                cmax = np.float32(max(r, g, b))
-                cmin = np.float32(min(r, g, b))
-                s = (cmax - cmin) / max(cmax, eps)
-                sat_sum += s
-                sat_sq += np.float64(s) * s
-                gray[y, x] = luma_r[r] + luma_g[g] + luma_b[b]
-                p += 1
+            _planar_row(rows[y], planes[0], planes[1], planes[2])
+            _lookup_row(planes[0], planes[1], planes[2], logs, od_row, hed_log_lut, od_lut)
+            a = _pixel_row(planes[0], planes[1], planes[2], logs, hed, sat_row, gray[y], hed_matrix, luma, nuclear_thr)
+            s_r += a[0]
+            s_g += a[1]
+            s_b += a[2]
+            q_r += a[3]
+            q_g += a[4]
+            q_b += a[5]
+            nuclear += a[6]
+            h_values[y * w:(y + 1) * w] = hed[0]
+            od += _sum(od_row)
+            v, v2 = _sum_sq(hed[0])
+            sh += v
+            qh += v2
+            v, v2 = _sum_sq(hed[1])
+            se += v
+            qe += v2
+            v, v2 = _sum_sq(hed[2])
+            sd += v
+            qd += v2
+            v, v2 = _sum_sq(sat_row)
+            sat_sum += v
+            sat_sq += v2
         o = out[t]
         for c, (s_c, q_c) in enumerate(((s_r, q_r), (s_g, q_g), (s_b, q_b))):
             m = s_c / npx
@@ -259,33 +203,25 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
             o[6 + i] = m
             o[9 + i] = math.sqrt(max(q_i / npx - m * m, 0.0))
         o[13] = nuclear / npx
-        _fill_buckets(h_values, npx, h_scale, h_buckets, h_counts)
-        _quantiles_exact(h_values, h_buckets, npx, h_counts, q90, scratch, o, 12)
+        fill_buckets(h_values, npx, h_scale, buckets, counts, split)
+        quantiles_exact(h_values, buckets, npx, counts, q90, scratch, o, 12)
         m = sat_sum / npx
         o[14] = m
         o[15] = math.sqrt(max(sat_sq / npx - m * m, 0.0))
-        # texture on the luma image: forward differences (bucketed as they are made) and the 4-neighbour Laplacian
-        grad_counts[:] = 0
-        gs = 0.0
-        gq = 0.0
-        k = 0
-        for y in range(h - 1):
-            for x in range(w - 1):
-                gx = gray[y, x + 1] - gray[y, x]
-                gy = gray[y + 1, x] - gray[y, x]
-                gv = np.sqrt(gx * gx + gy * gy)
-                grad[k] = gv
-                gb = min(int(gv * grad_scale), nb - 1)
-                grad_buckets[k] = gb
-                grad_counts[gb] += 1
-                gs += gv
-                gq += np.float64(gv) * gv
-                k += 1
+        # texture on the luma image: forward differences and the 4-neighbour Laplacian
         if n_grad > 0:
+            gs = gq = 0.0
+            for y in range(h - 1):
+                g_row = grad[y * (w - 1):(y + 1) * (w - 1)]
+                _grad_row(gray[y], gray[y + 1], g_row)
+                v, v2 = _sum_sq(g_row)
+                gs += v
+                gq += v2
             m = gs / n_grad
             o[20] = m
             o[21] = math.sqrt(max(gq / n_grad - m * m, 0.0))
-            _quantiles_exact(grad, grad_buckets, n_grad, grad_counts, q90, scratch, o, 22)
+            fill_buckets(grad, n_grad, grad_scale, buckets, counts, split)
+            quantiles_exact(grad, buckets, n_grad, counts, q90, scratch, o, 22)
         else:
             o[20] = np.nan
             o[21] = np.nan
@@ -294,15 +230,15 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
         o[23] = _laplacian_abs_sum(gray) / n_lap if n_lap > 0 else np.nan
         o[24] = od / npx
         flat_gray = gray.reshape(npx)
-        _fill_buckets(flat_gray, npx, gray_scale, gray_buckets, gray_counts)
+        fill_buckets(flat_gray, npx, gray_scale, buckets, counts, split)
         e = 0.0
         for i in range(entropy_bins):
             c = 0
             for bb in range(i * per_bin, (i + 1) * per_bin):
-                c += gray_counts[bb]
+                c += counts[bb]
             if c > 0:
                 q = c / npx
                 e -= q * math.log2(q)
         o[19] = e
-        # last: the narrowing path of the selection reuses gray_counts as scratch
-        _quantiles_exact(flat_gray, gray_buckets, npx, gray_counts, q_gray, scratch, o, 16)
+        # last: the narrowing path of the selection reuses counts as scratch
+        quantiles_exact(flat_gray, buckets, npx, counts, q_gray, scratch, o, 16)
