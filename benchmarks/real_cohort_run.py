@@ -82,6 +82,22 @@ def cam_peaks(out: Path, plan: dict) -> dict:
     return rows
 
 
+def by_lab_predictions(out: Path, plan: dict) -> dict:
+    """Test slides per lab: ROC AUC of the network's class-1 probability, mean probability per true class."""
+    from sklearn.metrics import roc_auc_score
+
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    result = {}
+    for lab, second in (("lab_a", False), ("lab_b", True)):
+        mine = [r for r in rows if plan[r["slide_id"]].second_lab == second]
+        y, p = [int(r["true_label"]) for r in mine], [float(r["prob_1"]) for r in mine]
+        result[lab] = {"slides": len(mine), "roc_auc": round(float(roc_auc_score(y, p)), 4) if len(set(y)) == 2
+                       else None, **{f"mean_p1_label{c}": round(float(np.mean([q for q, t in zip(p, y) if t == c])), 3)
+                                     for c in (0, 1) if c in y}}
+    return result
+
+
 def share(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
@@ -115,7 +131,7 @@ def evaluate(out: Path, plan: list) -> dict:
     ann_test = {k: v for k, v in (ann.get("per_slide") or {}).items() if k in test_pos}
     return {
         "network": {"roc_auc": metrics.get("roc_auc"), "baseline_roc_auc": (metrics.get("baseline") or {}).get(
-            "roc_auc"), "test_slides": metrics.get("n_slides")},
+            "roc_auc"), "test_slides": metrics.get("n_slides"), "by_lab": by_lab_predictions(out, by_id)},
         "cam": {"annotations_overall": ann.get("overall"),
                 "annotations_positive_test": {
                     "slides": len(ann_test),
