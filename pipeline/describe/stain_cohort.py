@@ -105,7 +105,8 @@ def estimate_slide_stain(path: str, config: PipelineConfig, keep: str | None = N
 def slide_reader(info, grid, config: PipelineConfig):
     """The reader a slide's tiles are read with (``choose_reader`` for these settings)."""
     return choose_reader(info, config.reader.kind, grid.read_level, grid.tile_l0_px / grid.read_downsample / grid.tile_px,
-                         scaled_decode=config.reader.scaled_decode)
+                         scaled_decode=config.reader.scaled_decode,
+                         thumbnail_downsample=mask_downsample_for(grid.slide_mpp, config.tissue))
 
 
 def tissue_image(path: str, reader, grid, mask_ds: int, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from .dicom import DicomReader
 from .open import SlideInfo
-from .pixels import reduce_box
+from .pixels import best_level_for_downsample, reduce_box
 from .readers import DIRECT_VENDORS, OpenSlideReader, TiffTileReader, TileReader
 
 READER_KINDS = ("auto", "openslide", "tiff", "dicom")
@@ -79,21 +80,25 @@ def open_direct(info: SlideInfo) -> tuple[TiffTileReader | None, str | None]:
 PROBE_PX = 96  # edge of each probe region: enough to see a wrong colour space or table, cheap for OpenSlide
 
 
-def _probe_regions(reader: TiffTileReader) -> list[tuple[int, int, int, int, int]]:
+def _probe_regions(reader: TiffTileReader, levels: Iterable[int] | None = None) -> list[tuple[int, int, int, int, int]]:
     """(level, x_l0, y_l0, w, h) regions compared between readers before ``auto`` trusts the direct one: a piece of
-    a native tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample)."""
-    lp = reader._levels[0]
-    tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
-    regions = [(0, tx * lp.tile_w, ty * lp.tile_h, min(PROBE_PX, lp.width - tx * lp.tile_w),
-                min(PROBE_PX, lp.height - ty * lp.tile_h))]
-    for level in range(1, reader.level_count):
-        w, h = reader.level_dimensions[level]
-        regions.append((level, 0, 0, min(w, PROBE_PX), min(h, PROBE_PX)))
+    a native tile in the middle of level 0 and the top-left corner of every other level (exact at any downsample);
+    ``levels``: only those (the levels the slide is read at), None = all."""
+    regions = []
+    for level in sorted(set(range(reader.level_count) if levels is None else levels)):
+        if level == 0:
+            lp = reader._levels[0]
+            tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
+            regions.append((0, tx * lp.tile_w, ty * lp.tile_h, min(PROBE_PX, lp.width - tx * lp.tile_w),
+                            min(PROBE_PX, lp.height - ty * lp.tile_h)))
+        else:
+            w, h = reader.level_dimensions[level]
+            regions.append((level, 0, 0, min(w, PROBE_PX), min(h, PROBE_PX)))
     return regions
 
 
 def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None, shrink: float = 1.0,
-                  scaled_decode: bool = False) -> ReaderChoice:
+                  scaled_decode: bool = False, thumbnail_downsample: float | None = None) -> ReaderChoice:
     """The reader for one slide: ``openslide``, ``tiff`` (the slide must qualify), or ``auto``.
 
     ``auto`` uses the direct reader when the slide qualifies, the tiles are read from a level the direct reader
@@ -102,8 +107,14 @@ def choose_reader(info: SlideInfo, requested: str, read_level: int | None = None
     ``scaled_decode``: with the direct reader, JPEG tiles of ``read_level`` that the tile grid shrinks by ``shrink``
     (>= 2) are decoded at 1/2, 1/4 or 1/8 in the DCT domain when a probe tile stays within ``SCALED_PROBE_TOLERANCE``
     of the area average (``jpeg_scale``, ``decode_reason``).
+    ``thumbnail_downsample``: with ``read_level``, the slide is read at those two levels only (its tiles, its
+    thumbnail: ``read_thumbnail``'s level), and only they are probed (each probe region costs ~1 ms of decoding);
+    None = every level is probed.
     """
-    choice = _choose_kind(info, requested, read_level)
+    levels = None
+    if read_level is not None and thumbnail_downsample is not None:
+        levels = {read_level, best_level_for_downsample(info.level_downsamples, max(float(thumbnail_downsample), 1.0))}
+    choice = _choose_kind(info, requested, read_level, levels)
     if choice.kind != "tiff" or not scaled_decode or read_level is None:
         return choice
     scale, why = _scaled_decode_check(info, read_level, shrink)
@@ -138,7 +149,8 @@ def _scaled_decode_check(info: SlideInfo, level: int, shrink: float) -> tuple[in
     return scale, f"JPEG tiles decoded at 1/{scale} (probe tile {diff:.2f} grey levels from the area average)"
 
 
-def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> ReaderChoice:
+def _choose_kind(info: SlideInfo, requested: str, read_level: int | None, levels: set[int] | None = None
+                 ) -> ReaderChoice:
     if requested not in READER_KINDS:
         raise ValueError(f"unknown reader {requested!r}; expected one of {READER_KINDS}")
 
@@ -167,7 +179,7 @@ def _choose_kind(info: SlideInfo, requested: str, read_level: int | None) -> Rea
                                        "interpolates sub-pixel positions there, which only OpenSlide reproduces")
         try:
             with OpenSlideReader(info.path) as reference:
-                for region in _probe_regions(direct):
+                for region in _probe_regions(direct, levels):
                     if not np.array_equal(direct.read_region(*region), reference.read_region(*region)):
                         return choice("openslide", f"direct decode differs from OpenSlide at level {region[0]} "
                                                    f"({region[1]}, {region[2]})")

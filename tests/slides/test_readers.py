@@ -127,6 +127,26 @@ def test_choose_reader(cmu_slide, fixtures_dir, synthetic_slides):
     assert choose_reader(odd, "openslide").kind == "openslide"
 
 
+def test_auto_probes_the_levels_the_slide_is_read_at(synthetic_slides, monkeypatch):
+    """With the thumbnail's downsample, only the tile level and the thumbnail's level are compared with OpenSlide
+    (each probe costs a tile decode in both readers); without it, every level."""
+    info = read_slide_info(synthetic_slides["generic"])
+    assert info.level_count == 3
+    probed: list[int] = []
+    real = OpenSlideReader.read_region
+    monkeypatch.setattr(OpenSlideReader, "read_region",
+                        lambda self, level, *rest: probed.append(level) or real(self, level, *rest))
+    assert choose_reader(info, "auto", read_level=0).kind == "tiff"
+    assert probed == list(range(info.level_count))
+    probed.clear()
+    coarsest = info.level_downsamples[-1]
+    assert choose_reader(info, "auto", read_level=0, thumbnail_downsample=coarsest * 1.5).kind == "tiff"
+    assert probed == [0, info.level_count - 1]
+    probed.clear()
+    assert choose_reader(info, "auto", read_level=0, thumbnail_downsample=0.5).kind == "tiff"  # thumbnail at level 0
+    assert probed == [0]
+
+
 def test_forced_direct_reader_at_fractional_level_still_matches(synthetic_slides):
     """Level 1 of the odd slide is 4.0037x: rows at sub-pixel positions come from OpenSlide, so tiles stay equal."""
     path = synthetic_slides["odd_aperio"]
