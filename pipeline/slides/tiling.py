@@ -125,8 +125,9 @@ def tile_row_window(grid: TileGrid, row: int, cols: np.ndarray) -> tuple[int, in
     return ix0, iy0, ix1, iy1
 
 
-def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "") -> np.ndarray:
-    """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3).
+def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "",
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3), written into ``out`` when given.
 
     One read covers the span from the first to the last requested column at the read level; each tile is then cut
     out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a
@@ -135,7 +136,8 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     ``round(x * downsample)`` in level 0, as it always did.
     """
     cols = np.asarray(cols, dtype=int)
-    out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(cols), grid.tile_px, grid.tile_px, 3), dtype=np.uint8)
     if len(cols) == 0:
         return out
     reader = as_reader(handle, path)
@@ -175,26 +177,40 @@ def iter_tile_batches(handle, grid: TileGrid, tissue_tiles: np.ndarray, block: t
                       batch_tiles: int, path: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (positions (n, 2) as global row/col, tiles (n, px, px, 3)) for the tissue tiles of one block, in batches.
 
-    ``tissue_tiles`` is the block's boolean mask (r1-r0, c1-c0). Rows are read one strip at a time, so memory is one
-    strip plus one batch. ``handle``: a ``pipeline.slides.readers.TileReader`` or an OpenSlide handle.
+    ``tissue_tiles`` is the block's boolean mask (r1-r0, c1-c0). Rows are read one strip at a time, each straight into
+    its batch (a row that straddles two batches goes through a temporary), so memory is one strip plus one batch and
+    every batch is a new array. ``handle``: a ``pipeline.slides.readers.TileReader`` or an OpenSlide handle.
     """
     handle = as_reader(handle, path)
     r0, r1, c0, c1 = block
-    pending_pos: list[np.ndarray] = []
-    pending_tiles: list[np.ndarray] = []
-    pending = 0
+    px = grid.tile_px
+    tiles = positions = None
+    filled = 0
     for r in range(r0, r1):
         cols = np.flatnonzero(tissue_tiles[r - r0]) + c0
         if len(cols) == 0:
             continue
-        tiles = read_tile_row(handle, grid, r, cols, path)
-        pending_pos.append(np.stack([np.full(len(cols), r), cols], axis=1))
-        pending_tiles.append(tiles)
-        pending += len(cols)
-        while pending >= batch_tiles:
-            pos, til = np.concatenate(pending_pos), np.concatenate(pending_tiles)
-            yield pos[:batch_tiles], til[:batch_tiles]
-            pending_pos, pending_tiles = [pos[batch_tiles:]], [til[batch_tiles:]]
-            pending -= batch_tiles
-    if pending:
-        yield np.concatenate(pending_pos), np.concatenate(pending_tiles)
+        if tiles is None:
+            tiles = np.empty((batch_tiles, px, px, 3), dtype=np.uint8)
+            positions = np.empty((batch_tiles, 2), dtype=np.int64)
+        if filled + len(cols) <= batch_tiles:
+            read_tile_row(handle, grid, r, cols, path, out=tiles[filled:filled + len(cols)])
+            row_tiles = None
+        else:
+            row_tiles = read_tile_row(handle, grid, r, cols, path)
+        done = 0
+        while done < len(cols):
+            take = min(len(cols) - done, batch_tiles - filled)
+            if row_tiles is not None:
+                tiles[filled:filled + take] = row_tiles[done:done + take]
+            positions[filled:filled + take, 0] = r
+            positions[filled:filled + take, 1] = cols[done:done + take]
+            filled += take
+            done += take
+            if filled == batch_tiles:
+                yield positions, tiles
+                tiles = np.empty((batch_tiles, px, px, 3), dtype=np.uint8)
+                positions = np.empty((batch_tiles, 2), dtype=np.int64)
+                filled = 0
+    if filled:
+        yield positions[:filled], tiles[:filled]

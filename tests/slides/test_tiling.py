@@ -93,3 +93,21 @@ def test_batches_cover_tissue_tiles_in_order(cmu_slide):
     positions = np.concatenate([p for p, _ in batches])
     assert positions.tolist() == [[1, 2], [1, 5], [3, 0], [4, 4]]
     np.testing.assert_array_equal(batches[0][1][2], single[0])
+
+
+def test_rows_straddling_batches_keep_every_tile_and_position(cmu_slide):
+    """Rows are written straight into batches; a row longer than what is left of a batch is split across two."""
+    info = read_slide_info(cmu_slide)
+    grid = tile_grid(info, TilingConfig(mpp=2.0, tile_px=32))
+    tissue = np.zeros(grid.shape, dtype=bool)
+    tissue[0, 1] = True
+    tissue[2, 0:5] = True
+    tissue[3, 3] = True
+    block = (0, grid.rows, 0, grid.cols)
+    with openslide.OpenSlide(str(cmu_slide)) as handle:
+        batches = list(iter_tile_batches(handle, grid, tissue, block, batch_tiles=2))
+        expected = np.concatenate([read_tile_row(handle, grid, r, np.flatnonzero(tissue[r])) for r in (0, 2, 3)])
+    assert [len(p) for p, _ in batches] == [2, 2, 2, 1]
+    positions = np.concatenate([p for p, _ in batches])
+    assert positions.tolist() == [[0, 1], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4], [3, 3]]
+    np.testing.assert_array_equal(np.concatenate([t for _, t in batches]), expected)
