@@ -65,8 +65,8 @@ def _lookup_row(r, g, b, logs, od_row, hed_log_lut, od_lut):
 
 
 @njit
-def _pixel_row(r, g, b, logs, hed, sat_row, gray_row, m, luma, nuclear_thr):
-    """Per-pixel values of a row (vectorised: no float reductions): H, E, D (clipped at 0, into ``hed``), saturation,
+def _pixel_row(r, g, b, logs, hs, es, ds, sat_row, gray_row, m, luma, nuclear_thr):
+    """Per-pixel values of a row (vectorised: no float reductions): H, E, D (clipped at 0), saturation,
     luma; returns the RGB sums and sums of squares (exact integers) and the count of nuclear pixels."""
     s_r = s_g = s_b = q_r = q_g = q_b = nuclear = 0
     eps = np.float32(1e-6)
@@ -76,7 +76,6 @@ def _pixel_row(r, g, b, logs, hed, sat_row, gray_row, m, luma, nuclear_thr):
     m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
     cr, cg, cb = luma[0], luma[1], luma[2]
     l0s, l1s, l2s = logs[0], logs[1], logs[2]
-    hs, es, ds = hed[0], hed[1], hed[2]
     for x in range(r.size):
         ri = np.int32(r[x])
         gi = np.int32(g[x])
@@ -150,7 +149,8 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
     scratch = np.empty(npx, np.float32)
     planes = np.empty((3, w), np.uint8)
     logs = np.empty((3, w), np.float32)
-    hed = np.empty((3, w), np.float32)
+    e_row = np.empty(w, np.float32)
+    d_row = np.empty(w, np.float32)
     sat_row = np.empty(w, np.float32)
     od_row = np.empty(w, np.float64)
     # percentile buckets: value * scale, monotonic (upper bounds need not be tight). The grey scale is a power of two,
@@ -171,7 +171,9 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
         for y in range(h):
             _planar_row(rows[y], planes[0], planes[1], planes[2])
             _lookup_row(planes[0], planes[1], planes[2], logs, od_row, hed_log_lut, od_lut)
-            a = _pixel_row(planes[0], planes[1], planes[2], logs, hed, sat_row, gray[y], hed_matrix, luma, nuclear_thr)
+            h_row = h_values[y * w:(y + 1) * w]
+            a = _pixel_row(planes[0], planes[1], planes[2], logs, h_row, e_row, d_row, sat_row, gray[y], hed_matrix, luma,
+                           nuclear_thr)
             s_r += a[0]
             s_g += a[1]
             s_b += a[2]
@@ -179,15 +181,14 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
             q_g += a[4]
             q_b += a[5]
             nuclear += a[6]
-            h_values[y * w:(y + 1) * w] = hed[0]
             od += _sum(od_row)
-            v, v2 = _sum_sq(hed[0])
+            v, v2 = _sum_sq(h_row)
             sh += v
             qh += v2
-            v, v2 = _sum_sq(hed[1])
+            v, v2 = _sum_sq(e_row)
             se += v
             qe += v2
-            v, v2 = _sum_sq(hed[2])
+            v, v2 = _sum_sq(d_row)
             sd += v
             qd += v2
             v, v2 = _sum_sq(sat_row)
