@@ -48,9 +48,20 @@ def _numpy_reference(tiles):
     return out.astype(np.float32)
 
 
-def test_compiled_kernel_equals_the_numpy_reference(he_tiles):
-    """The numba kernel (one pass, bucket-select percentiles) against the plain numpy definitions, on real tiles and
-    on the shapes that stress it: odd sizes, 1-2 px edges, flat tiles, a mostly-white tile, skewed values."""
+@pytest.fixture(scope="module")
+def aperio_tiles(cmu_slide):
+    """Twelve 256-px tiles of the real Aperio slide (JPEG, ~0.5 µm/px) as OpenSlide decodes them."""
+    import openslide
+
+    with openslide.OpenSlide(str(cmu_slide)) as slide:
+        regions = [np.asarray(slide.read_region((x, y), 0, (256, 256)).convert("RGB"))
+                   for y in (300, 900, 1500, 2100) for x in (200, 900, 1600)]
+    return np.stack(regions)
+
+
+def test_compiled_kernel_equals_the_numpy_reference(he_tiles, aperio_tiles):
+    """The numba kernel (vectorised rows, bucket-select percentiles) against the plain numpy definitions, on real
+    tiles and on the shapes that stress it: odd sizes, 1-2 px edges, flat tiles, a mostly-white tile, skewed values."""
     import pipeline.describe.stats_kernel as K
 
     assert K.stats_kernel is not None  # numba is a dependency: the fast path must be the one in use
@@ -58,7 +69,7 @@ def test_compiled_kernel_equals_the_numpy_reference(he_tiles):
     white = np.full((2, 64, 64, 3), 242, np.uint8)
     white[:, 20:30, 10:50] = rng.integers(60, 200, (2, 10, 40, 3), dtype=np.uint8)
     skewed = (rng.random((2, 48, 40, 3)) ** 6 * 255).astype(np.uint8)
-    cases = [he_tiles, rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8), np.full((2, 32, 32, 3), 77, np.uint8),
+    cases = [he_tiles, aperio_tiles, rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8), np.full((2, 32, 32, 3), 77, np.uint8),
              rng.integers(0, 256, (2, 2, 2, 3), dtype=np.uint8), rng.integers(0, 256, (2, 1, 5, 3), dtype=np.uint8),
              rng.integers(0, 256, (2, 1, 1, 3), dtype=np.uint8), white, skewed]
     for tiles in cases:
