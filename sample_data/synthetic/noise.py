@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Version of the rendering recipe in a written slide's ``Spec``: slides written by an earlier one are rewritten
+#: (2: H&E-coloured lesion cytoplasm and basophilic cellular patches in all tissue, issue 14).
+RENDER_VERSION = 2
+
 #: Nominal background (empty glass) colour.
 BACKGROUND_RGB = (240, 238, 242)
 
@@ -20,8 +24,8 @@ MAX_SS = 4  # max supersampling per axis for downsampled levels
 BLOCK = 256  # max output block edge (px) per internal render step
 
 # Beer-Lambert colour model: optical density per unit stain amount (RGB), and the lookup table grid.
-_H_OD = np.array([0.62, 0.80, 0.26])  # hematoxylin: blue-purple
-_E_OD = np.array([0.05, 0.62, 0.24])  # eosin: pink
+H_OD = np.array([0.62, 0.80, 0.26])  # hematoxylin: blue-purple
+E_OD = np.array([0.05, 0.62, 0.24])  # eosin: pink
 NH, _H_MAX = 128, 1.70  # hematoxylin amount levels / range
 NE, E_MAX = 64, 1.00  # eosin amount levels / range
 NQ = 7  # noise levels (sum of two sheet noises in 0..3 -> 0..6, triangular)
@@ -30,7 +34,16 @@ SH = (NH - 1) / _H_MAX  # stain amount -> LUT level
 SE = (NE - 1) / E_MAX
 NUC_H = 1.05  # hematoxylin amount of a stroma nucleus (profile 1)
 LES_H = 1.10  # ... of a lesion nucleus
+LES_CYT_H = (0.06, 0.15) # lesion cytoplasm hematoxylin: base + x fibre texture factor (stain amounts)
+LES_CYT_E = (0.12, 0.8)  # lesion cytoplasm eosin: base + x texture factor (x the eosin scale)
 FADE = 40.0  # nuclei fade in over a rank interval of 1/FADE around the local density
+# Cellular basophilic patches of benign tissue: the patch field (cell noise - threshold) x gain, clipped to [0, 1],
+# raises the nuclear density towards its max (third value) and lowers eosin by BASO_EOSIN; above BASO_DENSITY the
+# background hematoxylin rises to BASO_H at the max.
+BASO_PATCH = (0.55, 3.0, 0.95)
+BASO_EOSIN = 0.45
+BASO_DENSITY = 0.45
+BASO_H = 0.30
 
 # field indices in the lattice arrays
 F_T, F_D, F_E, F_L = 0, 1, 2, 3
@@ -215,7 +228,7 @@ def lut32() -> np.ndarray:
     h = np.arange(NH) * (_H_MAX / (NH - 1))
     e = np.arange(NE) * (E_MAX / (NE - 1))
     q = (np.arange(NQ) - (NQ - 1) / 2) * _NOISE_STEP
-    od = h[:, None, None] * _H_OD + e[None, :, None] * _E_OD  # (NH, NE, 3)
+    od = h[:, None, None] * H_OD + e[None, :, None] * E_OD  # (NH, NE, 3)
     rgb = np.asarray(BACKGROUND_RGB, float) * np.power(10.0, -od)
     rgb = rgb[:, :, None, :] + q[None, None, :, None]
     rgbx = np.zeros((NH * NE * NQ, 4), np.uint8)

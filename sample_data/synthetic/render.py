@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .noise import (BLOCK, F_D, F_E, F_L, F_T, LATTICE, LES_H, MAX_SS, NE, NH, NQ, NUC_H, PAD, SE, SH, DetailSheet,
-                    box_reduce_rgb, box_reduce_words, detail_sheet, lut32, words_to_rgb)
+from .noise import (BASO_DENSITY, BASO_H, BASO_PATCH, BLOCK, F_D, F_E, F_L, F_T, FADE, LATTICE, LES_CYT_E, LES_CYT_H,
+                    LES_H, MAX_SS, NE, NH, NQ, NUC_H, PAD, SE, SH, DetailSheet, box_reduce_rgb, box_reduce_words,
+                    detail_sheet, lut32, words_to_rgb)
 
 
 def _affine_samples(start_px: int, n: int, ds: float, ss: int) -> tuple[np.ndarray, int | None]:
@@ -148,6 +149,11 @@ class TissueRendering:
         # hematoxylin (LUT units): faint background + nuclei
         hem = np.multiply(nuc, f32(NUC_H * SH))
         hem += f32(0.05 * SH)
+        # basophilic cytoplasm where the nuclear density exceeds BASO_DENSITY (the cellular patches)
+        np.subtract(kd, f32(FADE * BASO_DENSITY), out=tmp)
+        np.maximum(tmp, f32(0), out=tmp)
+        tmp *= f32(BASO_H * SH / (FADE * (BASO_PATCH[2] - BASO_DENSITY)))
+        hem += tmp
         if has_les:
             les = fld[-1]
             les *= f32(p["kL"])
@@ -156,9 +162,9 @@ class TissueRendering:
             (la,) = take(sa, offa, ("les",))
             (lb,) = take(sb, offb, ("les",))
             lnuc = np.maximum(la, lb)
-            # lesion: purple cytoplasm, little eosin, dense large nuclei
-            hem_les = lnuc * f32(LES_H * SH) + (tb * f32(0.6 * SH) + f32(0.18 * SH))
-            e_les = ev * (ta * f32(0.3) + f32(0.18)) - lnuc * f32(0.10 * SE)
+            # lesion: dense large nuclei on pale eosinophilic cytoplasm (H&E colours, not a hue of its own)
+            hem_les = lnuc * f32(LES_H * SH) + (tb * f32(LES_CYT_H[1] * SH) + f32(LES_CYT_H[0] * SH))
+            e_les = ev * (ta * f32(LES_CYT_E[1]) + f32(LES_CYT_E[0])) - lnuc * f32(0.10 * SE)
             hem += les * (hem_les - hem)
             e += les * (e_les - e)
         if not full:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .noise import E_MAX, F_L, F_T, FADE, LATTICE, NE, detail_sheet, value_noise
+from .noise import BASO_EOSIN, BASO_PATCH, E_MAX, F_L, F_T, FADE, LATTICE, NE, detail_sheet, value_noise
 from .render import TissueRendering
 
 _CHUNK = 32  # lattice cells per cached field chunk edge (32 cells x 32 px = 1024 level-0 px)
@@ -180,9 +180,13 @@ class SyntheticTissue(TissueRendering):
         salt = self._p["salt"]
         t = self._tissue_raw(x, y)
         d = 0.24 + 0.14 * value_noise(x, y, 1100.0, salt + 10) + 0.03 * value_noise(x, y, 300.0, salt + 11)
-        d = FADE * np.clip(d, 0.04, 0.6)
+        # cellular, basophilic patches (every slide, both classes): dense nuclei, less eosin, and the renderer adds
+        # background hematoxylin above BASO_DENSITY, so benign tissue has hematoxylin-rich areas as real H&E does
+        cell = value_noise(x, y, 520.0, salt + 12) + 0.4 * value_noise(x, y, 170.0, salt + 13)
+        patch = np.clip((cell - BASO_PATCH[0]) * BASO_PATCH[1], 0.0, 1.0)
+        d = FADE * np.clip(d + (BASO_PATCH[2] - d) * patch, 0.04, BASO_PATCH[2])
         ev = 1.0 + 0.12 * value_noise(x, y, 1500.0, salt + 20) + 0.08 * value_noise(x, y, 300.0, salt + 21)
-        ev = ev * ((NE - 1) / E_MAX)
+        ev = ev * (1.0 - BASO_EOSIN * patch) * ((NE - 1) / E_MAX)
         lf = self._lesion_raw(x, y)
         return np.stack(np.broadcast_arrays(t, d, ev, lf)).astype(np.float32)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .noise import RENDER_VERSION
 from .tissue import SyntheticTissue
 
 
@@ -162,7 +163,20 @@ def slide_spec(tissue: SyntheticTissue, mpp: float | None, levels: Sequence[floa
     payload = {"tissue": [tissue.width_px, tissue.height_px, tissue.seed, tissue.lesion, tissue.tissue_fraction,
                           tissue.lesion_fraction],
                "mpp": mpp, "levels": [float(x) for x in levels], "tile_px": tile_px, "quality": quality}
+    if synthetic_base(tissue) is not None:  # slides of an earlier renderer are rewritten
+        payload["render"] = RENDER_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def synthetic_base(tissue) -> SyntheticTissue | None:
+    """The ``SyntheticTissue`` under wrappers (``StainBatch.tissue``, ``ArtefactTissue.base``), or None."""
+    for _ in range(8):
+        if isinstance(tissue, SyntheticTissue):
+            return tissue
+        tissue = getattr(tissue, "base", None) or getattr(tissue, "tissue", None)
+        if tissue is None:
+            return None
+    return None
 
 
 def written_spec(path: Path) -> str | None:
