@@ -10,7 +10,8 @@ How a pixel is made
 * Large-scale fields (tissue, nuclear density, eosin strength, lesion) are evaluated on a fixed lattice of
   level-0 points (spacing :data:`LATTICE` px, anchored at the origin) and interpolated bilinearly.  Tissue =
   a few random elliptical blobs + fractal value noise, thresholded so that ~``tissue_fraction`` of the slide is
-  covered; the lesion = a noisy ellipse placed deep inside tissue, sized to cover ~10-20 % of the tissue.
+  covered; the lesion = a noisy ellipse placed deep inside tissue, sized to cover ~10-20 % of the tissue (large
+  nuclei on pale eosinophilic cytoplasm); cellular basophilic patches (denser nuclei, less eosin) in all tissue.
 * Fine detail (collagen fibre texture, nuclei, pixel noise) comes from two precomputed periodic "sheets"
   (periods 769 and 577 px, coprime, so their combination repeats only every ~444k px) sampled at
   ``(x + offset) mod period``; the per-slide offsets depend on the seed.  Every nucleus in a sheet carries a
