@@ -36,6 +36,7 @@ not OpenSlide's pixels but close to their area average, which ``read_tile_row`` 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from . import jpeg
-from .open import open_handle
+from .open import RECENT_S, open_handle
 from .pixels import read_level_region, reduce_box
 from .tiff_pages import LevelPage, NotDirect, map_levels
 
@@ -139,6 +140,21 @@ def as_reader(handle, path: str = "") -> TileReader:
 # --- the direct TIFF reader -----------------------------------------------------------------------------------------
 
 
+_FAST_JPEG: dict[tuple, dict[int, bool]] = {}  # file identity -> level -> simplejpeg gives tifffile's pixels
+
+
+def _fast_jpeg_verdicts(path: str, stat: os.stat_result, levels: tuple) -> dict[int, bool]:
+    """The per-level simplejpeg verdicts of a file, shared by this process's readers of it (each slide is opened by
+    its probe, its thumbnail and each of its blocks: one check per level instead of one per reader). Keyed by the
+    file's stat; a file changed in the last ``RECENT_S`` gets a fresh, unshared dict (as fingerprints are hashed)."""
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RECENT_S * 1e9:
+        return {}
+    if len(_FAST_JPEG) >= 4096:
+        _FAST_JPEG.clear()
+    return _FAST_JPEG.setdefault((path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                                  levels), {})
+
+
 class TiffTileReader(TileReader):
     """Decodes whole native tiles of the level's TIFF page; each tile once per task (a per-task tile cache).
 
@@ -173,6 +189,7 @@ class TiffTileReader(TileReader):
             self._tif = tifffile.TiffFile(self.path)
             self._levels = map_levels(self._tif, self.level_dimensions)
             self._fd = os.open(self.path, os.O_RDONLY)
+            self._fast_jpeg = _fast_jpeg_verdicts(self.path, os.fstat(self._fd), self.level_dimensions)
         except NotDirect as err:
             self.close()
             raise DirectReadUnsupportedError(str(err), path=self.path) from None

@@ -147,6 +147,25 @@ def test_auto_probes_the_levels_the_slide_is_read_at(synthetic_slides, monkeypat
     assert probed == [0]
 
 
+def test_readers_of_one_file_share_the_simplejpeg_check(synthetic_slides, monkeypatch):
+    """The first reader of a file checks simplejpeg against tifffile on a level's first tile; later readers of the
+    unchanged file in this process reuse the verdict and give the same pixels."""
+    import pipeline.slides.readers as readers
+
+    monkeypatch.setattr(readers, "RECENT_S", 0.0)  # the test slide was just written: share its verdicts anyway
+    path = synthetic_slides["generic"]
+    info = read_slide_info(path)
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as first:
+        pixels = first.read_region(0, 0, 0, 300, 200)
+        verdict = first._fast_jpeg.get(0)
+    assert verdict is not None
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as second:
+        assert second._fast_jpeg.get(0) == verdict  # known before its first tile
+        np.testing.assert_array_equal(second.read_region(0, 0, 0, 300, 200), pixels)
+    with OpenSlideReader(path) as reference:
+        np.testing.assert_array_equal(reference.read_region(0, 0, 0, 300, 200), pixels)
+
+
 def test_forced_direct_reader_at_fractional_level_still_matches(synthetic_slides):
     """Level 1 of the odd slide is 4.0037x: rows at sub-pixel positions come from OpenSlide, so tiles stay equal."""
     path = synthetic_slides["odd_aperio"]
