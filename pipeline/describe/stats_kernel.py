@@ -1,5 +1,5 @@
-"""The compiled ``stats`` kernel: the 25 features of ``pipeline.describe.stats`` for a batch of tiles in one numba
-pass per tile (``stats_kernel`` is None where numba is missing).
+"""The compiled ``stats`` kernel: the 25 features of ``pipeline.describe.stats`` for a batch of tiles, one numba pass
+over each tile's rows plus exact bucket-select percentiles (``stats_kernel`` is None where numba is missing).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from pipeline.slides.tiling import read_tile_row, tile_grid
 from tests.conftest import write_test_slide
 
 # The stain descriptors built on log-transformed (optical density) channels, which the few near-black pixels a scaled
-# IDCT rings to dominate: they move by 0.2-3 across-tile SDs (a one-pixel shift of the grid moves them 0.01-0.03).
-# The stated tolerance for a default is 0.1 SD for every descriptor, so reader.scaled_decode is off by default.
+# IDCT rings to dominate: on the real slide they move by 0.3-3 across-tile SDs (a one-pixel shift of the grid moves
+# them 0.01-0.03). The stated tolerance for a default is 0.1 SD for every descriptor, so reader.scaled_decode is off
+# by default.
 SENSITIVE = {"hed_std_h", "hed_std_e", "hed_std_d", "hed_p90_h"}
 
 
@@ -55,8 +56,10 @@ def test_scaled_decode_is_close_to_the_area_average(name, mpp, tile_px, max_mean
     for i, feature in enumerate(names):
         if feature not in SENSITIVE:  # measured at most 0.094 (cmu) and 0.111 (generated)
             assert moved[i] < 0.15, f"{name}: {feature} moved {moved[i]:.3f} SD"
-    # measured: hed_std_e 3.1 SD (cmu), hed_p90_h 0.24 and hed_std_h 0.22 SD (generated)
-    assert max(moved[names.index(f)] for f in SENSITIVE) > 0.2
+    # measured: hed_std_e 3.1 and hed_std_h 0.34 SD (cmu); generated: at most 0.085 SD since the H&E generator of
+    # 7d617df (0.24 before it). The real slide is the one that keeps scaled decoding off.
+    if name == "cmu":
+        assert max(moved[names.index(f)] for f in SENSITIVE) > 0.2
 
 
 def compute_names() -> list[str]:
@@ -116,4 +119,6 @@ def test_direct_reader_takes_simplejpeg_for_full_size_tiles_when_exact(cmu_slide
                 OpenSlideReader(path) as reference:
             np.testing.assert_array_equal(direct.read_region(0, 100, 200, 700, 500),
                                           reference.read_region(0, 100, 200, 700, 500))
-            assert direct._fast_jpeg == {0: True}  # checked on the first tile, then used for the level
+            # checked on the first tile, then used for the level (the check is shared by a process's readers of the
+            # file since 6b37937, so other levels read by earlier tests may be there too)
+            assert direct._fast_jpeg.get(0) is True
