@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.core.store import read_array, read_attrs  # noqa: E402
 from pipeline.slides.tiling import TileGrid  # noqa: E402
-from sample_data.lab_cohort import check_slide, make_lab_cohort, report_rows  # noqa: E402
+from sample_data.lab_cohort import check_run, make_lab_cohort  # noqa: E402
 
 CONFIG = """
 tiling: {mpp: 0.5, tile_px: 128, chunk_tiles: 16}
@@ -102,16 +102,12 @@ def share(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def evaluate(out: Path, plan: list) -> dict:
+def evaluate(out: Path, plan: list, workers: int = 1) -> dict:
     by_id = {e.slide_id: e for e in plan}
-    manifest = json.loads((out / "manifest.json").read_text())
-    report = report_rows(out)
     metrics = json.loads((out / "metrics.json").read_text())
-    per_slide, problems = {}, {}
-    for entry in plan:
-        per_slide[entry.slide_id], bad = check_slide(out, entry, manifest, report)
-        if bad:
-            problems[entry.slide_id] = bad
+    checked = check_run(out, plan, workers)
+    per_slide = {sid: counts for sid, (counts, _) in checked.items()}
+    problems = {sid: bad for sid, (_, bad) in checked.items() if bad}
     tot = {k: sum(v[k] for v in per_slide.values()) for k in next(iter(per_slide.values())) if k != "excluded"}
     by_lab = {}
     for lab, second in (("lab_a", False), ("lab_b", True)):
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the cohorts and outputs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[11])
     ap.add_argument("--n-per-class", type=int, default=24)
-    ap.add_argument("--workers", type=int, default=2, help="slide-writing processes")
+    ap.add_argument("--workers", type=int, default=2, help="processes writing slides and checking them")
     ap.add_argument("--skip-run", action="store_true", help="evaluate an existing output only")
     a = ap.parse_args(argv)
     for seed in a.seeds:
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(CONFIG)
         if not a.skip_run:
             row.update(run_cli(slides, notes, root / "out", config))
-        row.update(evaluate(root / "out", plan))
+        row.update(evaluate(root / "out", plan, a.workers))
         (root / "result.json").write_text(json.dumps(row, indent=1))
         print(json.dumps(row), flush=True)
     return 0

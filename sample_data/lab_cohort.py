@@ -14,6 +14,7 @@ Deterministic from ``seed``; ground truth from ``ArtefactTissue`` (ink, blur) an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -25,25 +26,29 @@ import numpy as np
 from sample_data.artefacts import LOW, ArtefactTissue, stroke_alpha, write_geojson
 from sample_data.stain_batch import StainBatch, stain_batch_ids
 from sample_data.synthetic.writing import atomic_target, slide_spec, write_slide, written_spec
-from sample_data.textured import LEVELS, MPP, OBJECTIVE, QUALITY, TILE_PX, textured_cohort_plan
+from sample_data.textured import LEVELS, MPP, OBJECTIVE, QUALITY, TILE_PX, TexturedTissue, textured_cohort_plan
 
-__all__ = ["LabSlide", "lab_cohort_plan", "make_lab_cohort", "tile_truth", "check_slide", "report_rows"]
+__all__ = ["LabSlide", "lab_cohort_plan", "make_lab_cohort", "tile_truth", "check_slide", "check_run", "report_rows"]
 
 
 @dataclass(frozen=True)
 class LabSlide:
+    """One slide of the cohort: the recipe (cheap to make and to pickle) and, built on first use, the slide."""
+
     slide_id: str
     label: int
-    slide: ArtefactTissue        # what is written (stain batch and artefacts included)
+    tissue: TexturedTissue         # the textured slide underneath (``lesion_at_tiles``, ``tissue_at``)
     second_lab: bool
+    artefact_seed: int
+    artefacts: bool                # two pen strokes and a blurred region
     pen_outlined: tuple[int, ...]  # strokes with a ``Pen`` annotation
     exclude_region: bool
 
-    @property
-    def tissue(self):
-        """The textured slide underneath (``lesion_at_tiles``, ``tissue_at``)."""
-        base = self.slide.base
-        return base.tissue if isinstance(base, StainBatch) else base
+    @functools.cached_property
+    def slide(self) -> ArtefactTissue:
+        """What is written: the stain batch and artefacts included (~0.15 s to build)."""
+        base = StainBatch(self.tissue) if self.second_lab else self.tissue
+        return ArtefactTissue(base, seed=self.artefact_seed, pens=2 * self.artefacts, blurs=int(self.artefacts))
 
 
 def lab_cohort_plan(n_per_class: int, seed: int = 0, width_px: int = 3000, height_px: int = 3000) -> list[LabSlide]:
@@ -53,12 +58,22 @@ def lab_cohort_plan(n_per_class: int, seed: int = 0, width_px: int = 3000, heigh
     out, inked = [], 0
     for i, (sid, label, tissue) in enumerate(plan):
         artefacts = i % 3 != 2
-        base = StainBatch(tissue) if sid in second else tissue
-        slide = ArtefactTissue(base, seed=seed * 100003 + i, pens=2 if artefacts else 0, blurs=int(artefacts))
         outlined = (0,) if artefacts and inked % 2 == 0 else ()
         inked += artefacts
-        out.append(LabSlide(sid, int(label), slide, sid in second, outlined, i % 5 == 3))
+        out.append(LabSlide(sid, int(label), tissue, sid in second, seed * 100003 + i, artefacts, outlined,
+                            i % 5 == 3))
     return out
+
+
+def run_tasks(fn, items: list, workers: int) -> list:
+    """``[fn(item) for item in items]``, by ``workers`` processes when > 1 (spawned: the caller may have loaded
+    TensorFlow, which a forked child can hang on)."""
+    if workers > 1 and len(items) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, items, chunksize=max(1, len(items) // (8 * workers))))
+    return [fn(item) for item in items]
 
 
 def pen_feature(slide: ArtefactTissue, strokes: tuple[int, ...]) -> dict | None:
@@ -92,30 +107,26 @@ def annotations_of(entry: LabSlide) -> dict:
     return collection
 
 
-def _write(path: Path, slide) -> None:
-    write_slide(path, slide, mpp=MPP, levels=LEVELS, tile_px=TILE_PX, quality=QUALITY, style="aperio",
-                objective_power=OBJECTIVE)
+def write_entry(slides: Path, notes: Path, entry: LabSlide) -> None:
+    """Write one slide (unless written from the same plan entry) and its GeoJSON (one task of ``make_lab_cohort``)."""
+    path = slides / f"{entry.slide_id}.svs"
+    if written_spec(path) != slide_spec(entry.slide, MPP, LEVELS, TILE_PX, QUALITY):
+        write_slide(path, entry.slide, mpp=MPP, levels=LEVELS, tile_px=TILE_PX, quality=QUALITY, style="aperio",
+                    objective_power=OBJECTIVE)
+    write_geojson(notes / f"{entry.slide_id}.geojson", annotations_of(entry))
 
 
 def make_lab_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, seed: int = 0, workers: int = 1,
                     width_px: int = 3000, height_px: int = 3000) -> tuple[Path, Path, list[LabSlide]]:
-    """Write ``<out>/slides/<id>.svs`` + ``labels.csv`` and ``<out>/annotations/<id>.geojson``; slides already
-    written from the same plan entry are kept. Returns (slides dir, annotations dir, plan)."""
+    """Write ``<out>/slides/<id>.svs`` + ``labels.csv`` and ``<out>/annotations/<id>.geojson`` (by ``workers``
+    processes); slides already written from the same plan entry are kept. Returns (slides dir, annotations dir,
+    plan)."""
     out = Path(out_dir)
     slides, notes = out / "slides", out / "annotations"
     slides.mkdir(parents=True, exist_ok=True)
     notes.mkdir(parents=True, exist_ok=True)
     plan = lab_cohort_plan(n_per_class, seed, width_px, height_px)
-    todo = [(slides / f"{e.slide_id}.svs", e.slide) for e in plan
-            if written_spec(slides / f"{e.slide_id}.svs") != slide_spec(e.slide, MPP, LEVELS, TILE_PX, QUALITY)]
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(min(workers, len(todo))) as pool:
-            list(pool.map(_write, *zip(*todo)))
-    else:
-        for path, slide in todo:
-            _write(path, slide)
-    for entry in plan:
-        write_geojson(notes / f"{entry.slide_id}.geojson", annotations_of(entry))
+    run_tasks(functools.partial(write_entry, slides, notes), plan, workers)
     labels = slides / "labels.csv"
     tmp = atomic_target(labels)
     tmp.write_text("slide_id,label\n" + "".join(f"{e.slide_id},{e.label}\n" for e in plan))
@@ -213,3 +224,11 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
          "clean_lesion_lost": int((t["clean"] & t["lesion"] & detector).sum()),
          "lesion": int(t["lesion"].sum()), "lesion_kept": int((t["lesion"] & kept).sum())}
     return n, problems
+
+
+def check_run(out_dir: str | os.PathLike, plan: list[LabSlide], workers: int = 1) -> dict[str, tuple[dict, list[str]]]:
+    """``check_slide`` of every slide of the plan, by ``workers`` processes: {slide_id: (counts, problems)}."""
+    out_dir = Path(out_dir)
+    manifest, report = json.loads((out_dir / "manifest.json").read_text()), report_rows(out_dir)
+    results = run_tasks(functools.partial(check_slide, out_dir, manifest=manifest, report=report), plan, workers)
+    return {entry.slide_id: result for entry, result in zip(plan, results)}
