@@ -48,7 +48,7 @@ def update_store_cam(store, trained, cam_models, layer: str, cam_cfg, paths: dic
         return (read_array(store, "cam"), np.asarray(old["probabilities"], dtype=np.float32),
                 int(old["class_index"]), True)
     cam, probs, cls = slide_cam_with_models(cam_models, read_array(store, FEATURE_MAP), trained.train_config,
-                                            cam_cfg)
+                                            cam_cfg, described=read_array(store, "tissue_mask"))
     write_array(store, "cam", cam, attrs={
         "cam_hash": digest, "layer": layer, "class_index": cls, "class_label": str(trained.mapping.values[cls]),
         "probabilities": [float(p) for p in probs], "fill_value": "NaN where no tissue"})

@@ -128,9 +128,15 @@ def forward_views(cam_model: CamModel, views: Sequence[CamView]) -> list[Forward
     return passes
 
 
-def view_probabilities(views: Sequence[CamView], passes: Sequence[ForwardPass]) -> np.ndarray:
-    """The slide's class probabilities: the mean over the windows of the untransformed map."""
-    return np.mean([p for fp in passes for i, p in zip(fp.views, fp.probs) if views[i].k == 0], axis=0)
+def view_probabilities(views: Sequence[CamView], passes: Sequence[ForwardPass], tta: bool = False) -> np.ndarray:
+    """The slide's class probabilities: the mean over the windows of the untransformed map; with ``tta`` (the model
+    predicts with ``train.tta``), the mean over the transforms of those means, as ``predict`` gives them, so the CAM
+    explains the class the predictions report."""
+    by_k: dict[int, list] = {}
+    for fp in passes:
+        for i, p in zip(fp.views, fp.probs):
+            by_k.setdefault(views[i].k, []).append(p)
+    return np.mean([np.mean(v, axis=0) for k, v in by_k.items() if tta or k == 0], axis=0)
 
 
 def cam_from_passes(cam_model: CamModel, fmap: np.ndarray, views: Sequence[CamView],
@@ -173,11 +179,12 @@ def slide_cam(cam_model: CamModel, fmap: np.ndarray, cfg: TrainConfig, class_ind
     finer than any one CAM. All views of one size go through the model as one batch.
 
     Returns (cam (rows, cols) in [0, 1] with NaN where no tissue or never seen, mean class probabilities over the
-    windows of the untransformed map, the class explained). The class is the predicted one unless given.
+    windows of the untransformed map (and the transforms, with ``cfg.tta``), the class explained). The class is the
+    predicted one unless given.
     """
     views = cam_views(fmap, cfg, overlap, reference, range(8) if augment else (0,))
     passes = forward_views(cam_model, views)
-    probs = view_probabilities(views, passes)
+    probs = view_probabilities(views, passes, cfg.tta)
     cls = int(probs.argmax()) if class_index is None else int(class_index)
     return cam_from_passes(cam_model, fmap, views, passes, cls), probs, cls
 
@@ -212,18 +219,23 @@ def _peak_one(cam: np.ndarray) -> np.ndarray:
     return (cam / peak if peak > 0 else cam).astype(np.float32)
 
 
-def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg) -> tuple[np.ndarray, np.ndarray, int]:
+def slide_cam_with_models(cam_models, fmap: np.ndarray, train_cfg, cam_cfg, described: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, int]:
     """Grad-CAM of one map with one or several (k-fold) split models, with ``cam.augment`` and ``cam.smooth_cells``.
 
     The class (``cam.class_index``, else the predicted one) is chosen once, from the probabilities averaged over the
-    models, so every fold model explains the same class; their CAMs are then averaged.
+    models, so every fold model explains the same class; their CAMs are then averaged. ``described`` (the store's
+    ``tissue_mask``): the CAM is kept on these cells only; the map's QC-excluded cells hold their neighbours' values
+    (``core.maps.fill_excluded_cells``), no evidence of their own.
     Returns (cam (rows, cols) float32, NaN off tissue; mean probabilities; the class explained).
     """
     views = cam_views(fmap, train_cfg, cam_cfg.window_overlap, cam_cfg.reference,
                       range(8) if cam_cfg.augment else (0,))
     runs = [forward_views(cam_model, views) for cam_model in cam_models]
-    probs = np.mean([view_probabilities(views, passes) for passes in runs], axis=0)
+    probs = np.mean([view_probabilities(views, passes, train_cfg.tta) for passes in runs], axis=0)
     cls = int(probs.argmax()) if cam_cfg.class_index is None else int(cam_cfg.class_index)
     cams = [cam_from_passes(cam_model, fmap, views, passes, cls) for cam_model, passes in zip(cam_models, runs)]
     cam = _nan_mean(cams) if len(cams) > 1 else cams[0]
+    if described is not None:
+        cam = _peak_one(np.where(np.asarray(described, dtype=bool), cam, np.nan))
     return smooth_cam(cam, cam_cfg.smooth_cells).astype(np.float32), probs, cls

@@ -1,7 +1,10 @@
 """The feature-map contract: what the reduce stage writes into each slide store and every later stage reads.
 
 Array ``FEATURE_MAP`` (rows, cols, K) float32 in a slide store: tissue cells in ``VALUE_RANGE`` ([0, 1]), background
-cells ``FEATURE_MAP_FILL`` (-1.0); NaN (never written) counts as background too. The network sees three channels
+cells ``FEATURE_MAP_FILL`` (-1.0); NaN (never written) counts as background too. Tissue cells QC left out for an
+artefact or an ``Exclude`` annotation (``FILLED_QC_CODES``) carry their nearest described cell's values
+(``fill_excluded_cells``, rule ``EXCLUDED_FILL``): a hole with the background value inside tissue reads as glass, and
+a network learns such holes as evidence. The CAM of those cells is left out (``tissue_mask`` = described cells). The network sees three channels
 (``select_channels``: the channel adapter, ``train.adapter``) and pools one of the InceptionV3 blocks
 ``BLOCK_NAMES`` (``train.head_block``), the blocks Grad-CAM can explain.
 """
@@ -14,12 +17,37 @@ from typing import Sequence
 import numpy as np
 
 from .errors import MissingInputError, ModelError
+from .qc_codes import QC_CODES
 from .store import read_array, store_path
 
 FEATURE_MAP = "feature_map"
 FEATURE_MAP_FILL = -1.0  # background cells of every feature map
 VALUE_RANGE = (0.0, 1.0)  # tissue cells, on every slide (the reducer scales with cohort percentiles and clips)
 BLOCK_NAMES = tuple(f"mixed{i}" for i in range(11))  # InceptionV3's blocks, input to output
+# QC reasons whose tissue cells are filled from their neighbours; cells outside ``annotations.include`` regions stay
+# background (the user restricted the slide to its regions of interest).
+FILLED_QC_CODES = tuple(QC_CODES[name] for name in ("pen", "blur", "debris", "annotation_exclude"))
+EXCLUDED_FILL = "nearest-described/v1"  # recorded in the map's attrs; a map made under another rule is stale
+
+
+def fill_excluded_cells(fmap: np.ndarray, qc_code: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(map with the ``FILLED_QC_CODES`` cells given their nearest described cell's values, cells filled).
+
+    Described cells are the map's finite, non-background ones; nearest by Euclidean distance on the tile grid
+    (``scipy.ndimage.distance_transform_edt``'s indices). A map with no described cell is returned as it is.
+    """
+    if qc_code is None:
+        return fmap, 0
+    described = np.isfinite(fmap).all(axis=2) & (fmap[..., 0] != FEATURE_MAP_FILL)
+    holes = np.isin(np.asarray(qc_code), FILLED_QC_CODES) & ~described
+    if not holes.any() or not described.any():
+        return fmap, 0
+    from scipy import ndimage
+
+    _, (near_r, near_c) = ndimage.distance_transform_edt(~described, return_indices=True)
+    out = fmap.copy()
+    out[holes] = fmap[near_r[holes], near_c[holes]]
+    return out, int(holes.sum())
 
 
 def select_channels(fmap: np.ndarray, adapter: str, component: int = 0) -> np.ndarray:

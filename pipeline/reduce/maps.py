@@ -2,7 +2,8 @@
 contract in ``pipeline.core.maps``), and its picture ``OUT/maps/<slide_id>.png``.
 
 Array attrs: ``method``, ``components``, ``reducer_hash`` (content hash of the reducer), ``fill_value``,
-``config_hash`` (hash of the reduce settings the reducer was fitted with), ``value_range``, plus
+``config_hash`` (hash of the reduce settings the reducer was fitted with), ``value_range``, ``excluded_fill`` (the
+rule QC-excluded tissue cells were filled by) and ``filled_cells``, plus
 ``store_fingerprint`` / ``store_config_hash`` of the store it was computed from (``map_is_current``).
 """
 
@@ -15,14 +16,15 @@ import numpy as np
 
 from ..core.artefacts import MAPS_DIR
 from ..core.errors import ReducerMismatchError
-from ..core.maps import FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE
+from ..core.maps import EXCLUDED_FILL, FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE, fill_excluded_cells
 from ..core.store import array_attrs, read_array, read_attrs, write_array
 from .reducers import Reducer, cached_reducer, load_reducer
 from .sampling import iter_descriptor_bands, require_store
 
 
-def compute_feature_map(store: str | Path, reducer: Reducer) -> np.ndarray:
-    """(rows, cols, K) float32: tissue cells through the reducer, everything else ``FEATURE_MAP_FILL``.
+def compute_feature_map(store: str | Path, reducer: Reducer) -> tuple[np.ndarray, int]:
+    """((rows, cols, K) float32, cells filled): described cells through the reducer, QC-excluded tissue cells filled
+    from their nearest described cell (``core.maps.fill_excluded_cells``), everything else ``FEATURE_MAP_FILL``.
 
     Descriptors are read band by band (whole Zarr chunk rows). A tissue cell with non-finite descriptors (which
     the describe stage does not produce) is treated as background.
@@ -40,12 +42,13 @@ def compute_feature_map(store: str | Path, reducer: Reducer) -> np.ndarray:
         if ok.any():
             cells[ok] = reducer.transform(values[ok])
         out[r0:r1][m] = cells
-    return out
+    qc_code = read_array(store, "qc_code") if (Path(store) / "qc_code" / "zarr.json").exists() else None
+    return fill_excluded_cells(out, qc_code)
 
 
-def feature_map_attrs(reducer: Reducer, store_attrs: dict) -> dict:
+def feature_map_attrs(reducer: Reducer, store_attrs: dict, filled_cells: int = 0) -> dict:
     return {"method": reducer.method, "components": reducer.components, "reducer_hash": reducer.hash,
-            "fill_value": FEATURE_MAP_FILL, "config_hash": reducer.config_hash, "value_range": list(VALUE_RANGE),
+            "fill_value": FEATURE_MAP_FILL, "excluded_fill": EXCLUDED_FILL, "filled_cells": filled_cells, "config_hash": reducer.config_hash, "value_range": list(VALUE_RANGE),
             "store_fingerprint": store_attrs.get("fingerprint"), "store_config_hash": store_attrs.get("config_hash")}
 
 
@@ -53,7 +56,7 @@ def map_is_current(store: str | Path, reducer_hash: str) -> bool:
     """True when the store's feature map was made by this reducer from the store's current descriptors."""
     attrs = array_attrs(store, FEATURE_MAP)
     store_attrs = read_attrs(store) or {}
-    return bool(attrs and attrs.get("reducer_hash") == reducer_hash
+    return bool(attrs and attrs.get("reducer_hash") == reducer_hash and attrs.get("excluded_fill") == EXCLUDED_FILL
                 and attrs.get("store_fingerprint") == store_attrs.get("fingerprint")
                 and attrs.get("store_config_hash") == store_attrs.get("config_hash"))
 
@@ -69,10 +72,10 @@ def map_slide(store_path: str | Path, reducer: Reducer | str | Path) -> np.ndarr
     store = Path(store_path)
     attrs = require_store(store)
     reducer.check_descriptor(attrs.get("descriptor"), path=store)
-    fmap = compute_feature_map(store, reducer)
+    fmap, filled = compute_feature_map(store, reducer)
     rows, cols, k = fmap.shape
     write_array(store, FEATURE_MAP, fmap, chunks=(max(1, min(rows, 512)), max(1, min(cols, 512)), k),
-                attrs=feature_map_attrs(reducer, attrs), fill_value=FEATURE_MAP_FILL)
+                attrs=feature_map_attrs(reducer, attrs, filled), fill_value=FEATURE_MAP_FILL)
     return fmap
 
 
@@ -89,5 +92,5 @@ def map_store_task(store: str, reducer_dir: str, reducer_hash: str, picture: str
     fmap = map_slide(store, reducer)
     if picture:
         save_feature_map_png(picture, fmap, FEATURE_MAP_FILL)
-    tissue = int((fmap[..., 0] != FEATURE_MAP_FILL).sum())
+    tissue = int((fmap[..., 0] != FEATURE_MAP_FILL).sum()) - int(array_attrs(store, FEATURE_MAP)["filled_cells"])
     return {"tissue_cells": tissue, "shape": list(fmap.shape), "seconds": round(time.monotonic() - t0, 3)}

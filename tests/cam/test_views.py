@@ -140,3 +140,51 @@ def test_fold_models_explain_one_class_chosen_from_their_mean_probabilities(smal
     assert cls == int(probs.argmax()) == 1
     expected = _nan_mean([slide_cam(cm, fmap, cfg, class_index=cls, reference=True)[0] for cm in folds])
     np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cam_explains_the_class_predict_reports_with_tta(small_model):
+    """With ``train.tta`` the predictions average the eight flips/rotations: the CAM's probabilities (and so the class
+    it explains) are those, not the untransformed map's alone (they disagreed on 3 of 108 test slides of a run)."""
+    from pipeline.cam.views import slide_cam_with_models
+    from pipeline.core.config import CamConfig
+    from pipeline.model.batches import predict_proba
+
+    import keras
+
+    model, cfg = small_model
+    cfg = cfg.model_copy(update={"tta": True})
+    model = keras.models.clone_model(model)
+    model.set_weights(small_model[0].get_weights())
+    dense = model.get_layer("head_dense")
+    dense.kernel.assign(dense.kernel * 1000.0)  # a random head says ~0.5 everywhere: make the transforms disagree
+    rng = np.random.default_rng(4)
+    fmap = np.full((19, 23, 1), FEATURE_MAP_FILL, dtype=np.float32)
+    fmap[2:17, 3:21] = rng.uniform(0, 1, (15, 18, 1))
+    _, probs, cls = slide_cam_with_models([split_model(model, "mixed2")], fmap, cfg, CamConfig(smooth_cells=0))
+    expected = predict_proba(model, [fmap], cfg)[0]
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-5)
+    assert cls == int(expected.argmax())
+    untransformed = predict_proba(model, [fmap], cfg, tta=False)[0]
+    assert np.abs(untransformed - expected).max() > 1e-3  # the untransformed map alone gives other figures
+
+
+def test_cam_is_left_out_on_cells_qc_excluded_and_filled_in_the_map(small_model):
+    """A map's QC-excluded cells hold their neighbours' values (core.maps.fill_excluded_cells): the CAM gives them
+    no value of their own (NaN, as glass) and peaks at 1 on the described cells."""
+    from pipeline.cam.views import slide_cam_with_models
+    from pipeline.core.config import CamConfig
+
+    model, cfg = small_model
+    rng = np.random.default_rng(5)
+    fmap = np.full((19, 23, 1), FEATURE_MAP_FILL, dtype=np.float32)
+    fmap[2:17, 3:21] = rng.uniform(0, 1, (15, 18, 1))
+    described = fmap[..., 0] != FEATURE_MAP_FILL
+    excluded = np.zeros_like(described)
+    excluded[6:9, 8:12] = True  # a pen stroke's cells, filled in the map
+    cam_cfg = CamConfig(smooth_cells=1.0)
+    full, _, cls = slide_cam_with_models([split_model(model, "mixed2")], fmap, cfg, cam_cfg)
+    cam, _, cls2 = slide_cam_with_models([split_model(model, "mixed2")], fmap, cfg, cam_cfg,
+                                         described=described & ~excluded)
+    assert cls == cls2 and np.isfinite(full[excluded]).all()
+    assert np.isnan(cam[excluded]).all() and np.isnan(cam[~described]).all()
+    assert np.isfinite(cam[described & ~excluded]).all() and np.nanmax(cam) == pytest.approx(1.0)

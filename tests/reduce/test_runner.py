@@ -16,13 +16,13 @@ from pipeline.cli import main
 from pipeline.core.artefacts import EXPLAINED_VARIANCE_PNG, MAPS_DIR, REDUCER_DIR
 from pipeline.core.config import PipelineConfig, ReduceConfig
 from pipeline.core.errors import ReducerError, ReducerMismatchError
-from pipeline.core.maps import FEATURE_MAP, FEATURE_MAP_FILL
+from pipeline.core.maps import EXCLUDED_FILL, FEATURE_MAP, FEATURE_MAP_FILL, FILLED_QC_CODES
 from pipeline.core.parallel import LocalRunner
 from pipeline.core.pictures import display_factor
-from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path
+from pipeline.core.store import array_attrs, list_stores, read_array, read_attrs, store_path, write_array
 from pipeline.describe.runner import describe_slides
 from pipeline.reduce.fitting import fit_on_sample, fit_reducer
-from pipeline.reduce.maps import compute_feature_map, map_slide
+from pipeline.reduce.maps import compute_feature_map, map_is_current, map_slide
 from pipeline.reduce.reducers import AUTOENCODER_FILE, REDUCER_ARRAYS, REDUCER_JSON, descriptor_signature, load_reducer
 from pipeline.reduce.runner import reduce_slides
 from pipeline.reduce.sampling import collect_sample, reduce_settings_hash
@@ -120,10 +120,12 @@ def test_reduce_writes_contract_maps_for_all_sizes(reduced):
         grid = read_attrs(store)["tile_grid"]
         fmap = read_array(store, FEATURE_MAP)
         mask = read_array(store, "tissue_mask")
+        filled = np.isin(read_array(store, "qc_code"), FILLED_QC_CODES)
         assert fmap.shape == (grid["rows"], grid["cols"], 3) and fmap.dtype == np.float32
-        assert (fmap[~mask] == FEATURE_MAP_FILL).all()
-        assert ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
+        assert (fmap[~mask & ~filled] == FEATURE_MAP_FILL).all()
+        assert ((fmap[mask | filled] >= 0) & (fmap[mask | filled] <= 1)).all()
         attrs = array_attrs(store, FEATURE_MAP)
+        assert attrs["excluded_fill"] == EXCLUDED_FILL and attrs["filled_cells"] == int((filled & ~mask).sum())
         assert {k: attrs[k] for k in ("method", "components", "reducer_hash", "fill_value")} == {
             "method": "pca", "components": 3, "reducer_hash": reducer.hash, "fill_value": -1.0}
         assert attrs["config_hash"] == reduce_settings_hash(CONFIG.reduce)
@@ -135,6 +137,42 @@ def test_reduce_writes_contract_maps_for_all_sizes(reduced):
     assert read_array(store_path(out, "big"), FEATURE_MAP).shape[:2] == (30, 40)
     assert 0 < tissue_count(out, "sparse") < 20
     assert (out / MAPS_DIR / EXPLAINED_VARIANCE_PNG).is_file()
+
+
+def test_qc_holes_take_their_nearest_described_cell_and_maps_of_another_fill_rule_are_stale(reduced, tmp_path):
+    """Tiles QC excluded inside tissue are not glass in the map (a hole read as glass is a cue a network learns):
+    each takes the values of its nearest described tile; cells outside the included regions stay background."""
+    out = tmp_path / "out"
+    shutil.copytree(reduced[0], out)
+    store = store_path(out, "big")
+    mask = read_array(store, "tissue_mask")
+    qc = read_array(store, "qc_code")
+    rows, cols = np.nonzero(mask)
+    inked = (rows[::7], cols[::7])  # scattered tissue tiles, as pen strokes and blur leave them out
+    outside = (rows[3::11], cols[3::11])
+    for cells, code in ((inked, 1), (outside, 5)):
+        mask[cells] = False
+        qc[cells] = code
+    descriptors = read_array(store, "descriptors")
+    descriptors[~mask] = np.nan
+    write_array(store, "tissue_mask", mask)
+    write_array(store, "qc_code", qc)
+    write_array(store, "descriptors", descriptors)
+    fmap = map_slide(store, load_reducer(out / REDUCER_DIR))
+    holes = np.isin(qc, FILLED_QC_CODES) & ~mask
+    assert array_attrs(store, FEATURE_MAP)["filled_cells"] == int(holes.sum()) > 0
+    assert (fmap[qc == 5] == FEATURE_MAP_FILL).all()
+    described = np.argwhere(mask)
+    for r, c in np.argwhere(holes):
+        nearest = described[np.argmin(((described - (r, c)) ** 2).sum(axis=1))]
+        d_min = ((nearest - (r, c)) ** 2).sum()
+        ties = described[((described - (r, c)) ** 2).sum(axis=1) == d_min]
+        assert any((fmap[r, c] == fmap[tr, tc]).all() for tr, tc in ties)
+    assert map_is_current(store, array_attrs(store, FEATURE_MAP)["reducer_hash"])
+    import zarr
+
+    zarr.open_array(str(store / FEATURE_MAP), mode="r+").attrs["excluded_fill"] = "glass"  # a map of an older rule
+    assert not map_is_current(store, array_attrs(store, FEATURE_MAP)["reducer_hash"])
 
 
 def test_planted_lesion_separates_in_the_map(reduced, described):
@@ -166,7 +204,7 @@ def test_saved_reducer_gives_identical_maps_and_maps_new_output_without_refit(re
     store = store_path(out, "lesion")
     stored = read_array(store, FEATURE_MAP)
     assert loaded.hash == array_attrs(store, FEATURE_MAP)["reducer_hash"]
-    np.testing.assert_array_equal(compute_feature_map(store, loaded), stored)
+    np.testing.assert_array_equal(compute_feature_map(store, loaded)[0], stored)
 
     # a new output directory mapped with --reducer: no fit, the reducer's K wins over the config's
     new_out = fresh_copy(described, tmp_path)
@@ -251,8 +289,10 @@ def test_autoencoder_stage_saves_and_reloads_identical_maps(described, tmp_path)
         store = store_path(out, slide_id)
         fmap = read_array(store, FEATURE_MAP)
         mask = read_array(store, "tissue_mask")
-        assert fmap.shape[-1] == 2 and (fmap[~mask] == -1).all() and ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
-        np.testing.assert_array_equal(compute_feature_map(store, loaded), fmap)
+        filled = np.isin(read_array(store, "qc_code"), FILLED_QC_CODES)
+        assert fmap.shape[-1] == 2 and (fmap[~mask & ~filled] == -1).all()
+        assert ((fmap[mask] >= 0) & (fmap[mask] <= 1)).all()
+        np.testing.assert_array_equal(compute_feature_map(store, loaded)[0], fmap)
 
 
 def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
@@ -265,7 +305,7 @@ def test_cli_reduce_on_a_dask_cluster(described, tmp_path, capsys):
     assert loaded.components == 1 and loaded.fit_info["sample_tiles"]["big"] == SAMPLE_PER_SLIDE
     for slide_id in SLIDES:  # computed on the workers, identical to an in-process transform
         store = store_path(out, slide_id)
-        np.testing.assert_array_equal(read_array(store, FEATURE_MAP), compute_feature_map(store, loaded))
+        np.testing.assert_array_equal(read_array(store, FEATURE_MAP), compute_feature_map(store, loaded)[0])
 
     assert main(["reduce", "--out", str(out), "--reducer", str(out / "reducer"), "--method", "autoencoder"]) == 2
     assert "--method autoencoder (the reducer has pca) conflicts" in capsys.readouterr().err
