@@ -180,13 +180,14 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
     """One slide of a run: tile counts against the ground truth, and its accounting problems (empty: all add up).
 
     Accounting: tissue tiles (``tissue_fraction >= fraction_min``) == described + excluded by reason (``qc_code``);
-    the described tiles are ``tissue_mask``, the finite descriptors, the feature map's tissue cells and the finite CAM
-    cells; the tissue tiles whose centre lies in a MARKED annotation are those coded ``annotation_exclude`` (the
+    the described tiles are ``tissue_mask``, the finite descriptors and the finite CAM cells; the feature map's tissue
+    cells are those plus the excluded ones it fills (``core.maps.FILLED_QC_CODES``, its ``filled_cells``); the tissue tiles whose centre lies in a MARKED annotation are those coded ``annotation_exclude`` (the
     tile's ``tile_annotation`` may name a smaller Tumor outline there); the counts by reason equal the manifest's
     ``qc`` and the report's row.
     """
+    from pipeline.core.maps import FILLED_QC_CODES
     from pipeline.core.qc_codes import DETECTOR_NAMES, QC_CODES, qc_counts
-    from pipeline.core.store import read_array, read_attrs
+    from pipeline.core.store import array_attrs, read_array, read_attrs
     from pipeline.slides.tiling import TileGrid
 
     store = Path(out_dir) / "slides" / f"{entry.slide_id}.zarr"
@@ -199,10 +200,15 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
     if int(tissue.sum()) != int(described.sum()) + sum(counts.values()):
         problems.append(f"tissue {int(tissue.sum())} != described {int(described.sum())} + excluded {counts}")
     same = {"finite descriptors": np.isfinite(read_array(store, "descriptors")).all(-1),
-            "feature-map tissue": read_array(store, "feature_map")[..., 0] >= 0,
             "finite CAM": np.isfinite(read_array(store, "cam")), "tissue with code 0": tissue & (codes == 0)}
     problems += [f"{k} ({int(v.sum())}) != tissue_mask ({int(described.sum())})" for k, v in same.items()
                  if not np.array_equal(v, described)]
+    map_attrs = array_attrs(store, "feature_map") or {}
+    filled = tissue & np.isin(codes, FILLED_QC_CODES) if map_attrs.get("excluded_fill") else np.zeros_like(tissue)
+    if not np.array_equal(read_array(store, "feature_map")[..., 0] >= 0, described | filled) or \
+            int(map_attrs.get("filled_cells", 0)) != int(filled.sum()):
+        problems.append(f"feature-map tissue cells != described + {int(filled.sum())} filled excluded cells "
+                        f"(attrs: {map_attrs.get('filled_cells')})")
     record = manifest["slides"].get(entry.slide_id, {})
     if (record.get("qc") or {}) != counts or record.get("tiles") != int(described.sum()):
         problems.append(f"manifest tiles {record.get('tiles')}, qc {record.get('qc')} != store "
