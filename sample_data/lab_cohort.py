@@ -181,9 +181,9 @@ def check_slide(out_dir: str | os.PathLike, entry: LabSlide, manifest: dict, rep
 
     Accounting: tissue tiles (``tissue_fraction >= fraction_min``) == described + excluded by reason (``qc_code``);
     the described tiles are ``tissue_mask``, the finite descriptors and the finite CAM cells; the feature map's tissue
-    cells are those plus the excluded ones it fills (``core.maps.FILLED_QC_CODES``, its ``filled_cells``); the tissue tiles whose centre lies in a MARKED annotation are those coded ``annotation_exclude`` (the
-    tile's ``tile_annotation`` may name a smaller Tumor outline there); the counts by reason equal the manifest's
-    ``qc`` and the report's row.
+    cells are those plus the excluded ones it fills (``core.maps.FILLED_QC_CODES``, its ``filled_cells``); the tissue
+    tiles whose centre lies in a MARKED annotation are those coded ``annotation_exclude`` (``tile_annotation`` may
+    name a smaller Tumor outline there); the counts by reason equal the manifest's ``qc`` and the report's row.
     """
     from pipeline.core.maps import FILLED_QC_CODES
     from pipeline.core.qc_codes import DETECTOR_NAMES, QC_CODES, qc_counts
