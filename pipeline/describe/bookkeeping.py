@@ -11,6 +11,7 @@ import numpy as np
 from ..core.config import PipelineConfig
 from ..core.outputs import Manifest
 from ..core.store import read_attrs, store_path
+from ..slides.morphology import load_kernels as load_mask_kernels
 from ..slides.pixels import load_kernels as load_shrink_kernels
 from ..slides.stain.transform import load_kernels as load_stain_kernels
 from .descriptors import compute_descriptors
@@ -19,9 +20,10 @@ MANIFEST_SAVE_S = 1.0  # the manifest is rewritten at most this often while slid
 
 
 def load_kernels(config: PipelineConfig) -> None:
-    """Load the compiled kernels a tile task uses (shrink; the stain transform; the stats descriptor), in this
-    process."""
+    """Load the compiled kernels a describe task uses (shrink; mask labelling; the stain transform; the stats
+    descriptor), in this process."""
     load_shrink_kernels()
+    load_mask_kernels()
     load_stain_kernels(config.stain.method)
     if config.descriptor.name == "stats":  # learned encoders load their framework: never before a fork
         compute_descriptors(np.zeros((1, 8, 8, 3), np.uint8), config.descriptor)

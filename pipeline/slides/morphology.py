@@ -1,10 +1,12 @@
-"""Otsu's threshold and binary morphology for the tissue and ink masks, on numpy and ``scipy.ndimage``.
+"""Otsu's threshold and binary morphology for the tissue and ink masks, on numpy and one compiled labelling kernel.
 
 The same results as scikit-image's ``threshold_otsu`` (256-bin histogram of a float image), ``closing`` with a
 ``disk`` (dilation then erosion, borders reflected) and ``remove_small_objects`` / ``remove_small_holes``
-(4-connected components, sizes up to ``max_size`` removed); ``tests/slides/test_morphology.py`` checks them against
-scikit-image. Why not scikit-image itself here: importing ``skimage.morphology`` pulls in ``scipy.spatial`` and costs
-~0.1 s, paid by every ``describe`` command before its first tile (its fixed cost, issue 18).
+(4-connected components, sizes up to ``max_size`` removed), and as ``scipy.ndimage.binary_opening`` with a 3 x 3
+square; ``tests/slides/test_morphology.py`` checks them against scikit-image and scipy. Why not those libraries here:
+importing ``skimage.morphology`` pulls in ``scipy.spatial`` and ``scipy.ndimage`` costs ~0.15 s (its array-API layer
+imports ``numpy.f2py``), paid by every ``describe`` command before its first tile (its fixed cost, issue 18).
+``scipy.ndimage`` stays the fallback without numba and the distance transforms of very large closings.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
-FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+from ..core.jit import njit
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -60,6 +61,8 @@ def close_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= SHIFT_RADIUS_MAX:
         dilated = dilate_disk(mask, radius)
         return dilated if dilated.all() else ~dilate_disk(~dilated, radius)
+    from scipy import ndimage
+
     dilated = ndimage.distance_transform_edt(~mask) <= radius
     if dilated.all():
         return dilated
@@ -86,16 +89,86 @@ def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+@njit
+def _label4_kernel(mask: np.ndarray) -> np.ndarray:
+    """Int32 (h, w): each mask pixel's 4-connected component as the smallest provisional label in it (0 off the mask);
+    one raster pass with union-find (path halving), one pass resolving labels to their roots."""
+    height, width = mask.shape
+    labels = np.zeros((height, width), np.int32)
+    parent = np.zeros(height * width // 2 + 2, np.int32)  # provisional labels: at most every other pixel
+    count = 0
+    for y in range(height):
+        for x in range(width):
+            if not mask[y, x]:
+                continue
+            up = labels[y - 1, x] if y > 0 else 0
+            left = labels[y, x - 1] if x > 0 else 0
+            if up == 0 and left == 0:
+                count += 1
+                parent[count] = count
+                labels[y, x] = count
+                continue
+            root = 0
+            for start in (up, left):
+                if start == 0:
+                    continue
+                node = start
+                while parent[node] != node:
+                    parent[node] = parent[parent[node]]
+                    node = parent[node]
+                if root == 0 or node == root:
+                    root = node
+                elif node < root:
+                    parent[root] = node
+                    root = node
+                else:
+                    parent[node] = root
+            labels[y, x] = root
+    for y in range(height):
+        for x in range(width):
+            node = labels[y, x]
+            while parent[node] != node:
+                node = parent[node]
+            labels[y, x] = node
+    return labels
+
+
+def component_labels(mask: np.ndarray) -> np.ndarray:
+    """Int (h, w): a label per 4-connected component of ``mask`` (not consecutive; 0 off the mask)."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if _label4_kernel is not None and mask.ndim == 2 and mask.size:
+        return _label4_kernel(mask)
+    from scipy import ndimage
+
+    return ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, 1))[0]
+
+
+def load_kernels() -> None:
+    """Load the labelling kernel now (numba's disk cache), before worker processes are forked."""
+    component_labels(np.ones((2, 2), bool))
+
+
 def remove_small_objects(mask: np.ndarray, max_size: int) -> np.ndarray:
     """``mask`` without its 4-connected components of at most ``max_size`` pixels."""
     mask = np.asarray(mask, dtype=bool)
     if max_size <= 0:
         return mask.copy()
-    labels, _ = ndimage.label(mask, FOUR_CONNECTED)
+    labels = component_labels(mask)
     sizes = np.bincount(labels.ravel())
     small = sizes <= max_size
     small[0] = False  # the background is not an object
     return mask & ~small[labels]
+
+
+def open_square3(mask: np.ndarray) -> np.ndarray:
+    """Binary opening with a 3 x 3 square, pixels outside the image background (``scipy.ndimage.binary_opening``'s
+    result): pixels whose whole 3 x 3 neighbourhood is in the mask, dilated back by 3 x 3 (separable min / max)."""
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1)
+    rows = padded[:, :-2] & padded[:, 1:-1] & padded[:, 2:]
+    eroded = np.pad(rows[:-2] & rows[1:-1] & rows[2:], 1)
+    rows = eroded[:, :-2] | eroded[:, 1:-1] | eroded[:, 2:]
+    return rows[:-2] | rows[1:-1] | rows[2:]
 
 
 def remove_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:

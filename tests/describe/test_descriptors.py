@@ -123,3 +123,15 @@ def test_cnn_descriptor_is_batched_and_pooled(he_tiles):
     assert d.shape == (4, 1280) and d.dtype == np.float32 and np.isfinite(d).all()
     # same model (cached per process) and same input give the same features
     np.testing.assert_allclose(compute_descriptors(he_tiles[:2, :96, :96], config), d[:2], rtol=1e-4, atol=1e-5)
+
+
+def test_stain_matrix_is_scikit_images_in_float32():
+    """Our Ruifrok & Johnston matrix (defined here, so describe does not import skimage.color and scipy.linalg) is
+    scikit-image's ``hed_from_rgb`` exactly, in the float32 the descriptors use."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    from pipeline.describe.stats import HED_MATRIX, RGB_FROM_HED
+
+    np.testing.assert_array_equal(RGB_FROM_HED, rgb_from_hed)
+    assert HED_MATRIX.dtype == np.float32
+    np.testing.assert_array_equal(HED_MATRIX, hed_from_rgb.astype(np.float32))

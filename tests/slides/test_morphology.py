@@ -1,5 +1,5 @@
-"""The tissue/ink mask morphology on scipy.ndimage gives scikit-image's results exactly (random masks, real and
-generated thumbnails), so describe need not import skimage.morphology."""
+"""The tissue/ink mask morphology gives scikit-image's and scipy.ndimage's results exactly (random masks, real and
+generated thumbnails), so describe need import neither skimage.morphology nor scipy.ndimage."""
 
 import numpy as np
 import pytest
@@ -35,6 +35,31 @@ def test_morphology_equals_skimage():
             np.testing.assert_array_equal(ours.remove_small_holes(mask, size),
                                           morphology.remove_small_holes(mask, max_size=size))
     np.testing.assert_array_equal(ours.disk(4), morphology.disk(4).astype(bool))
+
+
+def test_labelling_and_opening_equal_scipy_and_the_fallback(monkeypatch):
+    """The compiled 4-connected labelling gives scipy.ndimage.label's partition (labels differ, components equal,
+    spirals and checkerboards included) and ``open_square3`` scipy's binary_opening; without numba the scipy path."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    spiral = np.zeros((41, 41), bool)
+    for k in range(0, 20, 2):  # nested square rings joined by one gap each: one long winding component
+        spiral[k, k:41 - k] = spiral[40 - k, k:41 - k] = spiral[k:41 - k, k] = spiral[k:41 - k, 40 - k] = True
+        spiral[k + 1, k] = k + 1 < 20
+    checker = (np.add.outer(np.arange(31), np.arange(17)) % 2).astype(bool)
+    masks = [*_masks(rng), spiral, checker, ~checker, rng.random((300, 257)) < 0.55]
+    for mask in masks:
+        ours_labels = ours.component_labels(mask)
+        theirs, n = ndimage.label(mask, ndimage.generate_binary_structure(2, 1))
+        assert ((ours_labels > 0) == mask).all()
+        pairs = np.unique(np.stack([ours_labels[mask], theirs[mask]]), axis=1)
+        assert pairs.shape[1] == n == len(np.unique(ours_labels[mask]))  # a one-to-one map between the labellings
+        np.testing.assert_array_equal(ours.open_square3(mask),
+                                      ndimage.binary_opening(mask, structure=np.ones((3, 3), bool)))
+    monkeypatch.setattr(ours, "_label4_kernel", None)
+    np.testing.assert_array_equal(ours.remove_small_objects(masks[-1], 5),
+                                  morphology.remove_small_objects(masks[-1], max_size=5))
 
 
 def test_both_closings_agree_around_the_switch(monkeypatch):

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ..morphology import remove_small_objects
+from ..morphology import open_square3, remove_small_objects
 
 MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
 SUPPORT = 0.9  # share of the sample each robust fit covers: every tissue colour mode (pink dermis, purple epidermis)
@@ -140,8 +140,6 @@ def _robust_fit_columns(xt: np.ndarray, support: float, steps: int) -> tuple[np.
 def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.25, sample_px: int = 6000,
                seed: int = 0) -> np.ndarray:
     """Bool (h, w): pixels of ``thumbnail`` (uint8 RGB) whose colour is ink, relative to its ``tissue_px``."""
-    from scipy.ndimage import binary_opening
-
     red, green, blue = thumbnail[..., 0], thumbnail[..., 1], thumbnail[..., 2]  # 5x faster than min(axis=-1)
     darkest = np.minimum(np.minimum(red, green), blue).astype(np.int16)
     glass = np.median(darkest[~tissue_px]) if (~tissue_px).sum() >= MIN_PIXELS else 240  # this slide's glass
@@ -171,7 +169,7 @@ def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float
     # the tissue is a tissue colour the model missed, such as a second lab's pale eosin)
     out[not_glass] = ((ink_like(tested) & (d2 > INK_LIKE_DISTANCE ** 2))
                       | ((d2 > max_distance ** 2) & (tested[:, 2] > centre[2])))
-    out = binary_opening(out, structure=np.ones((3, 3), bool))  # strokes are wide: lone pixels are not ink
+    out = open_square3(out)  # strokes are wide: lone pixels are not ink
     return remove_small_objects(out, max_size=MIN_BLOB_PX - 1)  # nor are compact specks of dense nuclei
 
 
