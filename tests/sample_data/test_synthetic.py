@@ -361,3 +361,24 @@ def test_spec_follows_the_render_version_under_wrappers(monkeypatch):
     monkeypatch.setattr(writing, "RENDER_VERSION", writing.RENDER_VERSION + 1)
     after = [slide_spec(s, 0.5, (1,), 256, 85) for s in slides]
     assert all(a != b for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_lesion_does_not_move_the_slide_stain_estimate(seed):
+    """Issue 14: a lesion slide's Macenko estimate (8 µm/px, as the stain pass makes it) matches the same slide's
+    without the lesion, because benign tissue has its own hematoxylin-rich patches (the purple-cytoplasm lesion of
+    render version 1 moved the H-E angle from ~12.6 to ~20.8 degrees)."""
+    from pipeline.core.config import StainConfig
+    from pipeline.slides.stain import estimate_stain
+
+    ds, w, h = 32, 6000, 4500
+    yy, xx = (np.mgrid[0:h // ds, 0:w // ds] + 0.5) * ds
+    angles = []
+    for lesion in (False, True):
+        slide = SyntheticTissue(w, h, seed=seed, lesion=lesion)
+        record = estimate_stain(slide.render(0, 0, w // ds, h // ds, downsample=ds), slide.tissue_at(xx, yy),
+                                StainConfig())
+        assert record["status"] == "estimated"
+        stain_h, stain_e = np.asarray(record["estimate"]["stain_vectors"])
+        angles.append(np.degrees(np.arccos(np.clip(stain_h @ stain_e, -1.0, 1.0))))
+    assert abs(angles[1] - angles[0]) < 3.0
