@@ -27,7 +27,7 @@ train:                   # no weights: the default scratch recipe
   val_fraction: 0.2
   test_fraction: 0.4
 cluster: {workers: 2, dashboard: false}
-# the synthetic lesion is one flat blue-violet, which the pen detector takes for ink (README, limitations)
+# the synthetic slides' colours (lesion, basophilic patches) are taken for ink by the pen detector (README, limitations)
 qc: [blur, debris]
 """
 COHORT = {"n_per_class": 20, "width_px": 3000, "height_px": 2250}  # 40 slides, 23 x 17 tiles each

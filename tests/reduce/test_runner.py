@@ -37,7 +37,7 @@ SLIDES = {
     "sparse": dict(width_px=2048, height_px=1536, seed=4, tissue_fraction=0.02),  # a few tissue tiles
 }
 SAMPLE_PER_SLIDE = 150
-# QC without pen: the synthetic lesion is a flat blue-violet the ink model flags (docs/design/qc.md, "Limit")
+# QC without pen: the ink model flags the synthetic slides' lesion and basophilic patches (docs/design/qc.md, "Limit")
 CONFIG = PipelineConfig().with_overrides(
     tiling__tile_px=64, tissue__min_object_um2=2000.0, tissue__min_hole_um2=2000.0, qc__detectors=["blur", "debris"],
     reduce__sample_tiles_per_slide=SAMPLE_PER_SLIDE, cluster__workers=2, cluster__dashboard=False)
