@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core.artefacts import CAM_DIR, MODEL_DIR, MOSAIC_PNG, model_identity, read_model_info
-from ..core.maps import FEATURE_MAP, has_feature_map
+from ..core.maps import FEATURE_MAP, has_feature_map, map_identity
 from ..core.store import slide_id_of
 from .annotations import write_annotation_agreement
 from .gradients import default_cam_layer, split_model
@@ -27,7 +27,8 @@ def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> s
 
     payload = {"model": model_identity(model_info),
                "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
-               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash")}
+               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash"),
+               "map_identity": map_identity(map_attrs)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

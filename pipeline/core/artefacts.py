@@ -33,8 +33,10 @@ REPORT_HTML = "report.html"
 
 
 def model_identity(info: dict) -> str:
-    """What names a trained model in the files derived from it (CAM hashes, the CAM-annotation metrics)."""
-    return str(info.get("hash") or info.get("model_hash") or info.get("models"))
+    """What names a trained model in the files derived from it (CAM hashes, the CAM-annotation metrics): its hash
+    and when it was trained (a model trained again on the same inputs, e.g. ``--force``, has other weights)."""
+    name = str(info.get("hash") or info.get("model_hash") or info.get("models"))
+    return f"{name}@{info['created']}" if info.get("created") is not None else name
 
 
 def read_model_info(model_dir: str | Path) -> dict:

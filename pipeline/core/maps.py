@@ -30,6 +30,14 @@ FILLED_QC_CODES = tuple(QC_CODES[name] for name in ("pen", "blur", "debris", "an
 EXCLUDED_FILL = "nearest-described/v1"  # recorded in the map's attrs; a map made under another rule is stale
 
 
+def map_identity(map_attrs: dict | None) -> str:
+    """What names one slide's feature map for the stages after it (a model's hash, a CAM's): the reducer, the fill
+    rule and the store (fingerprint, describe settings) it was made from."""
+    attrs = map_attrs or {}
+    return "|".join(str(attrs.get(key)) for key in ("reducer_hash", "excluded_fill", "store_fingerprint",
+                                                    "store_config_hash"))
+
+
 def fill_excluded_cells(fmap: np.ndarray, qc_code: np.ndarray | None) -> tuple[np.ndarray, int]:
     """(map with the ``FILLED_QC_CODES`` cells given their nearest described cell's values, cells filled).
 

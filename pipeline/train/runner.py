@@ -35,7 +35,7 @@ import numpy as np
 
 from ..core.artefacts import BASELINE_JSON, LABELS_JSON, METRICS_JSON, MODEL_DIR, MODEL_INFO, REDUCER_DIR
 from ..core.config import PipelineConfig, TrainConfig
-from ..core.maps import FEATURE_MAP, feature_map_stores, read_feature_maps, select_channels
+from ..core.maps import FEATURE_MAP, feature_map_stores, map_identity, read_feature_maps, select_channels
 from ..core.outputs import Manifest, atomic_write_json, output_lock, replace_directory
 from ..core.store import array_attrs, package_versions, read_attrs, store_ids, store_path
 from ..evaluate.files import write_evaluation
@@ -63,17 +63,21 @@ def _describe_config(out_dir: Path, slide_ids: Sequence[str]) -> tuple[dict, lis
     return next(iter(configs.values())) if configs else {}, notes
 
 
-def _map_hashes(out_dir: Path, slide_ids: Sequence[str]) -> list[str]:
-    hashes = set()
+def map_hashes_of(out_dir: Path, slide_ids: Sequence[str]) -> tuple[list[str], str]:
+    """(the maps' reducer hashes, a digest of every slide's map identity: a map made again from a described-again
+    store, or under another fill rule, makes the model stale)."""
+    hashes, identities = set(), hashlib.sha256()
     for slide_id in slide_ids:
         attrs = array_attrs(store_path(out_dir, slide_id), FEATURE_MAP) or {}
         hashes.add(str(attrs.get("reducer_hash") or attrs.get("config_hash") or ""))
-    return sorted(hashes)
+        identities.update(f"{slide_id}={map_identity(attrs)}\n".encode())
+    return sorted(hashes), identities.hexdigest()[:16]
 
 
-def model_hash(cfg: TrainConfig, table: LabelTable, map_hashes: Sequence[str]) -> str:
-    """What the trained model depends on: train settings, the labels file and the maps' reducer."""
-    payload = {"train": cfg.model_dump(mode="json"), "labels": table.sha256, "maps": list(map_hashes)}
+def model_hash(cfg: TrainConfig, table: LabelTable, map_hashes: Sequence[str], maps_digest: str = "") -> str:
+    """What the trained model depends on: train settings, the labels file, the maps' reducer and the maps."""
+    payload = {"train": cfg.model_dump(mode="json"), "labels": table.sha256, "maps": list(map_hashes),
+               "map_identities": maps_digest}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -122,8 +126,8 @@ def _plan(out_dir: Path, labels_csv: str | Path, config: PipelineConfig) -> Trai
     select_channels(read_array(stores[0], FEATURE_MAP), cfg.adapter, cfg.component)  # the adapter fits them
     splits = (fold_splits(table, cfg.folds, cfg.val_fraction, cfg.seed) if cfg.folds
               else [holdout_split(table, cfg.val_fraction, cfg.test_fraction, cfg.seed)])
-    map_hashes = _map_hashes(out_dir, table.slide_ids)
-    return TrainPlan(table, splits, map_hashes, model_hash(cfg, table, map_hashes))
+    map_hashes, maps_digest = map_hashes_of(out_dir, table.slide_ids)
+    return TrainPlan(table, splits, map_hashes, model_hash(cfg, table, map_hashes, maps_digest))
 
 
 def train(out_dir: str | Path, labels_csv: str | Path, config: PipelineConfig | None = None, *,

@@ -268,3 +268,26 @@ def test_predict_new_slides_end_to_end(trained, small_slides, small_config, tmp_
     one = pipeline.predict_slide(new / "slide-b.svs", model_dir)
     assert one["slide_id"] == "slide-b"
     assert one["probabilities"]["1"] == pytest.approx(probs[1], abs=1e-4)
+
+
+def test_model_is_stale_when_a_map_is_made_again(tmp_path):
+    """The model's hash covers every slide's map identity: a map made again (another fill rule, a store described
+    again) changes it, though the reducer is the same; the same maps give the same hash."""
+    import zarr
+
+    from pipeline.core.config import TrainConfig
+    from pipeline.core.maps import FEATURE_MAP
+    from pipeline.core.store import store_path
+    from pipeline.model.labels import read_labels
+    from pipeline.train.runner import map_hashes_of, model_hash
+
+    labels = make_map_cohort(tmp_path, n_per_class=3, seed=1, size_range=(8, 10))
+    table = read_labels(labels)
+    cfg = TrainConfig()
+    first = map_hashes_of(tmp_path, table.slide_ids)
+    assert map_hashes_of(tmp_path, table.slide_ids) == first
+    store = store_path(tmp_path, table.slide_ids[2])
+    zarr.open_array(str(store / FEATURE_MAP), mode="r+").attrs["excluded_fill"] = "another-rule"
+    second = map_hashes_of(tmp_path, table.slide_ids)
+    assert second[0] == first[0] and second[1] != first[1]
+    assert model_hash(cfg, table, *second) != model_hash(cfg, table, *first)
