@@ -43,15 +43,8 @@ if str(ROOT) not in sys.path:
 
 from pipeline.core.store import read_array, read_attrs  # noqa: E402
 from pipeline.slides.tiling import TileGrid  # noqa: E402
-from sample_data.lab_cohort import check_run, make_lab_cohort  # noqa: E402
+from sample_data.lab_cohort import RUN_CONFIG, check_run, make_lab_cohort  # noqa: E402
 
-CONFIG = """
-tiling: {mpp: 0.5, tile_px: 128, chunk_tiles: 16}
-reduce: {method: pca, components: 3}
-train: {adapter: components, val_fraction: 0.2, test_fraction: 0.3}
-cluster: {workers: 2, dashboard: false}
-annotations: {cam_classes: {"1": Tumor}}
-"""
 
 
 def run_cli(slides: Path, notes: Path, out: Path, config: Path) -> dict:
@@ -160,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         slides, notes, plan = make_lab_cohort(root, a.n_per_class, seed, workers=a.workers)
         row = {"seed": seed, "n_per_class": a.n_per_class, "cohort_wall_s": round(time.perf_counter() - t0, 1)}
         config = root / "config.yaml"
-        config.write_text(CONFIG)
+        config.write_text(RUN_CONFIG)
         if not a.skip_run:
             row.update(run_cli(slides, notes, root / "out", config))
         row.update(evaluate(root / "out", plan, a.workers))

@@ -28,7 +28,7 @@ from sample_data.stain_batch import StainBatch, stain_batch_ids
 from sample_data.synthetic.writing import atomic_target, slide_spec, write_slide, written_spec
 from sample_data.textured import LEVELS, MPP, OBJECTIVE, QUALITY, TILE_PX, TexturedTissue, textured_cohort_plan
 
-__all__ = ["LabSlide", "lab_cohort_plan", "make_lab_cohort", "tile_truth", "check_slide", "check_run", "report_rows"]
+__all__ = ["RUN_CONFIG", "LabSlide", "lab_cohort_plan", "make_lab_cohort", "tile_truth", "check_slide", "check_run", "report_rows"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,15 @@ def make_lab_cohort(out_dir: str | os.PathLike, n_per_class: int = 6, seed: int 
 
 # --------------------------------------------------------------------------------------------- checking a run
 
+# The settings the benchmark and the slow test run this cohort with: stain and QC at their defaults, the recipe of
+# tests/test_recipe_targets.py (128-px tiles, 3 PCA components, the scratch recipe), CAMs checked against Tumor.
+RUN_CONFIG = """
+tiling: {mpp: 0.5, tile_px: 128, chunk_tiles: 16}
+reduce: {method: pca, components: 3}
+train: {adapter: components, val_fraction: 0.2, test_fraction: 0.3}
+cluster: {workers: 2, dashboard: false}
+annotations: {cam_classes: {"1": Tumor}}
+"""
 INKED_MIN = 0.25  # share of a tile under ink that makes it "inked" (as benchmarks/real_cohort_qc.py)
 MARKED = ("Exclude", "Pen")  # annotation classes that remove tiles on purpose: not "clean" tissue
 

