@@ -9,42 +9,49 @@ the whole task lost with its worker) sends the slide back to be run alone, as be
 
 from __future__ import annotations
 
-from ..core.parallel import Done, TaskFailure, TaskRetry, group_size
+from typing import Callable
+
+from ..core.parallel import Done, Task, TaskFailure, TaskRetry, call_each, group_size
 
 GROUP_TILES = 256  # tissue tiles per group task: one full 16 x 16 block, "hundreds of tiles per task"
 MAX_GROUP = 8  # slides per task at most
 
 
 class PlanQueue:
-    """Slide jobs waiting for their plan task (in the given order), taken one or several at a time."""
+    """Slides waiting for a task (in the given order), taken one or several at a time: the describe plan tasks (by
+    tissue tiles) and the stain pass's survey tasks (by grid tiles) take their slides from one."""
 
-    def __init__(self, jobs: list, capacity: int):
-        self.waiting = list(reversed(jobs))  # taken from the end
+    def __init__(self, items: list, capacity: int, target_tiles: int | None = None):
+        self.waiting = list(reversed(items))  # taken from the end
+        self.alone: list = []  # sent back by ``again``: each taken first, in a task of its own
         self.capacity = capacity
-        self.tiles: list[int] = []  # tissue tiles of the slides planned so far
+        self.target_tiles = GROUP_TILES if target_tiles is None else target_tiles
+        self.tiles: list[int] = []  # tiles of the slides done so far
 
     def __len__(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.alone)
 
     def planned(self, tiles: int) -> None:
         self.tiles.append(tiles)
 
-    def take(self, grouped: bool) -> list:
-        """The next job alone, or (``grouped``) the next group; a job sent back (``again``) always goes alone."""
-        first = self.waiting.pop()
-        if not grouped or getattr(first, "alone", False):
-            return [first]
+    def take(self, grouped: bool = True) -> list:
+        """The next item alone, or (``grouped``) the next group; an item sent back (``again``) always goes alone."""
+        if self.alone:
+            return [self.alone.pop()]
+        if not grouped:
+            return [self.waiting.pop()]
         mean = sum(self.tiles) / len(self.tiles) if len(self.tiles) >= self.capacity else None
-        count = group_size(len(self.waiting) + 1, self.capacity, mean, GROUP_TILES, MAX_GROUP)
-        group = [first]
-        while len(group) < count and self.waiting and not getattr(self.waiting[-1], "alone", False):
-            group.append(self.waiting.pop())
-        return group
+        count = group_size(len(self.waiting), self.capacity, mean, self.target_tiles, MAX_GROUP)
+        return [self.waiting.pop() for _ in range(count)]
 
-    def again(self, job) -> None:
-        """Run ``job`` again, alone, next."""
-        job.alone = True
-        self.waiting.append(job)
+    def again(self, item) -> None:
+        """Run ``item`` again, alone, next."""
+        self.alone.append(item)
+
+
+def group_task(fn: Callable, arg_list: list[tuple], tag) -> Task:
+    """``fn`` on one slide's arguments as its own task, or on several through ``call_each`` in one task."""
+    return Task(fn, arg_list[0], tag) if len(arg_list) == 1 else Task(call_each, (fn, arg_list), tag)
 
 
 def outcomes(done: Done, count: int) -> list[Done]:

@@ -25,8 +25,8 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.parallel import (LocalRunner, Task, TaskRetry, call_each, in_flight_limit, run_bounded, runner_for,
-                             where_am_i, worker_start_method)
+from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for, where_am_i,
+                             worker_start_method)
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
 from ..slides.open import find_slides, slide_fingerprint, slide_id_from_path
@@ -39,7 +39,7 @@ from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .descriptors import compute_descriptors
 from .encoders import encoder_info, get_encoder, validate_encoder
 from .encoders.placement import block_batch_tiles, block_resources, prefetched
-from .grouping import MAX_GROUP, PlanQueue, outcomes
+from .grouping import MAX_GROUP, PlanQueue, group_task, outcomes
 from .plan import plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry point)
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
@@ -124,7 +124,6 @@ class _SlideJob:
     encoded_on: set = field(default_factory=set)  # "worker (device)" of its blocks
     scores: np.ndarray | None = None  # tile QC scores the blocks returned (all of them unless some were resumed)
     resumed: bool = False
-    alone: bool = False  # run again in a task of its own (``grouping.PlanQueue.again``)
 
 
 def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
@@ -303,7 +302,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         if resources:
             return Task(plan_slide, args[0], tag)
         args = [(*a, stain.transforms.get(job.slide_id)) for a, job in zip(args, group)]
-        return Task(plan_and_describe, args[0], tag) if len(group) == 1 else Task(call_each, (plan_and_describe, args), tag)
+        return group_task(plan_and_describe, args, tag)
 
     def results():
         """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""

@@ -24,7 +24,7 @@ import numpy as np
 from ..core.config import PipelineConfig
 from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
-from ..core.parallel import Task, TaskRetry, call_each, group_size, in_flight_limit, run_bounded
+from ..core.parallel import Task, TaskRetry, in_flight_limit, run_bounded
 from ..core.store import slides_dir
 from ..slides.annotations import annotation_digest, annotation_file, inside_classes, read_annotations
 from ..slides.open import read_slide_info, slide_fingerprint, slide_id_from_path
@@ -35,7 +35,7 @@ from ..slides.stain import estimate_stain, fit_target, slide_transform
 from ..slides.stain.macenko import ESTIMATE_REVISION
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tissue_mask
-from .grouping import outcomes
+from .grouping import PlanQueue, group_task, outcomes
 
 log = logging.getLogger("pipeline")
 
@@ -185,33 +185,30 @@ def _load_cache(out_dir: Path) -> dict:
 
 def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runner, out_dir: Path | None = None
                   ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(slide id -> record, slide id -> what was read of it) for ``todo`` (slide id -> (path, fingerprint)), one
-    ``survey_slide`` task per slide; with ``out_dir`` each task leaves its thumbnail for ``plan_slide``."""
+    """(slide id -> record, slide id -> what was read of it) for ``todo`` (slide id -> (path, fingerprint)),
+    ``survey_slide`` on each (small slides several to a task, ``grouping.PlanQueue``); with ``out_dir`` each slide's
+    survey leaves its thumbnail for ``plan_slide``."""
     keep = {sid: str(_kept_path(out_dir, sid, fp, config)) if out_dir else None for sid, (_, fp) in todo.items()}
-    waiting, alone, grid_tiles = list(reversed(todo)), [], []  # alone: slides of a group to survey again alone
+    pending = PlanQueue(list(todo), runner.capacity, SURVEY_GROUP_TILES)
 
     def next_task() -> Task | None:
-        if not (waiting or alone):
+        if not pending:
             return None
-        mean = sum(grid_tiles) / len(grid_tiles) if len(grid_tiles) >= runner.capacity else None
-        count = 1 if alone else group_size(len(waiting), runner.capacity, mean, SURVEY_GROUP_TILES)
-        ids = [alone.pop()] if alone else [waiting.pop() for _ in range(count)]
-        args = [(todo[sid][0], config, keep[sid]) for sid in ids]
-        return Task(survey_slide, args[0], tuple(ids)) if len(ids) == 1 else Task(call_each, (survey_slide, args),
-                                                                                   tuple(ids))
+        ids = pending.take()
+        return group_task(survey_slide, [(todo[sid][0], config, keep[sid]) for sid in ids], tuple(ids))
 
     records, surveyed = {}, {}
     for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
         for sid, one in zip(done.tag, outcomes(done, len(done.tag))):
             if isinstance(one.result, TaskRetry):
-                alone.append(sid)
+                pending.again(sid)
             elif one.error is not None:  # the slide fails again, with its typed error, when it is planned
                 records[sid] = {"method": config.stain.method, "status": "failed", "estimate": None,
                                 "reason": error_record(one.error)["message"], "tissue_pixels": 0}
             else:
                 records[sid], surveyed[sid] = one.result["record"], one.result["slide"]
                 grid = tile_grid(one.result["slide"]["info"], config.tiling)
-                grid_tiles.append(grid.rows * grid.cols)
+                pending.planned(grid.rows * grid.cols)
     return records, surveyed
 
 

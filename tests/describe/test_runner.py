@@ -231,6 +231,7 @@ def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, t
         return original_plan(path, config, out_dir, slide_id, *rest)
 
     monkeypatch.setattr(runner_module, "Task", counted_task)
+    monkeypatch.setattr(grouping, "Task", counted_task)  # plan tasks of small slides are made by grouping.group_task
     monkeypatch.setattr(runner_module, "plan_and_describe", flaky_plan)
     grouped = describe_slides([slides], tmp_path / "grouped", config, runner=LocalRunner(), progress=False)
     assert any(name == "call_each" and len(ids) >= 2 for name, ids in plan_tasks), plan_tasks
