@@ -27,8 +27,7 @@ def cam_hash(model_info: dict, cam_cfg, layer: str, map_attrs: dict | None) -> s
 
     payload = {"model": model_identity(model_info),
                "cam": cam_cfg.model_dump(mode="json"), "layer": layer,
-               "map": (map_attrs or {}).get("reducer_hash"), "map_config": (map_attrs or {}).get("config_hash"),
-               "map_identity": map_identity(map_attrs)}
+               "map": map_identity(map_attrs), "map_config": (map_attrs or {}).get("config_hash")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

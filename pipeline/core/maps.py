@@ -4,9 +4,9 @@ Array ``FEATURE_MAP`` (rows, cols, K) float32 in a slide store: tissue cells in 
 cells ``FEATURE_MAP_FILL`` (-1.0); NaN (never written) counts as background too. Tissue cells QC left out for an
 artefact or an ``Exclude`` annotation (``FILLED_QC_CODES``) carry their nearest described cell's values
 (``fill_excluded_cells``, rule ``EXCLUDED_FILL``): a hole with the background value inside tissue reads as glass, and
-a network learns such holes as evidence. The CAM of those cells is left out (``tissue_mask`` = described cells). The network sees three channels
-(``select_channels``: the channel adapter, ``train.adapter``) and pools one of the InceptionV3 blocks
-``BLOCK_NAMES`` (``train.head_block``), the blocks Grad-CAM can explain.
+a network learns such holes as evidence. The CAM of those cells is left out (``tissue_mask`` = described cells).
+The network sees three channels (``select_channels``: the channel adapter, ``train.adapter``) and pools one of the
+InceptionV3 blocks ``BLOCK_NAMES`` (``train.head_block``), the blocks Grad-CAM can explain.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.artefacts import MAPS_DIR
 from ..core.errors import ReducerMismatchError
-from ..core.maps import EXCLUDED_FILL, FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE, fill_excluded_cells
+from ..core.maps import EXCLUDED_FILL, FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE, fill_excluded_cells, map_identity
 from ..core.store import array_attrs, read_array, read_attrs, write_array
 from .reducers import Reducer, cached_reducer, load_reducer
 from .sampling import iter_descriptor_bands, require_store
@@ -48,17 +48,19 @@ def compute_feature_map(store: str | Path, reducer: Reducer) -> tuple[np.ndarray
 
 def feature_map_attrs(reducer: Reducer, store_attrs: dict, filled_cells: int = 0) -> dict:
     return {"method": reducer.method, "components": reducer.components, "reducer_hash": reducer.hash,
-            "fill_value": FEATURE_MAP_FILL, "excluded_fill": EXCLUDED_FILL, "filled_cells": filled_cells, "config_hash": reducer.config_hash, "value_range": list(VALUE_RANGE),
+            "fill_value": FEATURE_MAP_FILL, "excluded_fill": EXCLUDED_FILL, "filled_cells": filled_cells,
+            "config_hash": reducer.config_hash, "value_range": list(VALUE_RANGE),
             "store_fingerprint": store_attrs.get("fingerprint"), "store_config_hash": store_attrs.get("config_hash")}
 
 
 def map_is_current(store: str | Path, reducer_hash: str) -> bool:
-    """True when the store's feature map was made by this reducer from the store's current descriptors."""
+    """True when the store's feature map is the one this reducer, the current fill rule and the store's current
+    descriptors make (``core.maps.map_identity``)."""
     attrs = array_attrs(store, FEATURE_MAP)
     store_attrs = read_attrs(store) or {}
-    return bool(attrs and attrs.get("reducer_hash") == reducer_hash and attrs.get("excluded_fill") == EXCLUDED_FILL
-                and attrs.get("store_fingerprint") == store_attrs.get("fingerprint")
-                and attrs.get("store_config_hash") == store_attrs.get("config_hash"))
+    wanted = {"reducer_hash": reducer_hash, "excluded_fill": EXCLUDED_FILL,
+              "store_fingerprint": store_attrs.get("fingerprint"), "store_config_hash": store_attrs.get("config_hash")}
+    return bool(attrs) and map_identity(attrs) == map_identity(wanted)
 
 
 def map_slide(store_path: str | Path, reducer: Reducer | str | Path) -> np.ndarray:
@@ -67,6 +69,11 @@ def map_slide(store_path: str | Path, reducer: Reducer | str | Path) -> np.ndarr
     Returns the (rows, cols, K) float32 map. Raises ``MissingInputError`` for an incomplete store and
     ``ReducerMismatchError`` when its descriptors are not the ones the reducer was fitted on.
     """
+    return write_feature_map(store_path, reducer)[0]
+
+
+def write_feature_map(store_path: str | Path, reducer: Reducer | str | Path) -> tuple[np.ndarray, int]:
+    """``map_slide``, returning (map, cells filled from their neighbours)."""
     if not isinstance(reducer, Reducer):
         reducer = load_reducer(reducer)
     store = Path(store_path)
@@ -76,7 +83,7 @@ def map_slide(store_path: str | Path, reducer: Reducer | str | Path) -> np.ndarr
     rows, cols, k = fmap.shape
     write_array(store, FEATURE_MAP, fmap, chunks=(max(1, min(rows, 512)), max(1, min(cols, 512)), k),
                 attrs=feature_map_attrs(reducer, attrs, filled), fill_value=FEATURE_MAP_FILL)
-    return fmap
+    return fmap, filled
 
 
 def map_picture_path(out_dir: str | Path, slide_id: str) -> Path:
@@ -89,8 +96,8 @@ def map_store_task(store: str, reducer_dir: str, reducer_hash: str, picture: str
 
     t0 = time.monotonic()
     reducer = cached_reducer(reducer_dir, reducer_hash)
-    fmap = map_slide(store, reducer)
+    fmap, filled = write_feature_map(store, reducer)
     if picture:
         save_feature_map_png(picture, fmap, FEATURE_MAP_FILL)
-    tissue = int((fmap[..., 0] != FEATURE_MAP_FILL).sum()) - int(array_attrs(store, FEATURE_MAP)["filled_cells"])
+    tissue = int((fmap[..., 0] != FEATURE_MAP_FILL).sum()) - filled  # described tiles
     return {"tissue_cells": tissue, "shape": list(fmap.shape), "seconds": round(time.monotonic() - t0, 3)}
