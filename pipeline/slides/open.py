@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import math
+import os
 import re
 import time
 import unicodedata
@@ -124,17 +125,26 @@ def slide_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
             digest.update(f"{child.name}:{slide_fingerprint(child, block)}".encode())
         return digest.hexdigest()[:24]
     stat = path.stat()
-    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RECENT_S * 1e9:
+    identity = file_identity(path, stat)
+    if identity is None:
         return _hash_file(str(path), block, stat.st_size)
-    return _remembered_hash(str(path), block, stat.st_size, stat.st_dev, stat.st_ino, stat.st_mtime_ns,
-                            stat.st_ctime_ns)
+    return _remembered_hash(block, *identity)
 
 
 RECENT_S = 2.0
 
 
+def file_identity(path: str | Path, stat: os.stat_result) -> tuple | None:
+    """(path, device, inode, size, modification and change times): what a per-process memory of a file's checks is
+    keyed by; None for a file changed in the last ``RECENT_S`` (as in git's index: file times are coarser than the
+    edits a stat could miss), whose checks must be made again."""
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RECENT_S * 1e9:
+        return None
+    return (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 @functools.lru_cache(maxsize=4096)
-def _remembered_hash(path: str, block: int, size: int, *identity: int) -> str:
+def _remembered_hash(block: int, path: str, device: int, inode: int, size: int, *times: int) -> str:
     return _hash_file(path, block, size)
 
 
@@ -221,8 +231,8 @@ def check_tiff_complete(path: Path) -> None:
     import tifffile
 
     stat = path.stat()
-    identity = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if identity in _COMPLETE_TIFFS:  # checked already in this process (a run opens each slide several times)
+    identity = file_identity(path, stat)
+    if identity is not None and identity in _COMPLETE_TIFFS:  # checked in this process (each slide is opened often)
         return
     size = stat.st_size
     try:
@@ -239,7 +249,7 @@ def check_tiff_complete(path: Path) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - tifffile raises many types on broken directories
         raise CorruptSlideError(f"the TIFF structure is damaged ({type(err).__name__}: {err})", path=path) from None
-    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= RECENT_S * 1e9:  # as slide_fingerprint's memory
+    if identity is not None:
         if len(_COMPLETE_TIFFS) >= 4096:
             _COMPLETE_TIFFS.clear()
         _COMPLETE_TIFFS.add(identity)

@@ -36,7 +36,6 @@ not OpenSlide's pixels but close to their area average, which ``read_tile_row`` 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +43,7 @@ import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from . import jpeg
-from .open import RECENT_S, open_handle
+from .open import file_identity, open_handle
 from .pixels import read_level_region, reduce_box
 from .tiff_pages import LevelPage, NotDirect, map_levels
 
@@ -147,12 +146,12 @@ def _fast_jpeg_verdicts(path: str, stat: os.stat_result, levels: tuple) -> dict[
     """The per-level simplejpeg verdicts of a file, shared by this process's readers of it (each slide is opened by
     its probe, its thumbnail and each of its blocks: one check per level instead of one per reader). Keyed by the
     file's stat; a file changed in the last ``RECENT_S`` gets a fresh, unshared dict (as fingerprints are hashed)."""
-    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < RECENT_S * 1e9:
+    identity = file_identity(path, stat)
+    if identity is None:
         return {}
     if len(_FAST_JPEG) >= 4096:
         _FAST_JPEG.clear()
-    return _FAST_JPEG.setdefault((path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
-                                  levels), {})
+    return _FAST_JPEG.setdefault((*identity, levels), {})
 
 
 class TiffTileReader(TileReader):

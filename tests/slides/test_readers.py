@@ -150,9 +150,9 @@ def test_auto_probes_the_levels_the_slide_is_read_at(synthetic_slides, monkeypat
 def test_readers_of_one_file_share_the_simplejpeg_check(synthetic_slides, monkeypatch):
     """The first reader of a file checks simplejpeg against tifffile on a level's first tile; later readers of the
     unchanged file in this process reuse the verdict and give the same pixels."""
-    import pipeline.slides.readers as readers
+    import pipeline.slides.open as open_module
 
-    monkeypatch.setattr(readers, "RECENT_S", 0.0)  # the test slide was just written: share its verdicts anyway
+    monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # the test slide was just written: share its verdicts anyway
     path = synthetic_slides["generic"]
     info = read_slide_info(path)
     with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as first:
