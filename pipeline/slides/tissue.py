@@ -19,13 +19,20 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     return -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
 
 
+def channel_extremes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(brightest, darkest) channel of each pixel of (..., 3) ``rgb``, in its dtype: channel by channel, as
+    reducing the 3-long last axis (``max(axis=-1)``) is ~5x slower on a thumbnail."""
+    rgb = np.asarray(rgb)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+
+
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (max - min) / max, 0 where max is 0: ``skimage.color.rgb2hsv(rgb)[..., 1]`` without the hue and
     value planes it also computes (10x faster on a thumbnail, which a slide's first task waits for)."""
-    rgb = np.asarray(rgb)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # per channel: reducing the 3-long axis is 5x slower
-    cmax = np.maximum(np.maximum(red, green), blue).astype(np.float64)
-    delta = cmax - np.minimum(np.minimum(red, green), blue)
+    brightest, darkest = channel_extremes(rgb)
+    cmax = brightest.astype(np.float64)
+    delta = cmax - darkest
     with np.errstate(invalid="ignore", divide="ignore"):
         sat = np.where(cmax > 0, delta / cmax, 0.0)
     return sat.astype(np.float32)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..tissue import channel_extremes
+
 
 def debris_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, black_max: int = 40,
                   white_min: int = 225) -> np.ndarray:
     """Bool (h, w): tissue-mask pixels whose brightest channel is <= ``black_max`` or darkest >= ``white_min``."""
-    rgb = np.asarray(thumbnail)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # per channel: reducing the 3-long axis is 5x slower
-    brightest = np.maximum(np.maximum(red, green), blue)
-    darkest = np.minimum(np.minimum(red, green), blue)
+    brightest, darkest = channel_extremes(thumbnail)
     return tissue_px & ((brightest <= black_max) | (darkest >= white_min))
 
 

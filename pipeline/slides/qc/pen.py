@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from ..morphology import open_square3, remove_small_objects
+from ..tissue import channel_extremes
 
 MIN_PIXELS = 50  # fewer tissue pixels: no colour model, nothing flagged
 SUPPORT = 0.9  # share of the sample each robust fit covers: every tissue colour mode (pink dermis, purple epidermis)
@@ -140,8 +141,7 @@ def _robust_fit_columns(xt: np.ndarray, support: float, steps: int) -> tuple[np.
 def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.25, sample_px: int = 6000,
                seed: int = 0) -> np.ndarray:
     """Bool (h, w): pixels of ``thumbnail`` (uint8 RGB) whose colour is ink, relative to its ``tissue_px``."""
-    red, green, blue = thumbnail[..., 0], thumbnail[..., 1], thumbnail[..., 2]  # 5x faster than min(axis=-1)
-    darkest = np.minimum(np.minimum(red, green), blue).astype(np.int16)
+    darkest = channel_extremes(thumbnail)[1].astype(np.int16)
     glass = np.median(darkest[~tissue_px]) if (~tissue_px).sum() >= MIN_PIXELS else 240  # this slide's glass
     model_px = tissue_px & (darkest < glass - GLASS_MARGIN)  # glass the mask closed over is no part of the model
     # tested: the tissue and whatever is clearly darker than glass (grey ink on glass is not tissue to the mask)
