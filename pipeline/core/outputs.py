@@ -31,7 +31,9 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".wsi-pipeline.lock"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, sync: bool = True) -> Path:
+    """Write ``data`` under a temporary name beside ``path`` and rename it over ``path`` (folders made as needed).
+    ``sync=False``: no fsync before the rename (Zarr chunk files: one per block, as zarr itself writes them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,8 +41,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

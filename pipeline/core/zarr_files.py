@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.storage import MemoryStore
+
+from .outputs import atomic_write_bytes
 
 ZARR_JSON = "zarr.json"
 # Data types whose chunks this module encodes (the ``bytes`` codec's little-endian layout of numpy's dtypes).
@@ -133,29 +133,18 @@ def array_files(document: dict, data: np.ndarray | None) -> dict[str, bytes | No
 
 
 def write_file(path: Path, data: bytes | None) -> None:
-    """Write ``data`` under a temporary name and rename it over ``path`` (None: remove ``path``)."""
+    """Write ``data`` under a temporary name and rename it over ``path``, as zarr's local store does (no fsync;
+    None: remove ``path``)."""
     if data is None:
         path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    else:
+        atomic_write_bytes(path, data, sync=False)
 
 
 def write_files(root: Path, files: dict[str, bytes | None]) -> None:
     """Write relative path -> bytes under ``root`` (folders made as needed), in the order given."""
-    made: set[Path] = set()
     for key, data in files.items():
-        path = root / key
-        if data is not None and path.parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(path.parent)
-        write_file(path, data)
+        write_file(root / key, data)
 
 
 def read_document(path: str | Path) -> dict:
@@ -176,9 +165,5 @@ def write_chunk(array_path: str | Path, origin: tuple[int, ...], values: np.ndar
         if o % c or n != min(c, size - o):
             return False
     key = "/".join(["c", *(str(o // c) for o, c in zip(origin, chunk_shape))])
-    data = encode_chunk(values, codec)
-    path = array_path / key
-    if data is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, data)
+    write_file(array_path / key, encode_chunk(values, codec))
     return True
