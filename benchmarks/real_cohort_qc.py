@@ -59,15 +59,6 @@ def make_cohort(out: Path, seed: int, n_per_class: int, artefacts: bool = True) 
     return slides
 
 
-def truth(slide: ArtefactTissue, grid: TileGrid, inked_min: float) -> dict[str, np.ndarray]:
-    ink, blur = slide.ink_fraction_at_tiles(grid), slide.blur_fraction_at_tiles(grid)
-    rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
-    half = grid.tile_l0_px / 2
-    tissue_centre = slide.base.tissue_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)
-    return {"inked": ink >= inked_min, "blurred": (blur > 0.5) & (ink == 0), "blurred_core": (blur >= 0.9) & (ink == 0),
-            "clean": tissue_centre & (ink == 0) & (blur == 0)}
-
-
 def evaluate(out: Path, slides: dict, inked_min: float, codes_of=None) -> dict:
     """Shares over the cohort; ``codes_of(store, grid)`` gives the QC codes (default: the stored ``qc_code``)."""
     n = {k: 0 for k in ("inked", "inked_kept", "blurred", "blurred_kept", "blurred_core", "blurred_core_kept", "clean",
@@ -81,7 +72,7 @@ def evaluate(out: Path, slides: dict, inked_min: float, codes_of=None) -> dict:
         tissue = read_array(store, "tissue_fraction") >= 0.5
         codes = codes_of(store, grid) if codes_of else read_array(store, "qc_code")
         kept = tissue & (codes == 0)
-        t = truth(slide, grid, inked_min)
+        t = slide.tile_truth(grid, inked_min)
         for key in ("inked", "blurred", "blurred_core", "clean"):
             n[key] += int((t[key] & tissue).sum())
         n["blurred_core_kept"] += int((t["blurred_core"] & kept).sum())

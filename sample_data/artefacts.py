@@ -242,6 +242,17 @@ class ArtefactTissue:
         """(rows, cols): share of each tile that is more than half blurred."""
         return self._fraction_at_tiles(self.blur_low, grid, 0.5)
 
+    def tile_truth(self, grid, inked_min: float) -> dict[str, np.ndarray]:
+        """(rows, cols) bool ground truth on a tile grid: ``inked`` (>= ``inked_min`` of the tile under ink),
+        ``blurred`` (more than half blurred, no ink), ``blurred_core`` (>= 90%, no ink), ``clean`` (tissue at the
+        tile centre, no ink, no blur)."""
+        from pipeline.slides.annotations import tile_centres
+
+        ink, blur = self.ink_fraction_at_tiles(grid), self.blur_fraction_at_tiles(grid)
+        centre = self.base.tissue_at(*tile_centres(grid))
+        return {"inked": ink >= inked_min, "blurred": (blur > 0.5) & (ink == 0),
+                "blurred_core": (blur >= 0.9) & (ink == 0), "clean": centre & (ink == 0) & (blur == 0)}
+
     # ---------------------------------------------------------------- annotations
     def annotations_geojson(self, exclude: bool = True, cell_px: int = 32, pen: bool = False) -> dict:
         """QuPath-style FeatureCollection: ``Tumor`` = the lesion outline (if any), ``Exclude`` = an ellipse on

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.slides.annotations import tile_centres
 from sample_data.artefacts import LOW, ArtefactTissue, stroke_alpha, write_geojson
 from sample_data.stain_batch import StainBatch, stain_batch_ids
 from sample_data.synthetic.writing import atomic_target, slide_spec, write_slide, written_spec
@@ -152,14 +153,9 @@ MARKED = ("Exclude", "Pen")  # annotation classes that remove tiles on purpose: 
 def tile_truth(entry: LabSlide, grid) -> dict[str, np.ndarray]:
     """(rows, cols) bool ground truth: ``inked`` (>= INKED_MIN of the tile), ``blurred`` (> half, no ink),
     ``clean`` (tissue at the centre, no ink, no blur, not in a MARKED annotation), ``lesion`` (centre)."""
-    slide = entry.slide
-    ink, blur = slide.ink_fraction_at_tiles(grid), slide.blur_fraction_at_tiles(grid)
-    rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
-    half = grid.tile_l0_px / 2
-    centre = entry.tissue.tissue_at(cols * grid.stride_l0_px + half, rows * grid.stride_l0_px + half)
-    marked = marked_tiles(entry, grid)
-    return {"inked": ink >= INKED_MIN, "blurred": (blur > 0.5) & (ink == 0),
-            "clean": centre & (ink == 0) & (blur == 0) & ~marked, "lesion": entry.tissue.lesion_at_tiles(grid)}
+    truth = entry.slide.tile_truth(grid, INKED_MIN)
+    return {"inked": truth["inked"], "blurred": truth["blurred"], "clean": truth["clean"] & ~marked_tiles(entry, grid),
+            "lesion": entry.tissue.lesion_at_tiles(grid)}
 
 
 def marked_tiles(entry: LabSlide, grid) -> np.ndarray:
@@ -168,12 +164,10 @@ def marked_tiles(entry: LabSlide, grid) -> np.ndarray:
 
     shapes = [shapely.from_geojson(json.dumps(f["geometry"])) for f in annotations_of(entry)["features"]
               if f["properties"]["classification"]["name"] in MARKED]
-    rows, cols = np.meshgrid(np.arange(grid.rows), np.arange(grid.cols), indexing="ij")
-    half = grid.tile_l0_px / 2
+    x, y = tile_centres(grid)
     if not shapes:
-        return np.zeros(rows.shape, bool)
-    return shapely.contains_xy(shapely.union_all(shapes), cols * grid.stride_l0_px + half,
-                               rows * grid.stride_l0_px + half)
+        return np.zeros(x.shape, bool)
+    return shapely.contains_xy(shapely.union_all(shapes), x, y)
 
 
 def report_rows(out_dir: str | os.PathLike) -> dict[str, dict]:
