@@ -10,11 +10,7 @@ float32.
 from __future__ import annotations
 
 import numpy as np
-
-# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as scikit-image's ``rgb_from_hed``; its
-# inverse in float32 equals ``skimage.color.hed_from_rgb`` cast to float32 (tested). Not imported from scikit-image:
-# ``skimage.color`` pulls in ``scipy.linalg`` (~0.15 s of every describe command's start-up, issue 18).
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+from skimage.color import hed_from_rgb
 
 STATS_FEATURE_NAMES: tuple[str, ...] = (
     "rgb_mean_r", "rgb_mean_g", "rgb_mean_b", "rgb_std_r", "rgb_std_g", "rgb_std_b",
@@ -43,7 +39,7 @@ def hed_stains(rgb: np.ndarray) -> np.ndarray:
 VALUES = np.arange(256, dtype=np.float32)
 VALUES64 = VALUES.astype(np.float64)
 HED_LOG_LUT = np.log(np.maximum(VALUES / 255.0, 1e-6)) / np.float32(np.log(1e-6))
-HED_MATRIX = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+HED_MATRIX = hed_from_rgb.astype(np.float32)
 OD_LUT64 = (-np.log10(np.maximum(VALUES, 1.0) / 255.0)).astype(np.float64)
 LUMA_LUTS = (VALUES * np.float32(0.299), VALUES * np.float32(0.587), VALUES * np.float32(0.114))
 

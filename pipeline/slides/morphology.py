@@ -4,9 +4,9 @@ The same results as scikit-image's ``threshold_otsu`` (256-bin histogram of a fl
 ``disk`` (dilation then erosion, borders reflected) and ``remove_small_objects`` / ``remove_small_holes``
 (4-connected components, sizes up to ``max_size`` removed), and as ``scipy.ndimage.binary_opening`` with a 3 x 3
 square; ``tests/slides/test_morphology.py`` checks them against scikit-image and scipy. Why not those libraries here:
-importing ``skimage.morphology`` pulls in ``scipy.spatial`` and ``scipy.ndimage`` costs ~0.15 s (its array-API layer
-imports ``numpy.f2py``), paid by every ``describe`` command before its first tile (its fixed cost, issue 18).
-``scipy.ndimage`` stays the fallback without numba and the distance transforms of very large closings.
+importing ``skimage.morphology`` pulls in ``scipy.spatial``, and ``scipy.ndimage`` costs ~0.06 s CPU on top of the
+``scipy.linalg`` numba itself imports, paid by every ``describe`` command before its first tile (its fixed cost, issue
+18). ``scipy.ndimage`` stays the fallback without numba and the distance transforms of very large closings.
 """
 
 from __future__ import annotations
