@@ -15,7 +15,7 @@ The package follows the walk of the pipeline, one subpackage (or module) per sta
     view      wsi-pipeline view OUT: the slides with their overlays in the browser (stage 10)
 
 Import rule: a module imports only its own stage, earlier stages and ``core``; ``core`` imports no stage. The entry
-points above them all (``cli``, ``cli_options``, ``run``, ``api``, this file) may import anything.
+points above them all (``console``, ``cli``, ``cli_options``, ``run``, ``api``, this file) may import anything.
 ``tests/test_layout.py`` checks this.
 
 The Python API for lab scripts (one slide at a time, in-process, no cluster needed)::

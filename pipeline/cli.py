@@ -22,12 +22,15 @@ from .cli_options import COMMON, add_options, config_overrides, use
 from .core.config import PipelineConfig, load_config
 from .core.errors import ConfigError, LabelsError, NoRunError, OutputLockedError, PipelineError, PortInUseError
 from .core.outputs import log_file_handler
+from .core.startup import resume_gc
 
 log = logging.getLogger("pipeline")
 
 
 def setup_logging(out_dir: Path | None, command: str, verbose: bool = False) -> Path | None:
-    """Console logging, plus one log file per run in ``OUT/logs/`` with per-slide timings."""
+    """Console logging, plus one log file per run in ``OUT/logs/`` with per-slide timings. Called when a command has
+    imported its stage and starts its work: the garbage collector paused for the start-up resumes here."""
+    resume_gc()
     root = logging.getLogger("pipeline")
     root.setLevel(logging.DEBUG)
     root.handlers.clear()
@@ -366,3 +369,5 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        resume_gc()  # a command that set up no log (inspect, report)

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # The walk of the pipeline, in order; a module may import its own stage, earlier stages and the core.
 STAGES = ("core", "slides", "describe", "reduce", "model", "evaluate", "train", "predict", "cam", "report", "view")
 # The entry points (command line, the Python API, the whole run) sit above every stage and may import anything.
-ENTRY = {"__init__", "__main__", "cli", "cli_options", "run", "api"}
+ENTRY = {"__init__", "__main__", "console", "cli", "cli_options", "run", "api"}
 MAX_LINES = 450
 
 

@@ -1,0 +1,53 @@
+"""The garbage collector paused for a command's start-up (``pipeline.core.startup``) and resumed with the start-up's
+objects frozen."""
+
+import gc
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.core import startup
+
+
+@pytest.fixture
+def collector_restored():
+    enabled = gc.isenabled()
+    yield
+    startup.resume_gc()
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+
+
+def test_pause_then_resume_freezes_what_exists(collector_restored):
+    gc.enable()
+    startup.pause_gc()
+    assert not gc.isenabled()
+    made_during_startup = [[i] for i in range(1000)]  # container objects the collector tracks
+    startup.resume_gc()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(made_during_startup)
+    startup.resume_gc()  # a second resume changes nothing
+    assert gc.isenabled()
+
+
+def test_resume_without_pause_leaves_the_collector_alone(collector_restored):
+    gc.disable()  # switched off by someone else (e.g. the user's script): not ours to switch on
+    startup.pause_gc()
+    startup.resume_gc()
+    assert not gc.isenabled()
+    assert gc.get_freeze_count() == 0
+
+
+def test_cli_main_resumes_the_collector(collector_restored, tmp_path):
+    from pipeline import cli
+
+    gc.enable()
+    startup.pause_gc()
+    assert cli.main(["report", "--out", str(tmp_path / "nothing")]) in (0, 1, 2)
+    assert gc.isenabled()
+
+
+def test_console_script_runs_a_command():
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("wsi-pipeline ")
