@@ -57,6 +57,14 @@ BACKGROUND = 255  # white: what OpenSlide's transparent pixels become (slides.rg
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
+def load_modules() -> None:
+    """Import what the direct TIFF reader imports on first use (tifffile, imagecodecs' JPEG codec, PIL's decoder
+    plumbing), in this process."""
+    import tifffile  # noqa: F401
+    from imagecodecs import jpeg8_decode  # noqa: F401  (imagecodecs loads each codec on first use)
+    from PIL import ImageFile  # noqa: F401
+
+
 class TileReader:
     """Common interface: open per task (``with open_reader(...) as reader``), read RGB uint8 regions."""
 

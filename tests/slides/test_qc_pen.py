@@ -112,3 +112,16 @@ def test_ink_like_colours():
     for slide in (tissue, StainBatch(tissue)):
         thumb, tissue_px = _thumbnail(slide)
         assert ink_like(colour_features(thumb[tissue_px])).mean() <= 0.05
+
+
+def test_robust_fit_of_a_constant_feature_stays_finite():
+    """A colour feature constant over the fit makes its covariance singular: the pseudo-inverse takes over."""
+    from pipeline.slides.qc.pen import robust_fit
+
+    x = np.random.default_rng(0).normal(size=(500, 3))
+    x[:, 2] = 0.7
+    centre, precision = robust_fit(x, 0.9)
+    assert np.isfinite(centre).all() and np.isfinite(precision).all()
+    assert centre[2] == 0.7 and np.allclose(precision[2], 0.0)
+    regular_centre, regular_precision = robust_fit(np.random.default_rng(1).normal(size=(500, 3)), 0.9)
+    assert np.abs(regular_centre).max() < 0.2 and np.allclose(np.diag(regular_precision), 1.0, atol=0.35)

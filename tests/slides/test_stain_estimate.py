@@ -205,3 +205,15 @@ def test_macenko_fit_equals_torchstains_where_the_stained_pixel_rules_agree():
         np.testing.assert_allclose(ours["max_concentrations"], reference.maxCRef, rtol=1e-12)
         compared += 1
     assert compared >= 5
+
+
+def test_median_of_counts_is_numpys_median():
+    from pipeline.slides.stain.estimate import median_of_counts
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 5, 6, 1001, 4000):
+        values = rng.integers(0, 256, n).astype(np.uint8)
+        assert median_of_counts(values, 256) == float(np.median(values))
+    sums = rng.integers(0, 256, (999, 3)).astype(np.uint8).sum(axis=1, dtype=np.uint16)
+    assert median_of_counts(sums, 766) == float(np.median(sums))
+    assert np.isnan(median_of_counts(np.zeros(0, np.uint8), 256))

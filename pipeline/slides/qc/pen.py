@@ -62,13 +62,22 @@ def _squared_distance(x: np.ndarray, centre: np.ndarray, precision: np.ndarray) 
 
 
 def _distance_by_column(xt: np.ndarray, centre: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """``_squared_distance`` of ``xt`` (p, n): the quadratic form spelt out for p = 3 (6x faster than einsum)."""
+    """``_squared_distance`` of ``xt`` (p, n): d . (P d) column by column (one matrix product; the three-argument
+    einsum was 6x, the quadratic form spelt out term by term 2x slower)."""
     d = xt - centre[:, None]
-    if len(d) != 3:
-        return np.einsum("in,ij,jn->n", d, precision, d)
-    q = precision
-    return (q[0, 0] * d[0] * d[0] + q[1, 1] * d[1] * d[1] + q[2, 2] * d[2] * d[2] + (q[0, 1] + q[1, 0]) * d[0] * d[1]
-            + (q[0, 2] + q[2, 0]) * d[0] * d[2] + (q[1, 2] + q[2, 1]) * d[1] * d[2])
+    return np.einsum("in,in->n", d, precision @ d)
+
+
+def _inverse(cov: np.ndarray) -> np.ndarray:
+    """``cov``'s inverse (``np.linalg.inv``, 5x faster than ``pinv`` on 3 x 3), or its pseudo-inverse when it is
+    singular or too badly conditioned for the inverse to be one (e.g. a colour feature constant over the fit)."""
+    try:
+        inverse = np.linalg.inv(cov)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(cov)
+    if not np.isfinite(inverse).all() or np.abs(inverse @ cov - np.eye(len(cov))).max() > 1e-6:
+        return np.linalg.pinv(cov)
+    return inverse
 
 
 def _mean_cov(xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,20 +131,20 @@ def _robust_fit_columns(xt: np.ndarray, support: float, steps: int) -> tuple[np.
     centre, cov = np.array([_median(row) for row in xt]), _mean_cov(xt)[1]
     subset = None
     for _ in range(steps):
-        d2 = _distance_by_column(xt, centre, np.linalg.pinv(cov))
+        d2 = _distance_by_column(xt, centre, _inverse(cov))
         chosen = np.zeros(n, bool)
         chosen[np.argpartition(d2, keep - 1)[:keep]] = True
         if subset is not None and np.array_equal(chosen, subset):
             break
         subset = chosen
         centre, cov = _mean_cov(xt.compress(chosen, axis=1))
-    d2 = _distance_by_column(xt, centre, np.linalg.pinv(cov))
+    d2 = _distance_by_column(xt, centre, _inverse(cov))
     cov = cov * _median(d2) / chi2_median  # consistent at the normal model
-    d2 = _distance_by_column(xt, centre, np.linalg.pinv(cov))
+    d2 = _distance_by_column(xt, centre, _inverse(cov))
     centre, cov = _mean_cov(xt.compress(d2 <= chi2_reweight, axis=1))  # reweighting
-    d2 = _distance_by_column(xt, centre, np.linalg.pinv(cov))
+    d2 = _distance_by_column(xt, centre, _inverse(cov))
     cov = cov * _median(d2) / chi2_median
-    return centre, np.linalg.pinv(cov)
+    return centre, _inverse(cov)
 
 
 def pen_pixels(thumbnail: np.ndarray, tissue_px: np.ndarray, max_distance: float = 3.25, sample_px: int = 6000,

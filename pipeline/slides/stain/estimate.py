@@ -32,6 +32,17 @@ def _not_estimated(method: str, reason: str, tissue_pixels: int) -> dict:
             "tissue_pixels": int(tissue_pixels)}
 
 
+def median_of_counts(values: np.ndarray, levels: int) -> float:
+    """``np.median`` of small non-negative integers (< ``levels``) from their histogram: the same value, ~5x faster
+    than sorting a thumbnail's worth of them."""
+    counts = np.cumsum(np.bincount(values.ravel(), minlength=levels))
+    n = int(counts[-1])
+    if n == 0:
+        return float("nan")
+    low, high = np.searchsorted(counts, [(n - 1) // 2 + 1, n // 2 + 1])
+    return (float(low) + float(high)) / 2.0
+
+
 def glass_brightness(rgb: np.ndarray, tissue: np.ndarray | None, fixed: float | None) -> np.ndarray:
     """(3,) brightness of the slide's glass: ``fixed`` when given, else the per-channel median of the bright pixels
     outside the tissue (the 99th percentile of all pixels when there are too few, e.g. a tile), capped to 150-255."""
@@ -40,9 +51,10 @@ def glass_brightness(rgb: np.ndarray, tissue: np.ndarray | None, fixed: float | 
     pixels = rgb.reshape(-1, 3)
     if tissue is not None:
         outside = rgb[~np.asarray(tissue, bool)]
-        outside = outside[outside.mean(axis=1) > GLASS_MIN_GREY]
+        outside = outside[outside.sum(axis=1, dtype=np.uint16) > 3 * GLASS_MIN_GREY]  # mean grey above it
         if len(outside) >= MIN_GLASS_PIXELS:
-            return np.clip(np.median(outside, axis=0) + 1.0, 150.0, 255.0)
+            medians = [median_of_counts(outside[:, c], 256) for c in range(3)]
+            return np.clip(np.asarray(medians) + 1.0, 150.0, 255.0)
     return np.clip(np.percentile(pixels, 99, axis=0) + 1.0, 150.0, 255.0)
 
 
@@ -71,7 +83,7 @@ def estimate_stain(thumbnail: np.ndarray, tissue: np.ndarray | None, settings) -
     """
     method = settings.method
     rgb = np.ascontiguousarray(thumbnail[..., :3], dtype=np.uint8)
-    grey = float(np.median(rgb.mean(axis=-1))) if rgb.size else 0.0
+    grey = median_of_counts(rgb.sum(axis=-1, dtype=np.uint16), 766) / 3.0 if rgb.size else 0.0  # median mean grey
     if grey < DARK_MEDIAN_GREY:
         return _not_estimated(method, f"the image is dark (median grey {grey:.0f}): fluorescence or darkfield", 0)
     pixels = rgb.reshape(-1, 3) if tissue is None else rgb[np.asarray(tissue, bool)]
