@@ -2,13 +2,15 @@
 
 Why: zarr's own API costs 1-3 ms CPU per array or chunk write (metadata validation, a round trip to its event-loop
 thread, a worker thread per file), and ``describe`` makes 4-7 small arrays per slide and writes 1-2 chunks per block:
-on a directory of small slides that was the largest per-slide cost. How, without a second implementation of Zarr:
-the metadata documents are zarr's own (``zarr.create_array`` / ``zarr.open_group`` on an in-memory store, once per
-shape, dtype, fill value and chunk shape in a process; only the attributes are put in), and chunks are encoded with
-the codecs the document names when they are zarr's defaults (``bytes`` little-endian, then ``zstd``), padded with
-the fill value at the edges and left out when they hold only the fill value, as zarr does. Anything else (other
-codecs, data types or fill values, chunks not aligned to the block) returns None: the caller goes through zarr.
-Every file is written under a temporary name and renamed, as zarr's local store does.
+on a directory of small slides that was the largest per-slide cost; and importing zarr costs ~0.09 s, which every
+``describe`` paid before its first tile. How, without a second implementation of Zarr: the metadata documents are
+the ones zarr 3 writes with its default codecs (``bytes``, little-endian for multi-byte types, then ``zstd`` level 0
+without checksum) for a regular chunk grid given explicitly (``tests/core/test_zarr_files.py`` compares them with
+zarr's, byte for byte); a document with zarr's own chunk guess is zarr's (``zarr.create_array`` on an in-memory
+store). Chunks are encoded with the codecs the document names when they are those defaults, padded with the fill
+value at the edges and left out when they hold only the fill value, as zarr does. Anything else (other codecs, data
+types or fill values, chunks not aligned to the block) returns None: the caller goes through zarr. Every file is
+written under a temporary name and renamed, as zarr's local store does.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.storage import MemoryStore
 
 from .outputs import atomic_write_bytes
 
@@ -29,33 +29,60 @@ ZARR_JSON = "zarr.json"
 DIRECT_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                            "float32", "float64"})
 SPECIAL_FLOATS = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
+JSON_INDENT = 2  # zarr's default ``json_indent``
+ZSTD_LEVEL, ZSTD_CHECKSUM = 0, False  # zarr 3's default compressor for arrays of numbers
+CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 
 
 def dumps(document: dict) -> bytes:
-    """A metadata document as zarr serialises it (``json_indent`` from zarr's config)."""
-    return json.dumps(document, indent=zarr.config.get("json_indent"), allow_nan=True).encode()
+    """A metadata document as zarr serialises it."""
+    return json.dumps(document, indent=JSON_INDENT, allow_nan=True).encode()
+
+
+def _fill_json(fill: Any, dtype: np.dtype) -> Any:
+    """A fill value as zarr writes it in JSON (NaN and infinities by name; None: the type's zero)."""
+    value = np.zeros((), dtype)[()] if fill is None else np.asarray(fill, dtype)[()]
+    if dtype.kind == "b":
+        return bool(value)
+    if dtype.kind in "iu":
+        return int(value)
+    if np.isnan(value):
+        return "NaN"
+    if np.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float(value)
 
 
 @functools.lru_cache(maxsize=256)
 def _array_template(shape: tuple[int, ...], dtype: str, fill: bytes | None, chunks: tuple[int, ...] | None) -> bytes:
-    """zarr's document of such an array (``fill``: the fill value's bytes, hashable even when it is NaN)."""
-    store: dict = {}
-    zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype,
-                      fill_value=None if fill is None else np.frombuffer(fill, dtype)[0],
-                      chunks=chunks if chunks is not None else "auto")
-    return store[ZARR_JSON].to_bytes()
+    """The document of such an array (``fill``: the fill value's bytes, hashable even when it is NaN): written here
+    for explicit chunks, zarr's when it guesses them."""
+    kind = np.dtype(dtype)
+    fill_value = None if fill is None else np.frombuffer(fill, kind)[0]
+    if chunks is None:
+        import zarr
+        from zarr.storage import MemoryStore
 
-
-@functools.lru_cache(maxsize=1)
-def _group_template() -> bytes:
-    store: dict = {}
-    zarr.open_group(MemoryStore(store), mode="w")
-    return store[ZARR_JSON].to_bytes()
+        store: dict = {}
+        zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype, fill_value=fill_value, chunks="auto")
+        return store[ZARR_JSON].to_bytes()
+    endian = {} if kind.itemsize == 1 else {"configuration": {"endian": "little"}}
+    return dumps({"shape": list(shape), "data_type": kind.name,
+                  "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+                  "chunk_key_encoding": CHUNK_KEY_ENCODING, "fill_value": _fill_json(fill_value, kind),
+                  "codecs": [{"name": "bytes", **endian},
+                             {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": ZSTD_CHECKSUM}}],
+                  "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []})
 
 
 def group_document(attributes: dict) -> dict:
     """The ``zarr.json`` of a group with these attributes, as ``zarr.open_group(..., attributes=)`` writes it."""
-    return {**json.loads(_group_template()), "attributes": attributes}
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+
+
+def load_codecs() -> None:
+    """Import the chunk codec (numcodecs' zstd) now, e.g. before worker processes fork."""
+    from numcodecs.zstd import Zstd  # noqa: F401
 
 
 def array_document(shape: tuple[int, ...], dtype, fill_value: Any = None, chunks: tuple[int, ...] | None = None,
