@@ -42,9 +42,10 @@ def plan_slide_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample:
 
 def slide_qc_arrays(qc: dict, config, chunk_tiles: int) -> dict[str, dict]:
     """The planned arrays of a new partial store as ``create_partial_store`` keywords: ``qc_code``,
-    ``tile_annotation`` and, with tile detectors, an empty (NaN) ``qc_scores`` the block tasks fill."""
-    arrays = {"qc_code": {"data": qc["qc_code"], "attributes": {"codes": QC_CODES}},
-              "tile_annotation": {"data": qc["tile_annotation"],
+    ``tile_annotation`` (each one chunk, as the other whole-grid arrays: read whole, and written without zarr's chunk
+    guess) and, with tile detectors, an empty (NaN) ``qc_scores`` the block tasks fill."""
+    arrays = {"qc_code": {"data": qc["qc_code"], "chunks": qc["qc_code"].shape, "attributes": {"codes": QC_CODES}},
+              "tile_annotation": {"data": qc["tile_annotation"], "chunks": qc["tile_annotation"].shape,
                                   "attributes": {"classes": qc["annotation_classes"], "file": qc["annotation_file"]}}}
     names = tile_detector_names(config.qc)
     if names:
