@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(TF_EXTRA),dev]"
+	$(BIN)/python -m compileall -q pipeline >/dev/null  # bytecode as an installed package has it (no recompiling per command)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

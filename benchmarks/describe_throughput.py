@@ -42,6 +42,7 @@ Run it as a script (its read-only task function travels to the workers by value)
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -454,6 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="what-if: start the workers with MALLOC_MMAP_THRESHOLD_=BYTES (see benchmarks/README.md)")
     args = parser.parse_args(argv)
+    # The package's bytecode up to date, as an installed package has it (``make install`` compiles it too): with
+    # PYTHONDONTWRITEBYTECODE set (as on our machines) an edited module is compiled again by every command.
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "pipeline"), quiet=1)
 
     from pipeline.core.config import PipelineConfig
     from pipeline.core.parallel import default_worker_count
