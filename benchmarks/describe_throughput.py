@@ -15,6 +15,9 @@ p. ``plain_script``: ``benchmarks/plain_openslide_script.py`` (openslide-python,
    512 px + 2x reduce, per-tile mean/std, ``multiprocessing.Pool(workers)``) on the slide;
 w. ``command``: ``wsi-pipeline describe --workers N`` on the slide (default settings, fresh output directory);
 P. / W. the same two on a directory of ``--dir-slides`` small slides (cached in the work dir);
+o. / O. ``baseline_command`` / ``baseline_command_dir``: the command of an earlier checkout (``--baseline-tree``, with
+   its own defaults) on the slide / the directory: issue 14's "within 15% of today's tiles/s" against the code of the
+   day it was filed (7fc4360, before QC and stain normalisation);
 s. ``command_one_small_slide``: the command on one of those (~40 tiles): its time less the floor is the fixed cost
    (imports, cluster, plan, shutdown);
 f. ``floor``: the per-tile CPU cost of reading + describing (``describe_block``'s loop without the store write, one
@@ -258,10 +261,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_process(cmd: list[str]) -> tuple[float, float, list[float]]:
+def run_process(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, list[float]]:
     """(wall seconds, CPU seconds of the whole process tree, peak RSS MB of each process in it) of one process."""
     cpu0, t0 = _children_cpu(), time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     rss = TreeRss(proc.pid)
     output, _ = proc.communicate()
     seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
@@ -278,13 +281,18 @@ def run_plain(target: Path, out: Path, workers: int) -> dict:
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": peaks[:workers + 1]}
 
 
-def run_command(target: Path, out: Path, workers: int, extra: list[str]) -> dict:
+def run_command(target: Path, out: Path, workers: int, extra: list[str], tree: Path | None = None) -> dict:
+    """The ``describe`` command on ``target``; ``tree``: the package of another checkout (e.g. an earlier revision,
+    ``--baseline-tree``) run as ``python -m pipeline`` with this environment's dependencies."""
     from pipeline.core.outputs import Manifest
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(BIN / "wsi-pipeline"), "describe", "--slides", str(target), "--out", str(out), "--workers",
-           str(workers), *extra]
-    seconds, cpu, peaks = run_process(cmd)
+    args = ["describe", "--slides", str(target), "--out", str(out), "--workers", str(workers), *extra]
+    if tree is None:
+        seconds, cpu, peaks = run_process([str(BIN / "wsi-pipeline"), *args])
+    else:
+        seconds, cpu, peaks = run_process([sys.executable, "-m", "pipeline", *args],
+                                          {**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
     manifest = Manifest(out)
     run = manifest.data["runs"][-1]
     tiles = sum(r.get("tiles", 0) for r in manifest.slides.values())
@@ -338,12 +346,16 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     e2e: dict = {"workers": workers, "command_options": extra, "settings": settings}
     if "f" in args.phases:
         e2e["floor_per_tile"] = measure_floor(path, config.with_overrides(reader__kind=args.reader))
-    folder = small_slides_dir(args.work_dir, args.dir_slides) if any(k in args.phases for k in "PWs") else None
+    folder = small_slides_dir(args.work_dir, args.dir_slides) if any(k in args.phases for k in "PWsO") else None
     runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.work_dir / "cmd-one-out",
                                                                  workers, extra)),"p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
             "w": ("command", lambda: run_command(path, args.work_dir / "cmd-out", workers, extra)),
             "P": ("plain_script_dir", lambda: run_plain(folder, args.work_dir / "plain-dir-out", workers)),
-            "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra))}
+            "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra)),
+            "o": ("baseline_command", lambda: run_command(path, args.work_dir / "base-out", workers, [],
+                                                          args.baseline_tree)),
+            "O": ("baseline_command_dir", lambda: run_command(folder, args.work_dir / "base-dir-out", workers, [],
+                                                              args.baseline_tree))}
     for rep in range(args.repeat):
         for key, (name, fn) in runs.items():
             if key not in args.phases:
@@ -366,6 +378,9 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     for plain, command in (("plain_script", "command"), ("plain_script_dir", "command_dir")):
         if plain in e2e and command in e2e:  # CPU seconds of the process trees: steadier on a shared machine
             r[f"{command}_cpu_over_plain_cpu"] = round(e2e[command]["cpu_seconds"] / e2e[plain]["cpu_seconds"], 3)
+    for base, command in (("baseline_command", "command"), ("baseline_command_dir", "command_dir")):
+        if base in e2e and command in e2e:  # issue 14: describe (this tree, these settings) against an earlier one
+            r[f"{command}_tiles_per_s_over_baseline"] = round(e2e[command]["tiles_per_s"] / e2e[base]["tiles_per_s"], 3)
     if "floor_per_tile" in e2e:
         per_tile = e2e["floor_per_tile"]["cpu_ms_per_tile"] / 1e3
         for name in ("command", "command_dir", "command_one_small_slide"):
@@ -450,6 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a pipeline config file for the command and the floor (e.g. one with `qc: []`)")
     parser.add_argument("--scaled-decode", action="store_true",
                         help="the command with reader.scaled_decode (DCT-domain JPEG scaling), and the floor too")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="a checkout of an earlier revision: phases o / O run its describe (its own defaults) on "
+                             "the slide / directory, e.g. `git worktree add /tmp/base 7fc4360` (before QC and stain)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the phase sequence this many times (interleaved) and report each phase's fastest")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
