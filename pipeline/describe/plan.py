@@ -19,19 +19,22 @@ from ..slides.reader_choice import ReaderChoice
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tile_tissue_fraction
 from .encoders import encoder_info, get_encoder
+from ..slides.annotations import file_fingerprint
 from .stain_cohort import slide_reader, take_kept_thumbnail, tissue_image
 
 
 def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None, slide_id: str | None = None,
-                  kept: dict | None = None, surveyed: dict | None = None) -> dict:
+                  kept: dict | None = None, surveyed: dict | None = None, fingerprint: str | None = None) -> dict:
     """Everything about a slide needed to plan its tasks. Runs on a worker; returns plain data only.
 
     ``encoder``: ``encoder_info`` from the client (so a CPU worker never loads a model); None = built here.
     ``kept``: {"thumbnail", "mask", "flags"} when the stain pass already made them (``take_kept_thumbnail``); None =
     made here.
     ``surveyed``: the stain pass's {"info": SlideInfo, "reader": ReaderChoice} of this slide; None = read here.
+    ``fingerprint``: the slide's fingerprint as the client made it (``described_fingerprint``); None = made here.
     """
-    info = surveyed["info"] if surveyed else read_slide_info(path, mpp_override=config.tiling.mpp_override)
+    info = surveyed["info"] if surveyed else read_slide_info(path, mpp_override=config.tiling.mpp_override,
+                                                             fingerprint=file_fingerprint(fingerprint))
     grid = tile_grid(info, config.tiling)
     if grid.rows == 0 or grid.cols == 0:
         raise SlideTooSmallError(
@@ -77,7 +80,7 @@ def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, f
     origins an interrupted run wrote).
     """
     kept = take_kept_thumbnail(surveyed["kept"]) if surveyed and surveyed.get("kept") else None
-    plan = prepare_slide(path, config, encoder, slide_id, kept, surveyed)
+    plan = prepare_slide(path, config, encoder, slide_id, kept, surveyed, fingerprint)
     grid, qc = plan["grid"], plan.pop("qc")
     store, already = create_partial_store(
         out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),

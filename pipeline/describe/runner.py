@@ -29,8 +29,8 @@ from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_
                              worker_start_method)
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
-from ..slides.open import find_slides, slide_fingerprint, slide_id_from_path
-from ..slides.annotations import annotation_digest, unmatched_annotation_files
+from ..slides.open import find_slides, slide_id_from_path
+from ..slides.annotations import described_fingerprint, unmatched_annotation_files
 from ..slides.qc.slide import block_scores, finalise_slide_qc, write_block_scores
 from ..slides.reader_choice import open_reader
 from ..slides.stain import apply_stain_transform
@@ -200,12 +200,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     todo: list[_SlideJob] = []
     skipped = 0
     for slide_id, path in ids.items():
-        try:
-            fingerprint = slide_fingerprint(path)
-            digest = annotation_digest(config.annotations.dir, slide_id)  # an edited annotation makes it stale
-            fingerprint += f"+annotations:{digest}" if digest else ""
-        except OSError as err:
-            fingerprint = f"unreadable:{err.__class__.__name__}"
+        fingerprint = described_fingerprint(path, config.annotations.dir, slide_id)
         if _is_current(out_dir, slide_id, fingerprint, config):
             skipped += 1
             if (manifest.slides.get(slide_id) or {}).get("status") != "done":  # finished just before a crash

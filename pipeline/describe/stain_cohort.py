@@ -26,8 +26,9 @@ from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
 from ..core.parallel import Task, TaskRetry, in_flight_limit, run_bounded
 from ..core.store import slides_dir
-from ..slides.annotations import annotation_digest, annotation_file, inside_classes, read_annotations
-from ..slides.open import read_slide_info, slide_fingerprint, slide_id_from_path
+from ..slides.annotations import (annotation_file, described_fingerprint, file_fingerprint, inside_classes,
+                                  read_annotations)
+from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.pixels import read_thumbnail
 from ..slides.qc import active_detectors
 from ..slides.reader_choice import choose_reader, open_reader
@@ -49,14 +50,15 @@ def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: Pip
     return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npz"
 
 
-def survey_slide(path: str, config: PipelineConfig, keep: str | None = None) -> dict:
+def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fingerprint: str | None = None) -> dict:
     """Worker task of the stain pass: {"record": the slide's stain record (``estimate_stain``), "slide": {"info":
     its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``}}. ``plan_slide`` takes "slide" instead of
     reading the metadata and probing the reader again.
 
     ``keep``: a path to leave the thumbnail and tissue mask at, so that ``plan_slide`` does not make them again.
+    ``fingerprint``: the client's ``described_fingerprint`` of the slide (None: hashed here).
     """
-    info = read_slide_info(path, mpp_override=config.tiling.mpp_override)
+    info = read_slide_info(path, mpp_override=config.tiling.mpp_override, fingerprint=file_fingerprint(fingerprint))
     grid = tile_grid(info, config.tiling)
     mask_ds = mask_downsample_for(grid.slide_mpp, config.tissue)
     reader = slide_reader(info, grid, config)
@@ -195,7 +197,7 @@ def _estimate_all(todo: dict[str, tuple[str, str]], config: PipelineConfig, runn
         if not pending:
             return None
         ids = pending.take()
-        return group_task(survey_slide, [(todo[sid][0], config, keep[sid]) for sid in ids], tuple(ids))
+        return group_task(survey_slide, [(todo[sid][0], config, keep[sid], todo[sid][1]) for sid in ids], tuple(ids))
 
     records, surveyed = {}, {}
     for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
@@ -235,12 +237,7 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
     cached = cache.get("slides", {}) if cache.get("settings") == key else {}
     fingerprints, records, todo = {}, {}, {}
     for slide_id, path in ids.items():
-        try:
-            fingerprints[slide_id] = slide_fingerprint(path)
-            digest = annotation_digest(config.annotations.dir, slide_id)  # as describe's: an edited file is stale
-            fingerprints[slide_id] += f"+annotations:{digest}" if digest else ""
-        except OSError:
-            fingerprints[slide_id] = "unreadable"
+        fingerprints[slide_id] = described_fingerprint(path, config.annotations.dir, slide_id)
         entry = cached.get(slide_id) or {}
         if entry.get("fingerprint") == fingerprints[slide_id] and entry.get("record", {}).get("status") != "failed":
             records[slide_id] = entry["record"]

@@ -310,7 +310,8 @@ def _mpp_from_image(path: Path) -> tuple[float | None, str]:
     return None, "none"
 
 
-def _dicom_slide_info(path: Path, mpp_override: float | None, opened_error: Exception) -> SlideInfo:
+def _dicom_slide_info(path: Path, mpp_override: float | None, opened_error: Exception,
+                      fingerprint: str | None = None) -> SlideInfo:
     """``SlideInfo`` of a DICOM series OpenSlide cannot open, from wsidicom (backend ``dicom``)."""
     from .dicom import dicom_metadata, explain_unreadable, open_wsidicom
 
@@ -332,11 +333,13 @@ def _dicom_slide_info(path: Path, mpp_override: float | None, opened_error: Exce
     return SlideInfo(path=str(path), slide_id=slide_id_from_path(path), backend="dicom", vendor="dicom",
                      width_px=dims[0][0], height_px=dims[0][1], level_count=len(dims), level_dimensions=dims,
                      level_downsamples=meta["level_downsamples"], mpp=mpp, mpp_source=source, slide_mpp=slide_mpp,
-                     objective_power=None, fingerprint=slide_fingerprint(path), associated_images=associated)
+                     objective_power=None, fingerprint=fingerprint or slide_fingerprint(path),
+                     associated_images=associated)
 
 
-def read_slide_info(path: str | Path, mpp_override: float | None = None) -> SlideInfo:
-    """Metadata of one slide; ``mpp_source`` says where the resolution came from.
+def read_slide_info(path: str | Path, mpp_override: float | None = None, fingerprint: str | None = None) -> SlideInfo:
+    """Metadata of one slide; ``mpp_source`` says where the resolution came from. ``fingerprint``: the file's
+    ``slide_fingerprint`` when the caller has it (a worker is sent the client's: hashing 2 MiB again costs ~1.5 ms).
 
     A DICOM series OpenSlide cannot open (a transfer syntax it lacks, e.g. RLE or JPEG-LS) is read through wsidicom
     (``backend`` ``dicom``); one that neither opens gets an error naming what its headers lack.
@@ -348,7 +351,7 @@ def read_slide_info(path: str | Path, mpp_override: float | None = None) -> Slid
         from .dicom import is_dicom
 
         if path.exists() and is_dicom(path):
-            return _dicom_slide_info(path, mpp_override, err)
+            return _dicom_slide_info(path, mpp_override, err, fingerprint)
         raise
     try:
         props = handle.properties
@@ -375,7 +378,7 @@ def read_slide_info(path: str | Path, mpp_override: float | None = None) -> Slid
             mpp_source=source,
             slide_mpp=slide_mpp,
             objective_power=_float_or_none(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
-            fingerprint=slide_fingerprint(path),
+            fingerprint=fingerprint or slide_fingerprint(path),
             associated_images=tuple(sorted(handle.associated_images.keys())),
         )
     finally:
