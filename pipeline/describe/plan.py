@@ -13,13 +13,13 @@ import numpy as np
 from ..core.config import PipelineConfig
 from ..core.errors import NoTissueError, SlideTooSmallError
 from ..core.store import create_partial_store, package_versions
+from ..slides.annotations import file_fingerprint
 from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.qc.slide import plan_slide_qc, slide_qc_arrays
 from ..slides.reader_choice import ReaderChoice
 from ..slides.tiling import tile_grid
 from ..slides.tissue import mask_downsample_for, tile_tissue_fraction
 from .encoders import encoder_info, get_encoder
-from ..slides.annotations import file_fingerprint
 from .stain_cohort import slide_reader, take_kept_thumbnail, tissue_image
 
 

@@ -162,3 +162,21 @@ def test_unmatched_files_are_listed(tmp_path):
     (tmp_path / "other.geojson").write_text("[]")
     assert unmatched_annotation_files(tmp_path, ["s1"]) == [str(tmp_path / "other.geojson")]
     assert unmatched_annotation_files(None, ["s1"]) == []
+
+
+def test_described_fingerprint_holds_the_file_and_its_annotations(tmp_path):
+    from pipeline.slides.annotations import described_fingerprint, file_fingerprint
+    from pipeline.slides.open import slide_fingerprint
+
+    slide = tmp_path / "s1.svs"
+    slide.write_bytes(b"not really a slide, but bytes to hash" * 100)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    plain = described_fingerprint(slide, notes, "s1")
+    assert plain == slide_fingerprint(slide) == file_fingerprint(plain)
+    (notes / "s1.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    with_notes = described_fingerprint(slide, notes, "s1")
+    assert with_notes != plain and file_fingerprint(with_notes) == plain  # the worker gets the file's part
+    missing = described_fingerprint(tmp_path / "gone.svs", notes, "gone")
+    assert missing.startswith("unreadable:") and file_fingerprint(missing) is None
+    assert file_fingerprint(None) is None
