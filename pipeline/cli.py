@@ -97,6 +97,8 @@ def _fmt(value) -> str:
 def cmd_inspect(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .slides.open import find_slides, read_slide_info
 
+    resume_gc()  # no log to set up: the work starts here
+
     paths, _ = find_slides(args.slides)
     rows, failures = [], 0
     for path in paths:
@@ -300,6 +302,8 @@ def _add_report_parser(sub) -> None:
 def cmd_report(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .report.html import build_report
 
+    resume_gc()  # no log to set up: the work starts here
+
     print(f"report: {build_report(args.out)}")
     return 0
 
@@ -370,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        resume_gc()  # a command that set up no log (inspect, report)
+        resume_gc()  # a command that stopped before its work (bad config, labels, a locked output)
