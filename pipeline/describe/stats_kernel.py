@@ -124,6 +124,23 @@ def _sum_sq(values):
     return s, q
 
 
+@njit
+def _add_sum_sq(sums, i, values):
+    """``sums[i]`` += (sum, sum of squares) of ``values`` (``_sum_sq``)."""
+    s, q = _sum_sq(values)
+    sums[i, 0] += s
+    sums[i, 1] += q
+
+
+@njit
+def _mean_std(o, mean_at, std_at, s, q, n):
+    """``o[mean_at]``, ``o[std_at]``: mean and standard deviation of ``n`` values from their float64 sum and sum of
+    squares (E[x^2] - E[x]^2)."""
+    m = s / n
+    o[mean_at] = m
+    o[std_at] = math.sqrt(max(q / n - m * m, 0.0))
+
+
 @njit(fastmath={"reassoc", "nsz"})
 def _sum(values):
     s = 0.0
@@ -164,10 +181,12 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
     split = np.empty((4, nb), np.int32)
     q90 = np.array([0.9])
     q_gray = np.array([0.1, 0.5, 0.9])
+    sums = np.empty((5, 2))  # (sum, sum of squares) of H, E, D, saturation and gradient magnitude
     for t in range(n):
         rows = tiles[t].reshape(h, w * 3)
         s_r = s_g = s_b = q_r = q_g = q_b = nuclear = 0
-        od = sh = se = sd = qh = qe = qd = sat_sum = sat_sq = 0.0
+        od = 0.0
+        sums[:] = 0.0
         for y in range(h):
             _planar_row(rows[y], planes[0], planes[1], planes[2])
             _lookup_row(planes[0], planes[1], planes[2], logs, od_row, hed_log_lut, od_lut)
@@ -182,45 +201,27 @@ def stats_kernel(tiles, out, hed_log_lut, hed_matrix, od_lut, luma_r, luma_g, lu
             q_b += a[5]
             nuclear += a[6]
             od += _sum(od_row)
-            v, v2 = _sum_sq(h_row)
-            sh += v
-            qh += v2
-            v, v2 = _sum_sq(e_row)
-            se += v
-            qe += v2
-            v, v2 = _sum_sq(d_row)
-            sd += v
-            qd += v2
-            v, v2 = _sum_sq(sat_row)
-            sat_sum += v
-            sat_sq += v2
+            _add_sum_sq(sums, 0, h_row)
+            _add_sum_sq(sums, 1, e_row)
+            _add_sum_sq(sums, 2, d_row)
+            _add_sum_sq(sums, 3, sat_row)
         o = out[t]
         for c, (s_c, q_c) in enumerate(((s_r, q_r), (s_g, q_g), (s_b, q_b))):
             m = s_c / npx
             o[c] = m
             o[3 + c] = math.sqrt(max((q_c - s_c * m) / npx, 0.0))
-        for i, (s_i, q_i) in enumerate(((sh, qh), (se, qe), (sd, qd))):
-            m = s_i / npx
-            o[6 + i] = m
-            o[9 + i] = math.sqrt(max(q_i / npx - m * m, 0.0))
+        for i, (mean_at, std_at) in enumerate(((6, 9), (7, 10), (8, 11), (14, 15))):  # H, E, D, saturation
+            _mean_std(o, mean_at, std_at, sums[i, 0], sums[i, 1], npx)
         o[13] = nuclear / npx
         fill_buckets(h_values, npx, h_scale, buckets, counts, split)
         quantiles_exact(h_values, buckets, npx, counts, q90, scratch, o, 12)
-        m = sat_sum / npx
-        o[14] = m
-        o[15] = math.sqrt(max(sat_sq / npx - m * m, 0.0))
         # texture on the luma image: forward differences and the 4-neighbour Laplacian
         if n_grad > 0:
-            gs = gq = 0.0
             for y in range(h - 1):
                 g_row = grad[y * (w - 1):(y + 1) * (w - 1)]
                 _grad_row(gray[y], gray[y + 1], g_row)
-                v, v2 = _sum_sq(g_row)
-                gs += v
-                gq += v2
-            m = gs / n_grad
-            o[20] = m
-            o[21] = math.sqrt(max(gq / n_grad - m * m, 0.0))
+                _add_sum_sq(sums, 4, g_row)
+            _mean_std(o, 20, 21, sums[4, 0], sums[4, 1], n_grad)
             fill_buckets(grad, n_grad, grad_scale, buckets, counts, split)
             quantiles_exact(grad, buckets, n_grad, counts, q90, scratch, o, 22)
         else:
