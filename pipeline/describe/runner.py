@@ -173,7 +173,9 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     paths, ignored = find_slides(inputs)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
-    stain = plan_stain(ids, out_dir, config, runner)  # every slide's stain estimate and the target, before any block
+    # What each store is current for (the slide file and its annotations), made once for the stain pass and for here.
+    fingerprints = {sid: described_fingerprint(path, config.annotations.dir, sid) for sid, path in ids.items()}
+    stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
     # The settings of the last describe run (with the stain target), so `retry` and later stages can reuse them.
     atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
@@ -200,7 +202,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     todo: list[_SlideJob] = []
     skipped = 0
     for slide_id, path in ids.items():
-        fingerprint = described_fingerprint(path, config.annotations.dir, slide_id)
+        fingerprint = fingerprints[slide_id]
         if _is_current(out_dir, slide_id, fingerprint, config):
             skipped += 1
             if (manifest.slides.get(slide_id) or {}).get("status") != "done":  # finished just before a crash

@@ -227,17 +227,20 @@ def _reference_target(config: PipelineConfig, runner) -> dict:
     return record["estimate"]
 
 
-def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runner) -> StainPlan:
-    """Estimate every slide's stain (cached), fix the target, and return the run's config and transforms."""
+def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runner,
+               fingerprints: dict[str, str] | None = None) -> StainPlan:
+    """Estimate every slide's stain (cached), fix the target, and return the run's config and transforms.
+    ``fingerprints``: each slide's ``described_fingerprint`` when the caller has made them (made here otherwise)."""
     settings = config.stain
     if settings.method == "none":
         return StainPlan(config)
     key = estimation_hash(config)
     cache = _load_cache(out_dir)
     cached = cache.get("slides", {}) if cache.get("settings") == key else {}
-    fingerprints, records, todo = {}, {}, {}
+    if fingerprints is None:
+        fingerprints = {sid: described_fingerprint(path, config.annotations.dir, sid) for sid, path in ids.items()}
+    records, todo = {}, {}
     for slide_id, path in ids.items():
-        fingerprints[slide_id] = described_fingerprint(path, config.annotations.dir, slide_id)
         entry = cached.get(slide_id) or {}
         if entry.get("fingerprint") == fingerprints[slide_id] and entry.get("record", {}).get("status") != "failed":
             records[slide_id] = entry["record"]
