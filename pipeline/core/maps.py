@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import MissingInputError, ModelError
 from .qc_codes import QC_CODES
-from .store import read_array, store_path
+from .store import has_array, read_array, store_path
 
 FEATURE_MAP = "feature_map"
 FEATURE_MAP_FILL = -1.0  # background cells of every feature map
@@ -90,7 +90,7 @@ def select_channels(fmap: np.ndarray, adapter: str, component: int = 0) -> np.nd
 
 
 def has_feature_map(store: str | Path) -> bool:
-    return (Path(store) / FEATURE_MAP / "zarr.json").exists()
+    return has_array(store, FEATURE_MAP)
 
 
 def feature_map_stores(out_dir: str | Path, slide_ids: Sequence[str]) -> list[Path]:

@@ -234,15 +234,19 @@ def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple
     replace_directory(store / tmp_name, store / name)
 
 
+def has_array(store: str | Path, name: str) -> bool:
+    """Whether the store holds array ``name`` (its ``zarr.json`` exists)."""
+    return (Path(store) / name / zarr_files.ZARR_JSON).exists()
+
+
 def read_array(store: str | Path, name: str) -> np.ndarray:
     return np.asarray(_zarr().open_array(str(Path(store) / name), mode="r")[...])
 
 
 def array_attrs(store: str | Path, name: str) -> dict | None:
-    path = Path(store) / name
-    if not (path / "zarr.json").exists():
+    if not has_array(store, name):
         return None
-    return dict(_zarr().open_array(str(path), mode="r").attrs)
+    return dict(_zarr().open_array(str(Path(store) / name), mode="r").attrs)
 
 
 def list_stores(out_dir: str | Path) -> list[Path]:

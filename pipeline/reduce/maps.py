@@ -17,7 +17,7 @@ import numpy as np
 from ..core.artefacts import MAPS_DIR
 from ..core.errors import ReducerMismatchError
 from ..core.maps import EXCLUDED_FILL, FEATURE_MAP, FEATURE_MAP_FILL, VALUE_RANGE, fill_excluded_cells, map_identity
-from ..core.store import array_attrs, read_array, read_attrs, write_array
+from ..core.store import array_attrs, has_array, read_array, read_attrs, write_array
 from .reducers import Reducer, cached_reducer, load_reducer
 from .sampling import iter_descriptor_bands, require_store
 
@@ -42,7 +42,7 @@ def compute_feature_map(store: str | Path, reducer: Reducer) -> tuple[np.ndarray
         if ok.any():
             cells[ok] = reducer.transform(values[ok])
         out[r0:r1][m] = cells
-    qc_code = read_array(store, "qc_code") if (Path(store) / "qc_code" / "zarr.json").exists() else None
+    qc_code = read_array(store, "qc_code") if has_array(store, "qc_code") else None
     return fill_excluded_cells(out, qc_code)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from ..core.artefacts import CAM_DIR, MAPS_DIR
 from ..core.outputs import atomic_write_bytes
 from ..core.qc_codes import QC_COLOURS
-from ..core.store import read_array, read_attrs, store_path
+from ..core.store import has_array, read_array, read_attrs, store_path
 
 REPORT_FILES_DIR = "report_files"
 THUMB_PX = {"slide": 200, "map": 160, "cam": 320}
@@ -56,7 +56,7 @@ def shrink(image: Image.Image, max_px: int, kind: str) -> bytes:
 def qc_overlay(store: Path) -> np.ndarray:
     """The store's thumbnail with the tiles QC excluded tinted in their reason's colour (``core.qc_codes``)."""
     thumb = np.asarray(read_array(store, "thumbnail")).copy()
-    if not (store / "qc_code" / "zarr.json").exists():
+    if not has_array(store, "qc_code"):
         return thumb
     codes = read_array(store, "qc_code")
     attrs = read_attrs(store) or {}

@@ -22,7 +22,7 @@ from ..cam.heatmaps import CMAP_NAME, region_cells
 from ..core.maps import FEATURE_MAP, FEATURE_MAP_FILL
 from ..core.pictures import SINGLE_COMPONENT_CMAP, colormap_lut, feature_map_rgb
 from ..core.qc_codes import QC_NAMES
-from ..core.store import array_attrs, read_array
+from ..core.store import array_attrs, has_array, read_array
 from ..slides.tiling import TileGrid
 
 DZ_TILE_PX = 254  # with a 1-px overlap, 256-px tiles (what OpenSlide's Deep Zoom examples serve)
@@ -138,7 +138,7 @@ def layer_legend(name: str, store: Path, components: int = 1, cam_attrs: dict | 
         channels = ["#e60000 component 1", "#00b000 component 2", "#0050ff component 3"][:min(components, 3)]
         return {"kind": "items", "items": [c.split(" ", 1) for c in channels], "label": "feature map (RGB)"}
     items = [[_hex(TISSUE_RGB), "tissue tile, kept"]]
-    if (Path(store) / "qc_code" / "zarr.json").exists():
+    if has_array(store, "qc_code"):
         names = qc_code_names(store)
         codes = np.unique(read_array(store, "qc_code"))
         items += [[_hex(QC_PALETTE[(int(c) - 1) % len(QC_PALETTE)]), f"excluded: {names.get(int(c), f'QC code {c}')}"]
@@ -150,20 +150,20 @@ def layer_table(store: Path, name: str) -> np.ndarray | None:
     """The cell colour table of one layer of a store, or None when the store lacks that layer's array."""
     store = Path(store)
     if name == "cam":
-        return cell_table(cam_colours(read_array(store, "cam"))) if (store / "cam" / "zarr.json").exists() else None
+        return cell_table(cam_colours(read_array(store, "cam"))) if has_array(store, "cam") else None
     if name == "feature_map":
-        if not (store / FEATURE_MAP / "zarr.json").exists():
+        if not has_array(store, FEATURE_MAP):
             return None
         return cell_table(feature_map_colours(read_array(store, FEATURE_MAP)))
     if name == "tissue":
-        qc = read_array(store, "qc_code") if (store / "qc_code" / "zarr.json").exists() else None
+        qc = read_array(store, "qc_code") if has_array(store, "qc_code") else None
         return cell_table(tissue_colours(read_array(store, "tissue_mask"), qc))
     return None
 
 
 def available_layers(store: Path) -> list[str]:
     arrays = {"cam": "cam", "feature_map": FEATURE_MAP, "tissue": "tissue_mask"}
-    return [name for name in LAYERS if (Path(store) / arrays[name] / "zarr.json").exists()]
+    return [name for name in LAYERS if has_array(store, arrays[name])]
 
 
 def png_tile(pixels: np.ndarray) -> bytes:
