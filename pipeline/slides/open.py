@@ -143,7 +143,18 @@ def file_identity(path: str | Path, stat: os.stat_result) -> tuple | None:
     return (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-@functools.lru_cache(maxsize=4096)
+FILES_REMEMBERED = 4096  # files a per-process memory of file checks holds before it starts again
+
+
+def remember(memory: dict, identity: tuple, value):
+    """``memory[identity]``, set to ``value`` when absent (``dict.setdefault``), in a per-process memory of file checks
+    keyed by ``file_identity`` that is emptied when it reaches ``FILES_REMEMBERED`` entries."""
+    if identity not in memory and len(memory) >= FILES_REMEMBERED:
+        memory.clear()
+    return memory.setdefault(identity, value)
+
+
+@functools.lru_cache(maxsize=FILES_REMEMBERED)
 def _remembered_hash(block: int, path: str, device: int, inode: int, size: int, *times: int) -> str:
     return _hash_file(path, block, size)
 
@@ -250,12 +261,10 @@ def check_tiff_complete(path: Path) -> None:
     except Exception as err:  # noqa: BLE001 - tifffile raises many types on broken directories
         raise CorruptSlideError(f"the TIFF structure is damaged ({type(err).__name__}: {err})", path=path) from None
     if identity is not None:
-        if len(_COMPLETE_TIFFS) >= 4096:
-            _COMPLETE_TIFFS.clear()
-        _COMPLETE_TIFFS.add(identity)
+        remember(_COMPLETE_TIFFS, identity, True)
 
 
-_COMPLETE_TIFFS: set[tuple] = set()  # (path, device, inode, size, mtime, ctime) of TIFFs found complete
+_COMPLETE_TIFFS: dict[tuple, bool] = {}  # file identities of TIFFs found complete
 
 
 def _has_tiff_header(path: Path) -> bool:

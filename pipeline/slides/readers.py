@@ -43,7 +43,7 @@ import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from . import jpeg
-from .open import file_identity, open_handle
+from .open import file_identity, open_handle, remember
 from .pixels import read_level_region, reduce_box
 from .tiff_pages import LevelPage, NotDirect, map_levels
 
@@ -157,9 +157,7 @@ def _fast_jpeg_verdicts(path: str, stat: os.stat_result, levels: tuple) -> dict[
     identity = file_identity(path, stat)
     if identity is None:
         return {}
-    if len(_FAST_JPEG) >= 4096:
-        _FAST_JPEG.clear()
-    return _FAST_JPEG.setdefault((*identity, levels), {})
+    return remember(_FAST_JPEG, (*identity, levels), {})
 
 
 class TiffTileReader(TileReader):
