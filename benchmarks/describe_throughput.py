@@ -302,12 +302,15 @@ def run_command(target: Path, out: Path, workers: int, extra: list[str], tree: P
 
 
 def measure_floor(path: Path, config, max_tiles: int = 600) -> dict:
-    """CPU seconds per tissue tile of reading + describing, one process, over whole blocks of the slide."""
+    """CPU seconds per tissue tile of reading + describing, one process (with the workers' malloc settings), over
+    whole blocks of the slide."""
+    from pipeline.core.parallel import use_worker_malloc
     from pipeline.describe.descriptors import compute_descriptors
     from pipeline.describe.runner import load_kernels, prepare_slide
     from pipeline.slides.reader_choice import open_reader
     from pipeline.slides.tiling import TileGrid, iter_tile_batches
 
+    use_worker_malloc()
     load_kernels(config)
     plan = prepare_slide(str(path), config)
     grid = TileGrid.from_dict(plan["grid"])

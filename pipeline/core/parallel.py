@@ -209,8 +209,26 @@ def run_bounded(runner, next_task: Callable[[], Task | None], max_in_flight: int
 
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which switches off glibc's adaptive mmap threshold: every
 # temporary array above 128 KiB then becomes a fresh mapping with page faults, and describe runs 2-3x slower on
-# workers (benchmarks/README.md). A fixed 32 MiB threshold restores the fast path for tile-sized temporaries.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024)}
+# workers (benchmarks/README.md). Fixed thresholds keep tile- and thumbnail-sized temporaries on the heap and the freed
+# heap mapped (up to 128 MiB per worker), so a task reuses pages instead of faulting them in again: spawned workers
+# get them through their environment (WORKER_ENV), forked ones inherit them from this process (``use_worker_malloc``).
+WORKER_MALLOC = {"MMAP_THRESHOLD": 32 * 1024 * 1024, "TRIM_THRESHOLD": 128 * 1024 * 1024}
+WORKER_ENV = {f"MALLOC_{name}_": str(value) for name, value in WORKER_MALLOC.items()}
+_MALLOPT_PARAMS = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3}  # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
+def use_worker_malloc() -> bool:
+    """Give this process WORKER_MALLOC (glibc's ``mallopt``), before it forks workers; False where there is no glibc
+    (macOS, musl): the allocator's own defaults then stay."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(_MALLOPT_PARAMS[key], value) == 1 for key, value in WORKER_MALLOC.items())
 
 
 def _worker_env_config() -> dict:
@@ -223,7 +241,11 @@ def _worker_env_config() -> dict:
 # worker's task thread every 10 ms (for the bokeh dashboard's profile page; it takes the GIL from the tile loop), and
 # every process checks its event loop every 20 ms (the 3 s "unresponsive" warning still works at a 1 s tick). Off / 1 s
 # here: 5-15% less worker CPU and ~0.2 s less client CPU on the 1-Gpx slide (benchmarks/README.md, ninth session).
-LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+# A worker takes its next task from the scheduler when it finishes one (saturation 1.0), instead of holding one queued
+# (1.1): a slide's last blocks then go to whichever worker is free, not to one still busy with a large block while
+# the other idles (up to a block's time, ~0.1 s of a 2 s slide on 2 workers).
+LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+                        "distributed.scheduler.worker-saturation": 1.0}
 
 
 # Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork):
@@ -328,6 +350,8 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
     workers = cluster.workers or default_worker_count()
     dashboard = ":0" if cluster.dashboard else None
     method = {"distributed.worker.multiprocessing-method": worker_start_method(cluster)}
+    if method["distributed.worker.multiprocessing-method"] == "fork":
+        use_worker_malloc()
     with dask.config.set({**_worker_env_config(), **method, **LOCAL_CLUSTER_CONFIG}), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:

@@ -227,3 +227,21 @@ def test_local_workers_fork_unless_a_fork_unsafe_framework_is_loaded(monkeypatch
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.delitem(sys.modules, "tensorflow")
     assert worker_start_method(ClusterConfig()) == "spawn"
+
+
+def test_local_cluster_settings_reach_its_scheduler_and_workers():
+    """task_runner's local cluster: glibc takes the worker malloc thresholds (inherited by forked workers, in the
+    environment of spawned ones), the scheduler hands a worker its next task only when it is free (saturation 1.0),
+    and the workers' statistical profiler is off."""
+    from pipeline.core.config import ClusterConfig
+    from pipeline.core.parallel import WORKER_ENV, WORKER_MALLOC, task_runner, use_worker_malloc
+
+    assert WORKER_ENV == {"MALLOC_MMAP_THRESHOLD_": str(WORKER_MALLOC["MMAP_THRESHOLD"]),
+                          "MALLOC_TRIM_THRESHOLD_": str(WORKER_MALLOC["TRIM_THRESHOLD"])}
+    if sys.platform.startswith("linux"):
+        assert use_worker_malloc() is True
+    with task_runner(ClusterConfig(workers=1, dashboard=False)) as runner:
+        saturation = runner.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        profiling = runner.client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+    assert saturation == 1.0
+    assert list(profiling.values()) == [False]

@@ -97,3 +97,31 @@ def test_saturation_equals_scikit_image_hsv():
     rgb[:4] = 0  # black: max 0, saturation 0 (not NaN)
     rgb[4:8] = 200  # grey: saturation 0
     np.testing.assert_array_equal(saturation(rgb), color.rgb2hsv(rgb)[..., 1].astype(np.float32))
+
+
+def test_saturation_in_float32_equals_float64_for_every_byte_pair():
+    """The float32 division ``saturation`` uses for uint8 gives the float64 quotient cast to float32 for all 65,536
+    (max, min) pairs: every pixel a uint8 image can hold."""
+    from pipeline.slides.tissue import saturation
+
+    brightest, darkest = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    keep = darkest <= brightest
+    rgb = np.stack([brightest[keep], darkest[keep], darkest[keep]], axis=-1).astype(np.uint8)[None]
+    hi = brightest[keep].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reference = np.where(hi > 0, (hi - darkest[keep]) / hi, 0.0).astype(np.float32)
+    np.testing.assert_array_equal(saturation(rgb)[0], reference)
+    assert saturation(rgb)[0].dtype == np.float32
+
+
+def test_tile_tissue_fraction_integer_sums_equal_float_sums(cmu_slide):
+    """A boolean mask and the same mask as float64 (summed in floats) give the same fractions, bit for bit."""
+    info = read_slide_info(cmu_slide)
+    grid = tile_grid(info, TilingConfig(mpp=2.0, tile_px=64))
+    mask_ds = 16.0
+    mask = np.random.default_rng(4).random((int(info.height_px / mask_ds), int(info.width_px / mask_ds))) > 0.6
+    as_bool = tile_tissue_fraction(mask, mask_ds, grid)
+    as_float = tile_tissue_fraction(mask.astype(np.float64), mask_ds, grid)
+    assert as_bool.shape == grid.shape and as_bool.dtype == np.float32
+    np.testing.assert_array_equal(as_bool, as_float)
+    assert 0.3 < float(as_bool.mean()) < 0.5
