@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 
 from .outputs import atomic_write_bytes
+from .threads import map_threads
+
+THREADED_BYTES = 1 << 20  # arrays from this size with several chunks compress them on two threads
 
 ZARR_JSON = "zarr.json"
 # Data types whose chunks this module encodes (the ``bytes`` codec's little-endian layout of numpy's dtypes).
@@ -152,10 +155,13 @@ def array_files(document: dict, data: np.ndarray | None) -> dict[str, bytes | No
         return None
     chunk_shape = codec[2]
     grid = [range(0, n, c) for n, c in zip(data.shape, chunk_shape)]
-    for origin in np.ndindex(*(len(g) for g in grid)):
-        start = [g[i] for g, i in zip(grid, origin)]
-        piece = data[tuple(slice(s, s + c) for s, c in zip(start, chunk_shape))]
-        files["/".join(["c", *map(str, origin)])] = encode_chunk(piece, codec)
+    origins = list(np.ndindex(*(len(g) for g in grid)))
+    pieces = [data[tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, origin, chunk_shape))] for origin in origins]
+    # a large array's chunks (a thumbnail's) are compressed on two threads: zstd releases the GIL
+    encoded = (map_threads(lambda piece: encode_chunk(piece, codec), pieces) if data.nbytes >= THREADED_BYTES
+               else [encode_chunk(piece, codec) for piece in pieces])
+    for origin, stored in zip(origins, encoded):
+        files["/".join(["c", *map(str, origin)])] = stored
     return files
 
 

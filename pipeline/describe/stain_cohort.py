@@ -112,8 +112,9 @@ def slide_reader(info, grid, config: PipelineConfig):
 
 
 def tissue_image(path: str, reader, grid, mask_ds: int, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(thumbnail, tissue mask) of a slide at ``mask_ds`` (the thumbnail is OpenSlide's pixels with either reader)."""
-    with open_reader(path, reader) as handle:
+    """(thumbnail, tissue mask) of a slide at ``mask_ds`` (the thumbnail is OpenSlide's pixels with either reader;
+    its tiles decoded on two threads: every block of the slide waits for its mask)."""
+    with open_reader(path, reader, decode_threads=True) as handle:
         thumbnail = read_thumbnail(handle, mask_ds, path=path)
     return thumbnail, tissue_mask(thumbnail, config.tissue, grid.slide_mpp * mask_ds)
 

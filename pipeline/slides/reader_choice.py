@@ -208,8 +208,9 @@ def _dicom_choice(info: SlideInfo, requested: str, choice) -> ReaderChoice:
     return choice("dicom", "DICOM series: wsidicom decodes its frames, probe tiles identical to OpenSlide")
 
 
-def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> TileReader:
-    """Open the chosen reader for one task (use as a context manager); ``None`` = OpenSlide."""
+def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None, decode_threads: bool = False) -> TileReader:
+    """Open the chosen reader for one task (use as a context manager); ``None`` = OpenSlide. ``decode_threads``: the
+    direct reader decodes large regions (a thumbnail's level) on two threads."""
     if isinstance(choice, dict):
         choice = ReaderChoice.from_dict(choice)
     if choice is None or choice.kind == "openslide":
@@ -217,4 +218,4 @@ def open_reader(path: str | Path, choice: ReaderChoice | dict | None = None) -> 
     if choice.kind == "dicom":
         return DicomReader(path, choice.level_dimensions)
     return TiffTileReader(path, choice.level_dimensions, choice.level_downsamples, fallback=choice.fallback,
-                          max_jpeg_scale=choice.jpeg_scale)
+                          max_jpeg_scale=choice.jpeg_scale, decode_threads=decode_threads)

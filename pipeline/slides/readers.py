@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import DirectReadUnsupportedError, TileReadError
+from ..core.threads import map_threads
 from . import jpeg
 from .open import file_identity, open_handle, remember
 from .pixels import read_level_region, reduce_box
@@ -52,6 +53,7 @@ DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 BACKGROUND = 255  # white: what OpenSlide's transparent pixels become (slides.rgba_to_rgb)
 
+THREADED_TILES = 32  # with ``decode_threads``: regions of this many native tiles are decoded on two threads
 # Decoded native tiles kept per task. Reading is row by row, so the tiles of the last native tile row are what the
 # next strip reuses; the bound only protects memory against unusual access patterns.
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -172,7 +174,7 @@ class TiffTileReader(TileReader):
 
     def __init__(self, path: str | Path, level_dimensions: Sequence[Sequence[int]],
                  level_downsamples: Sequence[float], *, fallback: bool = False,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_jpeg_scale: int = 1):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_jpeg_scale: int = 1, decode_threads: bool = False):
         import tifffile
 
         self.path = str(path)
@@ -180,6 +182,7 @@ class TiffTileReader(TileReader):
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
         self.fallback = fallback
         self.max_jpeg_scale = int(max_jpeg_scale)
+        self.decode_threads = decode_threads  # for a thumbnail, which a slide's plan waits for (``map_threads``)
         self.fallback_regions = 0
         self.delegated_regions = 0
         self.tiles_decoded = 0
@@ -231,14 +234,16 @@ class TiffTileReader(TileReader):
         w = min(tile_w, -(-lp.width // scale) - tx * tile_w)
         if tile.shape[0] < h or tile.shape[1] < w or tile.shape[-1] != 3:
             raise ValueError(f"tile {index} decodes to shape {tile.shape}, expected at least ({h}, {w}, 3)")
-        self.tiles_decoded += 1
         return tile[:h, :w]
 
-    def _tile(self, lp: LevelPage, level: int, ty: int, tx: int, scale: int = 1) -> np.ndarray | None:
+    def _tile(self, lp: LevelPage, level: int, ty: int, tx: int, scale: int = 1,
+              decoded: np.ndarray | None = None) -> np.ndarray | None:
+        """A native tile from the cache, else ``decoded`` (decoded ahead by ``_decode_ahead``), else decoded now."""
         key = (level, ty, tx, scale)
         if key in self._cache:
             return self._cache[key]
-        tile = self._decode_tile(lp, level, ty, tx, scale)
+        tile = self._decode_tile(lp, level, ty, tx, scale) if decoded is None else decoded
+        self.tiles_decoded += 1
         size = 0 if tile is None else tile.nbytes
         if self._cache_bytes + size > self._cache_limit:
             self._cache.clear()
@@ -335,13 +340,14 @@ class TiffTileReader(TileReader):
         ty0, ty1 = y0 // tile_h, (y1 - 1) // tile_h
         tx0, tx1 = x0 // tile_w, (x1 - 1) // tile_w
         self._evict_rows_above(level, ty0)
+        ahead = self._decode_ahead(lp, level, range(ty0, ty1 + 1), range(tx0, tx1 + 1), scale)
         for ty in range(ty0, ty1 + 1):
             ty_top = ty * tile_h
             sy0, sy1 = max(y0, ty_top), min(y1, ty_top + tile_h)
             for tx in range(tx0, tx1 + 1):
                 tx_left = tx * tile_w
                 sx0, sx1 = max(x0, tx_left), min(x1, tx_left + tile_w)
-                tile = self._tile(lp, level, ty, tx, scale)
+                tile = self._tile(lp, level, ty, tx, scale, ahead.get((ty, tx)))
                 dst = out[(sy0 - y_lvl) // shrink:(sy1 - y_lvl) // shrink, (sx0 - x_lvl) // shrink:(sx1 - x_lvl) // shrink]
                 if tile is None:
                     dst.fill(BACKGROUND)
@@ -350,6 +356,18 @@ class TiffTileReader(TileReader):
                 else:
                     dst[...] = tile[sy0 - ty_top:sy1 - ty_top, sx0 - tx_left:sx1 - tx_left]
         return out
+
+    def _decode_ahead(self, lp: LevelPage, level: int, rows: range, cols: range, scale: int) -> dict:
+        """(ty, tx) -> tile for the uncached tiles of a large region, decoded row by row on ``map_threads``."""
+        if not self.decode_threads or len(rows) * len(cols) < THREADED_TILES or len(rows) < 2:
+            return {}
+
+        def decode_row(ty: int) -> list:
+            return [self._decode_tile(lp, level, ty, tx, scale) if (level, ty, tx, scale) not in self._cache else None
+                    for tx in cols]
+
+        return {(ty, tx): tile for ty, row in zip(rows, map_threads(decode_row, list(rows)))
+                for tx, tile in zip(cols, row) if tile is not None}
 
     def read_region(self, level: int, x_l0: int, y_l0: int, w_lvl: int, h_lvl: int) -> np.ndarray:
         ds = self.level_downsamples[level]

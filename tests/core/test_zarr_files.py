@@ -29,6 +29,9 @@ ARRAYS = {  # create_array keywords: data of several dtypes, edge chunks, all-fi
     "negative_zero": {"data": np.array([[0.0, -0.0], [0.0, 0.0]], np.float64), "chunks": (1, 2), "fill_value": 0.0},
     "mask": {"data": RNG.random((9, 4)) > 0.5, "chunks": (9, 4)},
     "thumbnail": {"data": RNG.integers(0, 256, (1100, 40, 3), dtype=np.uint8), "chunks": (1024, 40, 3)},
+    # over zarr_files.THREADED_BYTES: its 4 chunks are compressed on two threads
+    "large_thumbnail": {"data": RNG.integers(0, 256, (1300, 700, 3), dtype=np.uint8) // 8 * 8,
+                        "chunks": (1024, 512, 3)},
     "codes": {"data": np.where(RNG.random((6, 6)) > 0.8, 3, 0).astype(np.uint8), "attributes": {"codes": {"pen": 1}}},
     "zeros": {"data": np.zeros((6, 6), np.uint16), "attributes": {"classes": [], "file": None}},
     "guessed": {"data": RNG.integers(0, 9, (700, 300), dtype=np.int32)},

@@ -87,6 +87,38 @@ def test_each_native_tile_decoded_once_per_task(synthetic_slides):
         np.testing.assert_array_equal(np.concatenate(strips), ref.read_region(0, 0, 0, width, height))
 
 
+def test_large_region_decoded_on_threads_equals_serial_and_decodes_each_tile_once(synthetic_slides, monkeypatch):
+    """A region of many native tiles (a thumbnail's level) is decoded on two threads: the same pixels as one thread
+    and as OpenSlide, each native tile decoded once, and a second read served from the cache."""
+    from pipeline.slides import readers
+
+    path = synthetic_slides["odd_aperio"]
+    info = read_slide_info(path)
+    width, height = info.level_dimensions[0]
+    native_tiles = -(-width // 256) * -(-height // 256)
+    assert native_tiles >= readers.THREADED_TILES
+    from pipeline.core.threads import map_threads
+
+    reads, pooled = {}, []
+
+    def counting_map_threads(fn, items):
+        pooled.append(len(items))
+        return map_threads(fn, items)
+
+    monkeypatch.setattr(readers, "map_threads", counting_map_threads)
+    for threaded in (True, False):
+        monkeypatch.setattr(readers, "THREADED_TILES", 32 if threaded else 10**9)
+        with TiffTileReader(path, info.level_dimensions, info.level_downsamples, decode_threads=True) as direct:
+            reads[threaded] = direct.read_region(0, 0, 0, width, height)
+            assert direct.tiles_decoded == native_tiles
+            np.testing.assert_array_equal(direct.read_region(0, 0, 0, width, 300), reads[threaded][:300])
+            assert direct.tiles_decoded == native_tiles  # the top rows came from the cache
+    assert pooled == [-(-height // 256)]  # one call, a row of tiles per item, only on the threaded read
+    np.testing.assert_array_equal(reads[True], reads[False])
+    with OpenSlideReader(path) as ref:
+        np.testing.assert_array_equal(reads[True], ref.read_region(0, 0, 0, width, height))
+
+
 def test_missing_tile_is_background_and_damaged_tile_falls_back(synthetic_slides):
     path = synthetic_slides["generic"]
     info = read_slide_info(path)
