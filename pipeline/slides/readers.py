@@ -46,7 +46,7 @@ from ..core.threads import map_threads
 from . import jpeg
 from .open import file_identity, open_handle, remember
 from .pixels import read_level_region, reduce_box
-from .tiff_pages import LevelPage, NotDirect, map_levels
+from .tiff_pages import LevelPage, NotDirect, level_pages
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages (one page per level, no extra geometry).
 DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -175,8 +175,6 @@ class TiffTileReader(TileReader):
     def __init__(self, path: str | Path, level_dimensions: Sequence[Sequence[int]],
                  level_downsamples: Sequence[float], *, fallback: bool = False,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, max_jpeg_scale: int = 1, decode_threads: bool = False):
-        import tifffile
-
         self.path = str(path)
         self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
@@ -191,13 +189,12 @@ class TiffTileReader(TileReader):
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
         self._openslide: OpenSlideReader | None = None
-        self._tif = None
         self._fd = -1
         try:
-            self._tif = tifffile.TiffFile(self.path)
-            self._levels = map_levels(self._tif, self.level_dimensions)
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._fast_jpeg = _fast_jpeg_verdicts(self.path, os.fstat(self._fd), self.level_dimensions)
+            stat = os.fstat(self._fd)
+            self._levels = level_pages(self.path, stat, self.level_dimensions)
+            self._fast_jpeg = _fast_jpeg_verdicts(self.path, stat, self.level_dimensions)
         except NotDirect as err:
             self.close()
             raise DirectReadUnsupportedError(str(err), path=self.path) from None
@@ -392,9 +389,6 @@ class TiffTileReader(TileReader):
         if self._openslide is not None:
             self._openslide.close()
             self._openslide = None
-        if self._tif is not None:
-            self._tif.close()
-            self._tif = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

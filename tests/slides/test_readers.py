@@ -2,6 +2,7 @@
 describe gives the same descriptors with either reader."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -119,19 +120,46 @@ def test_large_region_decoded_on_threads_equals_serial_and_decodes_each_tile_onc
         np.testing.assert_array_equal(reads[True], ref.read_region(0, 0, 0, width, height))
 
 
+def test_readers_of_one_file_share_its_parsed_pages(cmu_slide, synthetic_slides, tmp_path):
+    """A process parses a file's TIFF pages once for all its readers (a slide is opened by its probe, its thumbnail
+    and each block); a file written moments ago is parsed afresh each time, as other per-file checks are."""
+    info = read_slide_info(cmu_slide)
+    with TiffTileReader(cmu_slide, info.level_dimensions, info.level_downsamples) as first, \
+            TiffTileReader(cmu_slide, info.level_dimensions, info.level_downsamples) as second:
+        assert first._levels is second._levels
+        np.testing.assert_array_equal(first.read_region(0, 0, 0, 300, 200), second.read_region(0, 0, 0, 300, 200))
+    fresh = shutil.copy(synthetic_slides["generic"], tmp_path / "fresh.tif")
+    fresh_info = read_slide_info(fresh)
+    with TiffTileReader(fresh, fresh_info.level_dimensions, fresh_info.level_downsamples) as first, \
+            TiffTileReader(fresh, fresh_info.level_dimensions, fresh_info.level_downsamples) as second:
+        assert first._levels is not second._levels
+
+
+def _own_level_zero(reader: TiffTileReader):
+    """The reader's level-0 page as its own writable copy (the parsed pages are shared by a process's readers)."""
+    import dataclasses
+
+    page = reader._levels[0]
+    reader._levels = [dataclasses.replace(page, offsets=page.offsets.copy(), bytecounts=page.bytecounts.copy()),
+                      *reader._levels[1:]]
+    return reader._levels[0]
+
+
 def test_missing_tile_is_background_and_damaged_tile_falls_back(synthetic_slides):
     path = synthetic_slides["generic"]
     info = read_slide_info(path)
     with OpenSlideReader(path) as ref:
         expected = ref.read_region(0, 200, 200, 400, 300)
     with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as direct:
-        direct._levels[0].bytecounts[1] = 0  # native tile (0, 1) left out of the file: x 256-511, y 0-255
+        assert not direct._levels[0].offsets.flags.writeable  # shared with the process's other readers
+        _own_level_zero(direct).bytecounts[1] = 0  # native tile (0, 1) left out of the file: x 256-511, y 0-255
         region = direct.read_region(0, 200, 200, 400, 300)
         assert (region[:56, 56:312] == 255).all()
         np.testing.assert_array_equal(region[56:], expected[56:])
     for fallback in (False, True):
         with TiffTileReader(path, info.level_dimensions, info.level_downsamples, fallback=fallback) as direct:
-            direct._levels[0].offsets[1] = direct._levels[0].offsets[1] + 7  # tile 1 now starts mid-stream
+            page = _own_level_zero(direct)
+            page.offsets[1] = page.offsets[1] + 7  # tile 1 now starts mid-stream
             if not fallback:
                 with pytest.raises(TileReadError, match="level 0"):
                     direct.read_region(0, 200, 200, 400, 300)
@@ -267,13 +295,14 @@ def test_shrunk_read_of_a_missing_or_damaged_tile(synthetic_slides):
     with OpenSlideReader(path) as ref:
         expected = ref.read_level_shrunk(0, 100, 100, 200, 150, 2)  # reduce_box of OpenSlide's pixels
     with TiffTileReader(path, *args) as direct:
-        direct._levels[0].bytecounts[1] = 0  # native tile (0, 1) left out: white
+        _own_level_zero(direct).bytecounts[1] = 0  # native tile (0, 1) left out: white
         region = direct.read_level_shrunk(0, 100, 100, 200, 150, 2)
         assert (region[:28, 28:156] == 255).all()
         np.testing.assert_array_equal(region[28:], expected[28:])
     for fallback in (False, True):
         with TiffTileReader(path, *args, fallback=fallback) as direct:
-            direct._levels[0].offsets[1] = direct._levels[0].offsets[1] + 7  # tile 1 now starts mid-stream
+            page = _own_level_zero(direct)
+            page.offsets[1] = page.offsets[1] + 7  # tile 1 now starts mid-stream
             if not fallback:
                 with pytest.raises(TileReadError, match="level 0"):
                     direct.read_level_shrunk(0, 100, 100, 200, 150, 2)
