@@ -21,9 +21,9 @@ o. / O. ``baseline_command`` / ``baseline_command_dir``: the command of an earli
 s. ``command_one_small_slide``: the command on one of those (~40 tiles): its time less the floor is the fixed cost
    (imports, cluster, plan, shutdown);
 f. ``floor``: the per-tile CPU cost of reading + describing (``describe_block``'s loop without the store write, one
-   process, compiled kernels loaded) x tissue tiles / workers: what no scheduler can beat on these cores. Measured
-   in every round, before that round's commands; each round's run is set against its own round's floor, and the
-   median round is reported (with every round's ratio: the machine's speed drifts by a few percent over a minute).
+   process, compiled kernels loaded, every tissue tile) x tissue tiles / workers: what no scheduler can beat on these
+   cores. Measured before and after every w / W / s run, which is set against the mean of the two; the median run is
+   reported, with every run's ratio (the machine's speed drifts by several percent within a minute).
 Targets: command >= 2.5x faster than the plain script on the slide and on the directory, the command's own run
 (``seconds`` in its summary) <= 1.25x the floor, the directory at >= 85% of the slide's tiles/s, peak RSS per worker
 < 1.5 GB (every process of the command's tree, sampled with psutil).
@@ -360,17 +360,29 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
                                                           args.baseline_tree)),
             "O": ("baseline_command_dir", lambda: run_command(folder, args.work_dir / "base-dir-out", workers, [],
                                                               args.baseline_tree))}
-    floors: list[dict] = []  # one per round, measured just before that round's commands
+    # The floor is measured before and after every command run whose run is set against it (w, W, s), over every
+    # tissue tile: the machine's speed drifts by several percent within a minute, so each run gets the mean of the two
+    # floors around it (the one after a run is the one before the next).
+    floors: list[float] = []  # ms per tile, in the order measured
+    floor_around: dict[str, list[tuple[int, int]]] = {}  # command -> (floor before, floor after) indices per run
+
+    def measure() -> None:
+        floors.append(measure_floor(path, floor_config, max_tiles=None)["cpu_ms_per_tile"])
+        print(f"floor: {floors[-1]} ms per tile", file=sys.stderr, flush=True)
+
     for rep in range(args.repeat):
-        if "f" in args.phases:
-            floors.append(measure_floor(path, floor_config, max_tiles=None))  # every tissue tile: steadier
-            print(f"floor (round {rep + 1}): {json.dumps(floors[-1])}", file=sys.stderr, flush=True)
         for key, (name, fn) in runs.items():
             if key not in args.phases:
                 continue
+            bracketed = "f" in args.phases and key in "wWs"
+            if bracketed and not floors:
+                measure()
             print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
             entry = fn()
             print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
+            if bracketed:
+                measure()
+                floor_around.setdefault(name, []).append((len(floors) - 2, len(floors) - 1))
             best = e2e.get(name)
             all_runs = (best or {}).get("all_seconds", []) + [entry["seconds"]]
             all_run_seconds = (best or {}).get("all_run_seconds", []) + [entry["run_seconds"]]
@@ -391,21 +403,18 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
         if base in e2e and command in e2e:  # issue 14: describe (this tree, these settings) against an earlier one
             r[f"{command}_tiles_per_s_over_baseline"] = round(e2e[command]["tiles_per_s"] / e2e[base]["tiles_per_s"], 3)
     if floors:
-        # The machine's speed drifts by +-5% over a minute, the floor's as much as the command's: each round's run is
-        # set against the floor measured in that round, and the median round is the figure (all rounds kept).
-        per_tile_by_round = [f["cpu_ms_per_tile"] / 1e3 for f in floors]
-        e2e["floor_per_tile"] = {**floors[0], "cpu_ms_per_tile": round(float(np.median(per_tile_by_round)) * 1e3, 3),
-                                 "by_round": [f["cpu_ms_per_tile"] for f in floors]}
-        for name in ("command", "command_dir", "command_one_small_slide"):
-            if name in e2e:
-                floor = float(np.median(per_tile_by_round)) * e2e[name]["tiles"] / workers
-                by_round = [round(run / (per_tile * e2e[name]["tiles"] / workers), 3)
-                            for run, per_tile in zip(e2e[name]["all_run_seconds"], per_tile_by_round)]
-                e2e[name]["floor_seconds"] = round(floor, 2)
-                r[f"{name}_run_over_floor"] = round(float(np.median(by_round)), 2)
-                r[f"{name}_run_over_floor_by_round"] = by_round
-                r[f"{name}_whole_over_floor"] = round(e2e[name]["seconds"] / floor, 2)
-                r[f"{name}_fixed_seconds"] = round(e2e[name]["seconds"] - floor, 2)
+        e2e["floor_per_tile"] = {"cpu_ms_per_tile": round(float(np.median(floors)), 3), "all_ms_per_tile": floors,
+                                 "tiles_measured": tiles, "measured": "before and after each command run"}
+        for name, around in floor_around.items():
+            per_tile_by_run = [(floors[a] + floors[b]) / 2e3 for a, b in around]
+            by_run = [round(run / (per_tile * e2e[name]["tiles"] / workers), 3)
+                      for run, per_tile in zip(e2e[name]["all_run_seconds"], per_tile_by_run)]
+            floor = float(np.median(per_tile_by_run)) * e2e[name]["tiles"] / workers
+            e2e[name]["floor_seconds"] = round(floor, 2)
+            r[f"{name}_run_over_floor"] = round(float(np.median(by_run)), 2)
+            r[f"{name}_run_over_floor_by_run"] = by_run
+            r[f"{name}_whole_over_floor"] = round(e2e[name]["seconds"] / floor, 2)
+            r[f"{name}_fixed_seconds"] = round(e2e[name]["seconds"] - floor, 2)
     if "command" in e2e and "command_dir" in e2e:
         r["dir_tiles_per_s_over_slide"] = round(e2e["command_dir"]["tiles_per_s"] / e2e["command"]["tiles_per_s"], 3)
     peaks = [max(e2e[n]["peak_rss_mb"]) for n in ("command", "command_dir") if n in e2e]

@@ -186,11 +186,14 @@ def in_flight_limit(runner, cluster: ClusterConfig) -> int:
     return cluster.max_tasks_in_flight or 4 * max(1, runner.capacity)
 
 
-def run_bounded(runner, next_task: Callable[[], Task | None], max_in_flight: int) -> Iterator[Done]:
+def run_bounded(runner, next_task: Callable[[], Task | None], max_in_flight: int,
+                meanwhile: Callable[[], None] | None = None) -> Iterator[Done]:
     """Keep up to ``max_in_flight`` tasks submitted and yield each one as it finishes.
 
     ``next_task`` is asked for work whenever there is room, so the caller may add tasks (and decide their order) as
     results come in; None means nothing to submit now. Ends when nothing is in flight and ``next_task`` has nothing.
+    ``meanwhile``: called once, after the first tasks are submitted and before waiting for one (bookkeeping the
+    workers need not wait for); not called when there was nothing to submit.
     """
     in_flight = 0
     while True:
@@ -202,6 +205,9 @@ def run_bounded(runner, next_task: Callable[[], Task | None], max_in_flight: int
             in_flight += 1
         if not in_flight:
             return
+        if meanwhile is not None:
+            meanwhile()
+            meanwhile = None
         done = runner.next_done()
         in_flight -= 1
         yield done

@@ -177,8 +177,6 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     fingerprints = {sid: described_fingerprint(path, config.annotations.dir, sid) for sid, path in ids.items()}
     stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
-    # The settings of the last describe run (with the stain target), so `retry` and later stages can reuse them.
-    atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
     collision_keys: set[str] = set()
     for path, slide_id, other in collisions:
         err = DuplicateSlideIdError(f"its slide id '{slide_id}' is already used by {other}", path=path)
@@ -190,7 +188,16 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         errors[key] = err
         manifest.slides[key] = {"status": "failed", "error": err.to_record(), "path": str(path), "mpp": None,
                                 "mpp_source": None, "tiles": 0, "seconds": 0.0}
-    manifest.save()
+    saved: list[bool] = []
+
+    def save_settings() -> None:
+        """The settings of this run (with the stain target), for `retry` and later stages, and the manifest so far:
+        written while the first tasks run (the workers do not wait for them), or after the loop if none ran."""
+        if not saved:
+            atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
+            manifest.save()
+            saved.append(True)
+
     if runner.dashboard_link:
         log.info("Dask dashboard: %s", runner.dashboard_link)
         print(f"Dask dashboard: {runner.dashboard_link}", flush=True)
@@ -303,7 +310,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
 
     def results():
         """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""
-        for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster)):
+        for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster), save_settings):
             kind, key = done.tag
             for slide_id, one in zip(key, outcomes(done, len(key))) if kind == "prepare" else [(key, done)]:
                 job = jobs.get(slide_id)
@@ -348,6 +355,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         if job.blocks_left == 0:
             finish(job)
 
+    save_settings()  # when there was nothing to run
     bar.close()
     discard_kept_thumbnails(out_dir)  # those of slides that failed before their plan
     seconds = time.monotonic() - t_start

@@ -245,3 +245,30 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
         profiling = runner.client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
     assert saturation == 1.0
     assert list(profiling.values()) == [False]
+
+
+def test_run_bounded_does_its_bookkeeping_once_the_first_tasks_are_submitted():
+    """``meanwhile`` runs once, after the first tasks went out and before any result is waited for (the workers do
+    not wait for it), and not at all when there was nothing to run."""
+    from pipeline.core.parallel import LocalRunner, Task, run_bounded
+
+    events: list[str] = []
+
+    class Recording(LocalRunner):
+        def submit(self, fn, *args, **kwargs):
+            events.append(f"submit {args[0]}")
+            super().submit(fn, *args, **kwargs)
+
+        def next_done(self):
+            events.append("wait")
+            return super().next_done()
+
+    tasks = iter([Task(abs, (-1,), "a"), Task(abs, (-2,), "b"), Task(abs, (-3,), "c")])
+    results = [d.result for d in run_bounded(Recording(), lambda: next(tasks, None), 2,
+                                             lambda: events.append("meanwhile"))]
+    assert sorted(results) == [1, 2, 3]
+    assert events[:4] == ["submit -1", "submit -2", "meanwhile", "wait"]
+    assert events.count("meanwhile") == 1
+    nothing: list[str] = []
+    assert list(run_bounded(Recording(), lambda: None, 2, lambda: nothing.append("meanwhile"))) == []
+    assert nothing == []
