@@ -146,10 +146,10 @@ def file_identity(path: str | Path, stat: os.stat_result) -> tuple | None:
 FILES_REMEMBERED = 4096  # files a per-process memory of file checks holds before it starts again
 
 
-def remember(memory: dict, identity: tuple, value):
+def remember(memory: dict, identity: tuple, value, limit: int = FILES_REMEMBERED):
     """``memory[identity]``, set to ``value`` when absent (``dict.setdefault``), in a per-process memory of file checks
-    keyed by ``file_identity`` that is emptied when it reaches ``FILES_REMEMBERED`` entries."""
-    if identity not in memory and len(memory) >= FILES_REMEMBERED:
+    keyed by ``file_identity`` that is emptied when it reaches ``limit`` entries."""
+    if identity not in memory and len(memory) >= limit:
         memory.clear()
     return memory.setdefault(identity, value)
 

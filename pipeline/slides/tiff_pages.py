@@ -95,6 +95,9 @@ def map_levels(tif, level_dimensions: Sequence[Sequence[int]]) -> list[LevelPage
 
 
 _LEVEL_PAGES: dict[tuple, list[LevelPage]] = {}  # file identity + level sizes -> its parsed pages
+# Files whose pages a process keeps: a worker reads a slide's plan and blocks within moments, and a large slide's tile
+# offsets take megabytes (16 bytes per native tile).
+PAGES_REMEMBERED = 16
 
 
 def level_pages(path: str, stat: os.stat_result, levels: tuple) -> list[LevelPage]:
@@ -111,4 +114,4 @@ def level_pages(path: str, stat: os.stat_result, levels: tuple) -> list[LevelPag
         pages = map_levels(tif, levels)
     for page in pages:  # shared: read-only
         page.offsets.flags.writeable = page.bytecounts.flags.writeable = False
-    return pages if identity is None else remember(_LEVEL_PAGES, (*identity, levels), pages)
+    return pages if identity is None else remember(_LEVEL_PAGES, (*identity, levels), pages, PAGES_REMEMBERED)

@@ -309,3 +309,24 @@ def test_shrunk_read_of_a_missing_or_damaged_tile(synthetic_slides):
             else:
                 np.testing.assert_array_equal(direct.read_level_shrunk(0, 100, 100, 200, 150, 2), expected)
                 assert direct.fallback_regions == 1
+
+
+def test_a_process_keeps_the_pages_of_its_recent_files_only(synthetic_slides, tmp_path, monkeypatch):
+    """Parsed pages are kept for ``PAGES_REMEMBERED`` files at most (a large slide's tile offsets take megabytes):
+    past that the memory starts again, and a file still in it is served without parsing."""
+    from pipeline.slides import open as open_module
+    from pipeline.slides import tiff_pages
+
+    monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # fresh copies: remembered anyway
+    monkeypatch.setattr(tiff_pages, "_LEVEL_PAGES", {})
+    monkeypatch.setattr(tiff_pages, "PAGES_REMEMBERED", 3)
+    info = read_slide_info(synthetic_slides["generic"])
+    copies = [shutil.copy(synthetic_slides["generic"], tmp_path / f"copy-{i}.tif") for i in range(4)]
+    pages = []
+    for path in copies:
+        with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as reader:
+            pages.append(reader._levels)
+        assert len(tiff_pages._LEVEL_PAGES) <= 3
+    assert len(tiff_pages._LEVEL_PAGES) == 1  # the fourth file found the memory full and started it again
+    with TiffTileReader(copies[-1], info.level_dimensions, info.level_downsamples) as reader:
+        assert reader._levels is pages[-1]
