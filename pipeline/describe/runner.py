@@ -190,9 +190,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                                 "mpp_source": None, "tiles": 0, "seconds": 0.0}
     saved: list[bool] = []
 
-    def save_settings() -> None:
-        """The settings of this run (with the stain target), for `retry` and later stages, and the manifest so far:
-        written while the first tasks run (the workers do not wait for them), or after the loop if none ran."""
+    def save_settings() -> None:  # this run's settings (for `retry` and later stages) and manifest, once
         if not saved:
             atomic_write_text(out_dir / RUN_CONFIG_NAME, dump_config(config))
             manifest.save()
@@ -310,6 +308,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
 
     def results():
         """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""
+        # the settings are written while the first tasks run: the workers do not wait for them
         for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster), save_settings):
             kind, key = done.tag
             for slide_id, one in zip(key, outcomes(done, len(key))) if kind == "prepare" else [(key, done)]:

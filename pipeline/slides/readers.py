@@ -240,7 +240,7 @@ class TiffTileReader(TileReader):
         if key in self._cache:
             return self._cache[key]
         tile = self._decode_tile(lp, level, ty, tx, scale) if decoded is None else decoded
-        self.tiles_decoded += 1
+        self.tiles_decoded += tile is not None  # a tile the file leaves out is not decoded
         size = 0 if tile is None else tile.nbytes
         if self._cache_bytes + size > self._cache_limit:
             self._cache.clear()
