@@ -44,7 +44,7 @@ import numpy as np
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from ..core.threads import map_threads
 from . import jpeg
-from .open import file_identity, open_handle, remember
+from .open import open_handle
 from .pixels import read_level_region, reduce_box
 from .tiff_pages import LevelPage, NotDirect, level_pages
 
@@ -149,19 +149,6 @@ def as_reader(handle, path: str = "") -> TileReader:
 # --- the direct TIFF reader -----------------------------------------------------------------------------------------
 
 
-_FAST_JPEG: dict[tuple, dict[int, bool]] = {}  # file identity -> level -> simplejpeg gives tifffile's pixels
-
-
-def _fast_jpeg_verdicts(path: str, stat: os.stat_result, levels: tuple) -> dict[int, bool]:
-    """The per-level simplejpeg verdicts of a file, shared by this process's readers of it (each slide is opened by
-    its probe, its thumbnail and each of its blocks: one check per level instead of one per reader). Keyed by the
-    file's stat; a file changed in the last ``RECENT_S`` gets a fresh, unshared dict (as fingerprints are hashed)."""
-    identity = file_identity(path, stat)
-    if identity is None:
-        return {}
-    return remember(_FAST_JPEG, (*identity, levels), {})
-
-
 class TiffTileReader(TileReader):
     """Decodes whole native tiles of the level's TIFF page; each tile once per task (a per-task tile cache).
 
@@ -185,16 +172,13 @@ class TiffTileReader(TileReader):
         self.delegated_regions = 0
         self.tiles_decoded = 0
         self._cache: dict[tuple[int, int, int, int], np.ndarray | None] = {}
-        self._fast_jpeg: dict[int, bool] = {}  # level -> full-size JPEG tiles decoded by simplejpeg
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
         self._openslide: OpenSlideReader | None = None
         self._fd = -1
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
-            stat = os.fstat(self._fd)
-            self._levels = level_pages(self.path, stat, self.level_dimensions)
-            self._fast_jpeg = _fast_jpeg_verdicts(self.path, stat, self.level_dimensions)
+            self._levels = level_pages(self.path, os.fstat(self._fd), self.level_dimensions)
         except NotDirect as err:
             self.close()
             raise DirectReadUnsupportedError(str(err), path=self.path) from None
@@ -214,16 +198,16 @@ class TiffTileReader(TileReader):
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise ValueError(f"file ends inside tile {index} (wanted {count} bytes at {offset})")
-        if scale == 1 and self._fast_jpeg.get(level, False):
+        if scale == 1 and lp.fast_jpeg:
             tile = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, 1)
         elif scale == 1:
             tile, _, _ = lp.decode(data, index, jpegtables=lp.jpegtables)
             tile = tile[0] if tile.ndim == 4 else tile
-            if level not in self._fast_jpeg and lp.jpeg_prefix is not None and jpeg.available():
+            if lp.fast_jpeg is None and lp.jpeg_prefix is not None and jpeg.available():
                 # simplejpeg decodes these tiles ~20% faster (same libjpeg-turbo, no tifffile layers); used for the
                 # level once it gives this first tile's exact pixels
                 fast = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, 1)
-                self._fast_jpeg[level] = fast.shape == tile.shape and np.array_equal(fast, tile)
+                lp.fast_jpeg = fast.shape == tile.shape and np.array_equal(fast, tile)
         else:
             tile = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, scale)
         tile_w, tile_h = lp.tile_w // scale, lp.tile_h // scale

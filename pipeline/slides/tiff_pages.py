@@ -37,6 +37,7 @@ class LevelPage:
     jpegtables: bytes | None
     compression: int
     jpeg_prefix: bytes | None    # for scaled decoding: SOI + colour-space marker + tables (None: not JPEG)
+    fast_jpeg: bool | None = None  # simplejpeg gives tifffile's pixels for full-size tiles (None: not checked yet)
 
 
 class NotDirect(Exception):
@@ -102,9 +103,9 @@ PAGES_REMEMBERED = 16
 
 def level_pages(path: str, stat: os.stat_result, levels: tuple) -> list[LevelPage]:
     """The file's ``map_levels``, parsed once per process and shared by its readers (each slide is opened by its probe,
-    its thumbnail and each of its blocks; parsing the pages costs ~1.5 ms of a block's ~3 ms fixed cost). The pages
-    are bound at parsing, so the TIFF is closed again at once. Keyed by ``file_identity`` (a file changed moments
-    ago is parsed afresh)."""
+    its thumbnail and each of its blocks; parsing the pages costs ~1.5 ms of a block's ~3 ms fixed cost), with each
+    level's ``fast_jpeg`` verdict once a reader has checked it. The pages are bound at parsing, so the TIFF is closed
+    again at once. Keyed by ``file_identity`` (a file changed moments ago is parsed afresh, and checked afresh)."""
     import tifffile
 
     identity = file_identity(path, stat)

@@ -121,4 +121,4 @@ def test_direct_reader_takes_simplejpeg_for_full_size_tiles_when_exact(cmu_slide
                                           reference.read_region(0, 100, 200, 700, 500))
             # checked on the first tile, then used for the level (the check is shared by a process's readers of the
             # file since 6b37937, so other levels read by earlier tests may be there too)
-            assert direct._fast_jpeg.get(0) is True
+            assert direct._levels[0].fast_jpeg is True

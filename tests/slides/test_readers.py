@@ -217,10 +217,10 @@ def test_readers_of_one_file_share_the_simplejpeg_check(synthetic_slides, monkey
     info = read_slide_info(path)
     with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as first:
         pixels = first.read_region(0, 0, 0, 300, 200)
-        verdict = first._fast_jpeg.get(0)
+        verdict = first._levels[0].fast_jpeg
     assert verdict is not None
     with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as second:
-        assert second._fast_jpeg.get(0) == verdict  # known before its first tile
+        assert second._levels[0].fast_jpeg == verdict  # known before its first tile
         np.testing.assert_array_equal(second.read_region(0, 0, 0, 300, 200), pixels)
     with OpenSlideReader(path) as reference:
         np.testing.assert_array_equal(reference.read_region(0, 0, 0, 300, 200), pixels)
