@@ -29,6 +29,7 @@ from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_
                              worker_start_method)
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
+from ..core.task_order import balanced_order
 from ..slides.open import find_slides, slide_id_from_path
 from ..slides.annotations import described_fingerprint, unmatched_annotation_files
 from ..slides.qc.slide import block_scores, finalise_slide_qc, write_block_scores
@@ -44,6 +45,7 @@ from .plan import plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the b
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
 log = logging.getLogger("pipeline")
+BLOCK_TASK_TILES = 3  # a block task's fixed cost (scheduling, reader, chunk write) in tiles' time
 
 
 # --- worker tasks ---------------------------------------------------------------------------------------------------
@@ -235,8 +237,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         record = error_record(err)
         info = (job.plan or {}).get("info", {})
         record_slide(job.slide_id, status="failed", error=record, path=job.path, mpp=info.get("mpp"),
-                              mpp_source=info.get("mpp_source"), tiles=0,
-                              seconds=round(time.monotonic() - job.started, 3))
+                     mpp_source=info.get("mpp_source"), tiles=0, seconds=round(time.monotonic() - job.started, 3))
         failed_count += 1
         bar.slide_done(failed=True)
         level = logging.WARNING if isinstance(err, SlideError) else logging.ERROR
@@ -250,17 +251,15 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         scores = None if job.resumed else job.scores
         qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan, scores)
         job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
-        finalize_store(out_dir, job.slide_id, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
-                                               "reader_fallback_regions": job.fallback_regions,
-                                               "reader_delegated_regions": job.delegated_regions,
-                                               "encoded_on": sorted(job.encoded_on),
-                                               "stain": stain.store_attrs(job.slide_id)})
+        finalize_store(out_dir, job.slide_id, {
+            "tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
+            "encoded_on": sorted(job.encoded_on), "reader_fallback_regions": job.fallback_regions,
+            "reader_delegated_regions": job.delegated_regions, "stain": stain.store_attrs(job.slide_id)})
         jobs.pop(job.slide_id, None)
         record_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
-                              mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds,
-                              store=str(store_path(out_dir, job.slide_id)), reader=reader,
-                              reader_fallback_regions=job.fallback_regions, qc=qc_counts,
-                              stain=stain.manifest_record(job.slide_id))
+                     mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds, reader=reader,
+                     store=str(store_path(out_dir, job.slide_id)), reader_fallback_regions=job.fallback_regions,
+                     qc=qc_counts, stain=stain.manifest_record(job.slide_id))
         done_count += 1
         bar.slide_done()
         log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
@@ -343,9 +342,10 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
                     block_done(job, described)
                 else:
                     todo_blocks.append((n, b))
-            # Largest blocks are submitted first (the queue pops from its end): the last tasks of a slide are then
-            # the small ones, so workers run out of work at nearly the same time.
-            for n, b in sorted(todo_blocks, key=lambda nb: nb[0]):
+            # Largest blocks first, the last ones ordered so that the workers finish together (the queue pops from
+            # its end); a block costs about its tiles plus a task's fixed cost.
+            for i in reversed(balanced_order([n + BLOCK_TASK_TILES for n, _ in todo_blocks], runner.capacity)):
+                b = todo_blocks[i][1]
                 block_queue.append((job.slide_id, b, tissue[b[0]:b[1], b[2]:b[3]].copy()))
                 job.blocks_left += 1
         else:
