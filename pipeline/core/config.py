@@ -446,4 +446,7 @@ def load_config(path: str | Path | None) -> PipelineConfig:
 
 
 def dump_config(config: PipelineConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    # libyaml's safe dumper when PyYAML has it: the same text, ~5x less CPU (describe writes it while its first
+    # tasks are being dispatched, from the process that schedules them)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(config.model_dump(mode="json"), Dumper=dumper, sort_keys=False)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.core.config import PipelineConfig, config_from_dict, load_config
@@ -87,3 +89,17 @@ def test_shipped_workflows_validate():
     for path in sorted((Path(__file__).parents[2] / "workflows").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.tiling.mpp > 0, path
+
+
+def test_dumped_settings_are_the_pure_python_dumpers_text_and_load_back(tmp_path):
+    import yaml
+
+    from pipeline.core.config import dump_config
+
+    configs = [PipelineConfig(), config_from_dict({"qc": [], "stain": {"method": "none"}, "tiling": {"mpp": 0.25}})]
+    configs += [load_config(path) for path in sorted(Path(__file__).parents[2].glob("workflows/*.yaml"))]
+    for cfg in configs:
+        text = dump_config(cfg)
+        assert text == yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        (tmp_path / "run.yaml").write_text(text)
+        assert load_config(tmp_path / "run.yaml") == cfg
