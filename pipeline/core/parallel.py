@@ -250,8 +250,14 @@ def _worker_env_config() -> dict:
 # A worker takes its next task from the scheduler when it finishes one (saturation 1.0), instead of holding one queued
 # (1.1): a slide's last blocks then go to whichever worker is free, not to one still busy with a large block while
 # the other idles (up to a block's time, ~0.1 s of a 2 s slide on 2 workers).
+# Every process also samples host CPU, memory, network and disk for the dashboard's plots every 0.5 s, and each nanny
+# and worker reads its worker's memory every 0.1 s (to pause it at 80% of its limit and restart it at 95%): every 2 s /
+# 0.5 s here (the limits still act within half a second), about a quarter of the CPU the scheduling process and the
+# workers' event loops spend beside the tile loops during a run (benchmarks/README.md, twelfth session).
 LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
-                        "distributed.scheduler.worker-saturation": 1.0}
+                        "distributed.scheduler.worker-saturation": 1.0,
+                        "distributed.admin.system-monitor.interval": "2s",
+                        "distributed.worker.memory.monitor-interval": "500ms"}
 
 
 # Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork):

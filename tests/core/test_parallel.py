@@ -232,9 +232,16 @@ def test_local_workers_fork_unless_a_fork_unsafe_framework_is_loaded(monkeypatch
 def test_local_cluster_settings_reach_its_scheduler_and_workers():
     """task_runner's local cluster: glibc takes the worker malloc thresholds (inherited by forked workers, in the
     environment of spawned ones), the scheduler hands a worker its next task only when it is free (saturation 1.0),
-    and the workers' statistical profiler is off."""
+    and the workers' statistical profiler is off, their memory and the host sampled less often (every key is one of
+    Dask's: a misspelt one would be ignored)."""
+    import dask
+    import distributed  # noqa: F401  (its defaults join dask's config when it is imported)
+
     from pipeline.core.config import ClusterConfig
-    from pipeline.core.parallel import WORKER_ENV, WORKER_MALLOC, task_runner, use_worker_malloc
+    from pipeline.core.parallel import LOCAL_CLUSTER_CONFIG, WORKER_ENV, WORKER_MALLOC, task_runner, use_worker_malloc
+
+    missing = object()
+    assert all(dask.config.get(key, default=missing) is not missing for key in LOCAL_CLUSTER_CONFIG)
 
     assert WORKER_ENV == {"MALLOC_MMAP_THRESHOLD_": str(WORKER_MALLOC["MMAP_THRESHOLD"]),
                           "MALLOC_TRIM_THRESHOLD_": str(WORKER_MALLOC["TRIM_THRESHOLD"])}
@@ -243,8 +250,11 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
     with task_runner(ClusterConfig(workers=1, dashboard=False)) as runner:
         saturation = runner.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
         profiling = runner.client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+        monitors = runner.client.run(lambda: [__import__("dask").config.get(key) for key in (
+            "distributed.worker.memory.monitor-interval", "distributed.admin.system-monitor.interval")])
     assert saturation == 1.0
     assert list(profiling.values()) == [False]
+    assert list(monitors.values()) == [["500ms", "2s"]]
 
 
 def test_run_bounded_does_its_bookkeeping_once_the_first_tasks_are_submitted():
