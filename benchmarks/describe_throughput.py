@@ -39,7 +39,6 @@ per phase are reported too: on a machine shared with other jobs they compare mor
     python benchmarks/describe_throughput.py --quick            # an 8000 x 6000 slide, for a quick look
     python benchmarks/describe_throughput.py --slide my.svs --workers 4
     python benchmarks/describe_throughput.py --repeat 2         # interleaved repeats; each phase's fastest run is kept
-    python benchmarks/describe_throughput.py --malloc-mmap-threshold 33554432   # what-if for Dask's malloc setting
 
 Run it as a script (its read-only task function travels to the workers by value). Prints one JSON object.
 """
@@ -497,8 +496,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "the slide / directory, e.g. `git worktree add /tmp/base 7fc4360` (before QC and stain)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the phase sequence this many times (interleaved) and report each phase's fastest")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="what-if: start the workers with MALLOC_MMAP_THRESHOLD_=BYTES (see benchmarks/README.md)")
     args = parser.parse_args(argv)
     # The package's bytecode up to date, as an installed package has it (``make install`` compiles it too): with
     # PYTHONDONTWRITEBYTECODE set (as on our machines) an edited module is compiled again by every command.
@@ -552,8 +549,6 @@ def main(argv: list[str] | None = None) -> dict:
     # what the workers get: Dask's defaults plus the pipeline's own (pipeline.core.parallel.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update(WORKER_ENV)
-    if args.malloc_mmap_threshold:
-        environ["MALLOC_MMAP_THRESHOLD_"] = args.malloc_mmap_threshold
     result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}
     result["machine"]["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
 
