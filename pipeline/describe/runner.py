@@ -31,7 +31,7 @@ from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
 from ..core.task_order import balanced_order
 from ..slides.open import find_slides, slide_id_from_path
-from ..slides.annotations import described_fingerprint, unmatched_annotation_files
+from ..slides.annotations import described_fingerprints, unmatched_annotation_files
 from ..slides.qc.slide import block_scores, finalise_slide_qc, write_block_scores
 from ..slides.reader_choice import open_reader
 from ..slides.stain import apply_stain_transform
@@ -176,7 +176,7 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
     # What each store is current for (the slide file and its annotations), made once for the stain pass and for here.
-    fingerprints = {sid: described_fingerprint(path, config.annotations.dir, sid) for sid, path in ids.items()}
+    fingerprints = described_fingerprints(ids, config.annotations.dir)
     stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
     collision_keys: set[str] = set()

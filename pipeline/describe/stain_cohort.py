@@ -26,7 +26,7 @@ from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
 from ..core.parallel import Task, TaskRetry, in_flight_limit, run_bounded
 from ..core.store import slides_dir
-from ..slides.annotations import (annotation_file, described_fingerprint, file_fingerprint, inside_classes,
+from ..slides.annotations import (annotation_file, described_fingerprints, file_fingerprint, inside_classes,
                                   read_annotations)
 from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.pixels import read_thumbnail
@@ -239,7 +239,7 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
     cache = _load_cache(out_dir)
     cached = cache.get("slides", {}) if cache.get("settings") == key else {}
     if fingerprints is None:
-        fingerprints = {sid: described_fingerprint(path, config.annotations.dir, sid) for sid, path in ids.items()}
+        fingerprints = described_fingerprints(ids, config.annotations.dir)
     records, todo = {}, {}
     for slide_id, path in ids.items():
         entry = cached.get(slide_id) or {}

@@ -180,3 +180,20 @@ def test_described_fingerprint_holds_the_file_and_its_annotations(tmp_path):
     missing = described_fingerprint(tmp_path / "gone.svs", notes, "gone")
     assert missing.startswith("unreadable:") and file_fingerprint(missing) is None
     assert file_fingerprint(None) is None
+
+
+def test_described_fingerprints_of_many_slides_are_each_slides_own(tmp_path):
+    from pipeline.slides.annotations import described_fingerprint, described_fingerprints
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    slides = {}
+    for i in range(7):
+        slides[f"s{i}"] = tmp_path / f"s{i}.svs"
+        slides[f"s{i}"].write_bytes(bytes([i]) * (3 << 19))  # 1.5 MiB each, different content
+    (notes / "s3.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    slides["gone"] = tmp_path / "gone.svs"
+    made = described_fingerprints(slides, notes)
+    assert list(made) == list(slides)  # in the given order
+    assert made == {sid: described_fingerprint(path, notes, sid) for sid, path in slides.items()}
+    assert len(set(made.values())) == len(slides) and made["gone"].startswith("unreadable:")
