@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import openslide
 from PIL import Image
 
@@ -239,7 +238,7 @@ def check_tiff_complete(path: Path) -> None:
     OpenSlide opens many truncated TIFFs happily (the directory at the start is intact) and fails only later, tile
     by tile, or reports a misleading missing mpp; the offsets in the TIFF directories tell at once.
     """
-    import tifffile
+    from .tiff_pages import parsed_tiff  # the direct reader's parse of the file (that module imports this one)
 
     stat = path.stat()
     identity = file_identity(path, stat)
@@ -247,19 +246,14 @@ def check_tiff_complete(path: Path) -> None:
         return
     size = stat.st_size
     try:
-        with tifffile.TiffFile(path) as tif:
-            for index, page in enumerate(tif.pages):
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                end = int((offsets + counts).max()) if offsets.size else 0
-                if end > size:
-                    raise CorruptSlideError(
-                        f"truncated: image data of TIFF page {index} ends at byte {end} but the file has {size} bytes",
-                        path=path)
-    except CorruptSlideError:
-        raise
+        ends = parsed_tiff(path, stat).data_ends
     except Exception as err:  # noqa: BLE001 - tifffile raises many types on broken directories
         raise CorruptSlideError(f"the TIFF structure is damaged ({type(err).__name__}: {err})", path=path) from None
+    for index, end in enumerate(ends):
+        if end > size:
+            raise CorruptSlideError(
+                f"truncated: image data of TIFF page {index} ends at byte {end} but the file has {size} bytes",
+                path=path)
     if identity is not None:
         remember(_COMPLETE_TIFFS, identity, True)
 

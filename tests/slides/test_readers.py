@@ -126,13 +126,41 @@ def test_readers_of_one_file_share_its_parsed_pages(cmu_slide, synthetic_slides,
     info = read_slide_info(cmu_slide)
     with TiffTileReader(cmu_slide, info.level_dimensions, info.level_downsamples) as first, \
             TiffTileReader(cmu_slide, info.level_dimensions, info.level_downsamples) as second:
-        assert first._levels is second._levels
+        assert all(a is b for a, b in zip(first._levels, second._levels, strict=True))
         np.testing.assert_array_equal(first.read_region(0, 0, 0, 300, 200), second.read_region(0, 0, 0, 300, 200))
     fresh = shutil.copy(synthetic_slides["generic"], tmp_path / "fresh.tif")
     fresh_info = read_slide_info(fresh)
     with TiffTileReader(fresh, fresh_info.level_dimensions, fresh_info.level_downsamples) as first, \
             TiffTileReader(fresh, fresh_info.level_dimensions, fresh_info.level_downsamples) as second:
-        assert first._levels is not second._levels
+        assert first._levels[0] is not second._levels[0]
+
+
+def test_the_completeness_check_and_the_readers_share_one_parse(synthetic_slides, tmp_path, monkeypatch):
+    """Opening a slide (its completeness check) and reading it directly parse the TIFF once per process."""
+    import tifffile
+
+    from pipeline.slides import open as open_module
+    from pipeline.slides import tiff_pages
+
+    monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # the copy was just written: remembered anyway
+    monkeypatch.setattr(open_module, "_COMPLETE_TIFFS", {})
+    monkeypatch.setattr(tiff_pages, "_PARSED", {})
+    parses = []
+
+    class CountingTiffFile(tifffile.TiffFile):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "TiffFile", CountingTiffFile)
+    path = shutil.copy(synthetic_slides["generic"], tmp_path / "once.tif")
+    info = read_slide_info(path)
+    with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as first, \
+            TiffTileReader(path, info.level_dimensions, info.level_downsamples) as second:
+        assert len(parses) == 1
+        with OpenSlideReader(path) as ref:
+            np.testing.assert_array_equal(first.read_region(0, 0, 0, 300, 200), ref.read_region(0, 0, 0, 300, 200))
+        assert second._levels[0] is first._levels[0]
 
 
 def _own_level_zero(reader: TiffTileReader):
@@ -318,7 +346,7 @@ def test_a_process_keeps_the_pages_of_its_recent_files_only(synthetic_slides, tm
     from pipeline.slides import tiff_pages
 
     monkeypatch.setattr(open_module, "RECENT_S", 0.0)  # fresh copies: remembered anyway
-    monkeypatch.setattr(tiff_pages, "_LEVEL_PAGES", {})
+    monkeypatch.setattr(tiff_pages, "_PARSED", {})
     monkeypatch.setattr(tiff_pages, "PAGES_REMEMBERED", 3)
     info = read_slide_info(synthetic_slides["generic"])
     copies = [shutil.copy(synthetic_slides["generic"], tmp_path / f"copy-{i}.tif") for i in range(4)]
@@ -326,7 +354,7 @@ def test_a_process_keeps_the_pages_of_its_recent_files_only(synthetic_slides, tm
     for path in copies:
         with TiffTileReader(path, info.level_dimensions, info.level_downsamples) as reader:
             pages.append(reader._levels)
-        assert len(tiff_pages._LEVEL_PAGES) <= 3
-    assert len(tiff_pages._LEVEL_PAGES) == 1  # the fourth file found the memory full and started it again
+        assert len(tiff_pages._PARSED) <= 3
+    assert len(tiff_pages._PARSED) == 1  # the fourth file found the memory full and started it again
     with TiffTileReader(copies[-1], info.level_dimensions, info.level_downsamples) as reader:
-        assert reader._levels is pages[-1]
+        assert all(page is kept for page, kept in zip(reader._levels, pages[-1], strict=True))
