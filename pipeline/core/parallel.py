@@ -260,6 +260,19 @@ LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distribute
                         "distributed.worker.memory.monitor-interval": "500ms"}
 
 
+# A nanny looks every 50 ms whether its worker process has started (distributed's ``WorkerProcess``); a local cluster
+# is ready when every nanny has seen its worker, so each local command waited 15-25 ms after its workers had already
+# registered (benchmarks/README.md, thirteenth session). Looked every 5 ms here: a dozen queue polls per start.
+NANNY_START_POLL_S = 0.005
+
+
+def poll_worker_start_quickly() -> None:
+    """Let this process's nannies see a started worker within ``NANNY_START_POLL_S`` (local clusters only)."""
+    from distributed.nanny import WorkerProcess
+
+    WorkerProcess._init_msg_interval = min(WorkerProcess._init_msg_interval, NANNY_START_POLL_S)
+
+
 # Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork):
 # onnxruntime too, whose session thread pools, once run in the parent (the encoder check), hung a forked worker.
 FORK_UNSAFE_MODULES = ("tensorflow", "jax", "torch", "onnxruntime")
@@ -364,6 +377,7 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
     method = {"distributed.worker.multiprocessing-method": worker_start_method(cluster)}
     if method["distributed.worker.multiprocessing-method"] == "fork":
         use_worker_malloc()
+    poll_worker_start_quickly()
     with dask.config.set({**_worker_env_config(), **method, **LOCAL_CLUSTER_CONFIG}), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:

@@ -233,12 +233,15 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
     """task_runner's local cluster: glibc takes the worker malloc thresholds (inherited by forked workers, in the
     environment of spawned ones), the scheduler hands a worker its next task only when it is free (saturation 1.0),
     and the workers' statistical profiler is off, their memory and the host sampled less often (every key is one of
-    Dask's: a misspelt one would be ignored)."""
+    Dask's: a misspelt one would be ignored); the nannies look for their started worker every 5 ms (the attribute is
+    distributed's: a release that renames it fails here instead of silently waiting 50 ms again)."""
     import dask
     import distributed  # noqa: F401  (its defaults join dask's config when it is imported)
+    from distributed.nanny import WorkerProcess
 
     from pipeline.core.config import ClusterConfig
-    from pipeline.core.parallel import LOCAL_CLUSTER_CONFIG, WORKER_ENV, WORKER_MALLOC, task_runner, use_worker_malloc
+    from pipeline.core.parallel import (LOCAL_CLUSTER_CONFIG, NANNY_START_POLL_S, WORKER_ENV, WORKER_MALLOC,
+                                        task_runner, use_worker_malloc)
 
     missing = object()
     assert all(dask.config.get(key, default=missing) is not missing for key in LOCAL_CLUSTER_CONFIG)
@@ -253,6 +256,7 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
         monitors = runner.client.run(lambda: [__import__("dask").config.get(key) for key in (
             "distributed.worker.memory.monitor-interval", "distributed.admin.system-monitor.interval")])
     assert saturation == 1.0
+    assert WorkerProcess._init_msg_interval == NANNY_START_POLL_S == 0.005
     assert list(profiling.values()) == [False]
     assert list(monitors.values()) == [["500ms", "2s"]]
 
