@@ -260,17 +260,22 @@ LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distribute
                         "distributed.worker.memory.monitor-interval": "500ms"}
 
 
-# A nanny looks every 50 ms whether its worker process has started (distributed's ``WorkerProcess``); a local cluster
-# is ready when every nanny has seen its worker, so each local command waited 15-25 ms after its workers had already
-# registered (benchmarks/README.md, thirteenth session). Looked every 5 ms here: a dozen queue polls per start.
+# A nanny looks every 50 ms whether its worker process has started (distributed's ``WorkerProcess``), and a local
+# cluster is ready when every nanny has seen its worker: each local command waited 15-25 ms after its workers had
+# registered. Every 5 ms here. A worker registers with the package versions each process reads once from the installed
+# metadata (~7.5 ms): read before the fork, forked workers inherit them (benchmarks/README.md, thirteenth session).
 NANNY_START_POLL_S = 0.005
 
 
-def poll_worker_start_quickly() -> None:
-    """Let this process's nannies see a started worker within ``NANNY_START_POLL_S`` (local clusters only)."""
+def quicken_local_start(fork: bool) -> None:
+    """Before a local cluster starts in this process: nannies that see a started worker within
+    ``NANNY_START_POLL_S``, and (``fork``) the versions the workers report read once, for them to inherit."""
     from distributed.nanny import WorkerProcess
+    from distributed.versions import get_versions
 
     WorkerProcess._init_msg_interval = min(WorkerProcess._init_msg_interval, NANNY_START_POLL_S)
+    if fork:
+        get_versions()  # cached per process (the scheduler here reads them too when the first worker registers)
 
 
 # Modules that are not safe to fork once loaded (their thread pools and device state do not survive a fork):
@@ -375,9 +380,10 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
     workers = cluster.workers or default_worker_count()
     dashboard = ":0" if cluster.dashboard else None
     method = {"distributed.worker.multiprocessing-method": worker_start_method(cluster)}
-    if method["distributed.worker.multiprocessing-method"] == "fork":
+    fork = method["distributed.worker.multiprocessing-method"] == "fork"
+    if fork:
         use_worker_malloc()
-    poll_worker_start_quickly()
+    quicken_local_start(fork)
     with dask.config.set({**_worker_env_config(), **method, **LOCAL_CLUSTER_CONFIG}), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
                       memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
             Client(lc) as client:
