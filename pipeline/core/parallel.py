@@ -260,10 +260,9 @@ LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distribute
                         "distributed.worker.memory.monitor-interval": "500ms"}
 
 
-# A nanny looks every 50 ms whether its worker process has started (distributed's ``WorkerProcess``), and a local
-# cluster is ready when every nanny has seen its worker: each local command waited 15-25 ms after its workers had
-# registered. Every 5 ms here. A worker registers with the package versions each process reads once from the installed
-# metadata (~7.5 ms): read before the fork, forked workers inherit them (benchmarks/README.md, thirteenth session).
+# A local cluster is up when each nanny has seen its worker start, which it checks every 50 ms: 15-25 ms of waiting per
+# command after the workers registered (every 5 ms here). Workers register with package versions each process reads
+# once (~7.5 ms): read before the fork, they are inherited (benchmarks/README.md, thirteenth session).
 NANNY_START_POLL_S = 0.005
 
 
@@ -273,7 +272,9 @@ def quicken_local_start(fork: bool) -> None:
     from distributed.nanny import WorkerProcess
     from distributed.versions import get_versions
 
-    WorkerProcess._init_msg_interval = min(WorkerProcess._init_msg_interval, NANNY_START_POLL_S)
+    poll_s = getattr(WorkerProcess, "_init_msg_interval", None)  # distributed's private attribute: kept if absent
+    if isinstance(poll_s, (int, float)):
+        WorkerProcess._init_msg_interval = min(poll_s, NANNY_START_POLL_S)
     if fork:
         get_versions()  # cached per process (the scheduler here reads them too when the first worker registers)
 
