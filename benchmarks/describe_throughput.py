@@ -350,9 +350,11 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
         config = load_config(merged).with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px)
     e2e: dict = {"workers": workers, "command_options": extra, "settings": settings}
     floor_config = config.with_overrides(reader__kind=args.reader)
-    folder = small_slides_dir(args.work_dir, args.dir_slides) if any(k in args.phases for k in "PWsO") else None
+    folder = (small_slides_dir(args.work_dir, args.dir_slides, args.dir_seed)
+              if any(k in args.phases for k in "PWsO") else None)
     runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.work_dir / "cmd-one-out",
-                                                                 workers, extra)),"p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
+                                                                 workers, extra)),
+            "p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
             "w": ("command", lambda: run_command(path, args.work_dir / "cmd-out", workers, extra)),
             "P": ("plain_script_dir", lambda: run_plain(folder, args.work_dir / "plain-dir-out", workers)),
             "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra)),
@@ -491,6 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--descriptor", default="stats", choices=["stats", "cnn"])
     parser.add_argument("--phases", default="abcdfpwPWs", help="subset of the phases to run, e.g. 'ab' or 'fpw'")
     parser.add_argument("--dir-slides", type=int, default=50, help="small slides in the directory phases P and W")
+    parser.add_argument("--dir-seed", type=int, default=100,
+                        help="the directory's first slide seed (one per slide after it): a cohort the code was not "
+                             "tuned on")
     parser.add_argument("--reader", default=None, help="the command's --reader (default: its own default)")
     parser.add_argument("--config", type=Path, default=None,
                         help="a pipeline config file for the command and the floor (e.g. one with `qc: []`)")

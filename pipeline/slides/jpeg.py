@@ -55,6 +55,30 @@ def full_stream(prefix: bytes, tile: bytes) -> bytes:
     return prefix + (tile[2:] if tile.startswith(SOI) else tile)
 
 
+SOS = 0xDA
+STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length (TEM, RSTn)
+
+
+def headers(tile: bytes, limit: int = 4096) -> bytes | None:
+    """A JPEG tile's bytes before its entropy-coded data: SOI and every segment up to and including the scan header
+    (frame header, sampling factors, any tables or restart interval of its own); None when they are not found within
+    ``limit`` bytes. With the stream prefix, they are all that a decoder's settings act on."""
+    if not tile.startswith(SOI):
+        return None
+    at = 2
+    while at + 4 <= min(len(tile), limit):
+        if tile[at] != 0xFF:
+            return None
+        marker = tile[at + 1]
+        if marker in STANDALONE:
+            at += 2
+            continue
+        at += 2 + int.from_bytes(tile[at + 2:at + 4], "big")
+        if marker == SOS:
+            return tile[:at] if at <= len(tile) else None
+    return None
+
+
 def scale_for(factor: float, tile_w: int, tile_h: int, max_scale: int = 8) -> int:
     """The largest scale in ``SCALES`` (<= ``max_scale``) that is no coarser than ``factor`` (level pixels per target
     pixel) and divides the native tile size, so scaled tiles butt exactly; 1 when none does."""

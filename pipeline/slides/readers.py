@@ -44,7 +44,7 @@ import numpy as np
 from ..core.errors import DirectReadUnsupportedError, TileReadError
 from ..core.threads import map_threads
 from . import jpeg
-from .open import open_handle
+from .open import open_handle, remember
 from .pixels import read_level_region, reduce_box
 from .tiff_pages import LevelPage, NotDirect, level_pages
 
@@ -57,6 +57,11 @@ THREADED_TILES = 32  # with ``decode_threads``: regions of this many native tile
 # Decoded native tiles kept per task. Reading is row by row, so the tiles of the last native tile row are what the
 # next strip reuses; the bound only protects memory against unusual access patterns.
 DEFAULT_CACHE_BYTES = 256 << 20
+# The simplejpeg check's verdict by encoding: (stream prefix: colour space and shared tables; the tile's headers:
+# frame, sampling, own tables). A decoder's output depends on these and the scan data only, so a verdict on one tile
+# holds for every tile of that encoding, in any file: a directory of slides from one scanner checks it once per
+# process, not once per slide and level (a second decode of a tile, ~0.4 ms).
+_FAST_JPEG_BY_ENCODING: dict[tuple[bytes, bytes], bool] = {}
 
 
 def load_modules() -> None:
@@ -198,16 +203,22 @@ class TiffTileReader(TileReader):
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise ValueError(f"file ends inside tile {index} (wanted {count} bytes at {offset})")
+        encoding = None
+        if scale == 1 and lp.fast_jpeg is None and lp.jpeg_prefix is not None and jpeg.available():
+            encoding = (lp.jpeg_prefix, jpeg.headers(data))
+            lp.fast_jpeg = _FAST_JPEG_BY_ENCODING.get(encoding) if encoding[1] else None  # None: not seen yet
         if scale == 1 and lp.fast_jpeg:
             tile = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, 1)
         elif scale == 1:
             tile, _, _ = lp.decode(data, index, jpegtables=lp.jpegtables)
             tile = tile[0] if tile.ndim == 4 else tile
-            if lp.fast_jpeg is None and lp.jpeg_prefix is not None and jpeg.available():
+            if lp.fast_jpeg is None and encoding is not None:
                 # simplejpeg decodes these tiles ~20% faster (same libjpeg-turbo, no tifffile layers); used for the
-                # level once it gives this first tile's exact pixels
+                # level once it gives this first tile's exact pixels, and for tiles of the same encoding elsewhere
                 fast = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, 1)
                 lp.fast_jpeg = fast.shape == tile.shape and np.array_equal(fast, tile)
+                if encoding[1]:
+                    remember(_FAST_JPEG_BY_ENCODING, encoding, lp.fast_jpeg)
         else:
             tile = jpeg.decode_scaled(jpeg.full_stream(lp.jpeg_prefix, data), lp.tile_w, lp.tile_h, scale)
         tile_w, tile_h = lp.tile_w // scale, lp.tile_h // scale

@@ -2,6 +2,7 @@
 describe gives the same descriptors with either reader."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -252,6 +253,60 @@ def test_readers_of_one_file_share_the_simplejpeg_check(synthetic_slides, monkey
         np.testing.assert_array_equal(second.read_region(0, 0, 0, 300, 200), pixels)
     with OpenSlideReader(path) as reference:
         np.testing.assert_array_equal(reference.read_region(0, 0, 0, 300, 200), pixels)
+
+
+def test_slides_of_one_encoding_share_the_simplejpeg_check(synthetic_slides, cmu_slide, tmp_path, monkeypatch):
+    """A second slide whose tiles have the same encoding (stream prefix and tile headers) as a checked one decodes its
+    first tile with simplejpeg at once: tifffile's decode, the check's other half, is not run again; the pixels are
+    still OpenSlide's. A slide of another encoding is checked on its own."""
+    from sample_data.synthetic import SyntheticTissue, write_slide
+
+    from pipeline.slides import readers, tiff_pages
+
+    monkeypatch.setattr(readers, "_FAST_JPEG_BY_ENCODING", {})
+    monkeypatch.setattr(tiff_pages, "_PARSED", {})  # fresh pages: no level verdict from earlier tests
+    first_path = synthetic_slides["generic"]
+    second_path = write_slide(tmp_path / "same-encoding.tif", SyntheticTissue(3000, 2004, seed=9, tissue_fraction=0.6),
+                              mpp=0.25, levels=(1, 2, 4), style="generic")
+    info = read_slide_info(first_path)
+    with TiffTileReader(first_path, info.level_dimensions, info.level_downsamples) as first:
+        first.read_region(0, 0, 0, 300, 200)
+        assert first._levels[0].fast_jpeg is True
+    assert len(readers._FAST_JPEG_BY_ENCODING) == 1
+    info = read_slide_info(second_path)
+    with TiffTileReader(second_path, info.level_dimensions, info.level_downsamples) as second, \
+            OpenSlideReader(second_path) as reference:
+        level = second._levels[0]
+        assert level.fast_jpeg is None  # its own page, not checked yet
+
+        def no_tifffile_decode(*args, **kwargs):
+            raise AssertionError("the verdict of this encoding is known: tifffile should not decode")
+
+        monkeypatch.setattr(level, "decode", no_tifffile_decode)
+        np.testing.assert_array_equal(second.read_region(0, 0, 0, 300, 200), reference.read_region(0, 0, 0, 300, 200))
+        assert level.fast_jpeg is True
+    odd = read_slide_info(synthetic_slides["odd_aperio"])  # written by the same encoder: no check of its own
+    with TiffTileReader(odd.path, odd.level_dimensions, odd.level_downsamples) as same:
+        same.read_region(0, 0, 0, 300, 200)
+    assert len(readers._FAST_JPEG_BY_ENCODING) == 1
+    real = read_slide_info(cmu_slide)  # a scanner's Aperio SVS: shared JPEG tables, its own frame headers
+    with TiffTileReader(real.path, real.level_dimensions, real.level_downsamples) as other:
+        other.read_region(0, 0, 0, 300, 200)
+        assert other._levels[0].fast_jpeg is True
+    assert len(readers._FAST_JPEG_BY_ENCODING) == 2
+
+
+def test_jpeg_headers_end_at_the_scan_header(synthetic_slides):
+    from pipeline.slides import jpeg
+
+    info = read_slide_info(synthetic_slides["generic"])
+    with TiffTileReader(info.path, info.level_dimensions, info.level_downsamples) as reader:
+        lp = reader._levels[0]
+        tile = os.pread(reader._fd, int(lp.bytecounts[0]), int(lp.offsets[0]))
+    head = jpeg.headers(tile)
+    assert head is not None and head.startswith(jpeg.SOI) and b"\xff\xc0" in head and b"\xff\xda" in head
+    assert len(head) < len(tile) and tile.startswith(head)
+    assert jpeg.headers(b"not a jpeg") is None and jpeg.headers(tile[:len(head) - 1]) is None
 
 
 def test_forced_direct_reader_at_fractional_level_still_matches(synthetic_slides):
