@@ -146,22 +146,52 @@ def create_partial_store(out_dir: str | Path, slide_id: str, attrs: dict, grid_s
         return path, done
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(marks, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    specs = _store_specs(grid_shape, dims, chunk_tiles, tissue_fraction, tissue_mask, thumbnail, arrays)
+    _create(path, {**attrs, "grid_shape": list(grid_shape), "complete": False}, specs)
+    marks.mkdir(parents=True, exist_ok=True)
+    return path, set()
+
+
+def write_complete_store(out_dir: str | Path, slide_id: str, attrs: dict, chunk_tiles: int, descriptors: np.ndarray,
+                         tissue_fraction: np.ndarray, tissue_mask: np.ndarray, thumbnail: np.ndarray,
+                         arrays: dict[str, dict] | None = None) -> Path:
+    """A slide's whole store written at once, complete (a small slide described by the task that planned it): no
+    partial store for blocks to fill, no chunk markers, and its attributes written once. Built under the partial name
+    and moved into place, as ``finalize_store`` does; ``attrs``: every group attribute but ``grid_shape`` and
+    ``complete``; ``descriptors``: (rows, cols, dims), NaN where no tile was described."""
+    path = partial_path(out_dir, slide_id)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(progress_dir(out_dir, slide_id), ignore_errors=True)
+    rows, cols, dims = descriptors.shape
+    specs = _store_specs((rows, cols), dims, chunk_tiles, tissue_fraction, tissue_mask, thumbnail, arrays, descriptors)
+    _create(path, {**attrs, "grid_shape": [rows, cols], "complete": True}, specs)
+    final = store_path(out_dir, slide_id)
+    replace_directory(path, final)
+    return final
+
+
+def _store_specs(grid_shape: tuple[int, int], dims: int, chunk_tiles: int, tissue_fraction: np.ndarray,
+                 tissue_mask: np.ndarray, thumbnail: np.ndarray, arrays: dict[str, dict] | None,
+                 descriptors: np.ndarray | None = None) -> dict[str, dict]:
+    """The arrays of a describe store as ``create_array`` keywords (``descriptors`` empty unless given)."""
     rows, cols = grid_shape
-    specs = {"descriptors": {"shape": (rows, cols, dims), "chunks": (chunk_tiles, chunk_tiles, dims),
-                             "dtype": "float32", "fill_value": np.nan},
-             "tissue_fraction": {"data": tissue_fraction.astype(np.float32), "chunks": tissue_fraction.shape or None},
-             "tissue_mask": {"data": tissue_mask.astype(bool), "chunks": tissue_mask.shape or None},
-             "thumbnail": {"data": thumbnail,
-                           "chunks": (min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3)},
-             **(arrays or {})}
-    group_attrs = {**attrs, "grid_shape": list(grid_shape), "complete": False}
+    values = {"shape": (rows, cols, dims), "dtype": "float32"} if descriptors is None else \
+        {"data": descriptors.astype(np.float32, copy=False)}
+    return {"descriptors": {**values, "chunks": (chunk_tiles, chunk_tiles, dims), "fill_value": np.nan},
+            "tissue_fraction": {"data": tissue_fraction.astype(np.float32), "chunks": tissue_fraction.shape or None},
+            "tissue_mask": {"data": tissue_mask.astype(bool), "chunks": tissue_mask.shape or None},
+            "thumbnail": {"data": thumbnail,
+                          "chunks": (min(1024, thumbnail.shape[0]), min(1024, thumbnail.shape[1]), 3)},
+            **(arrays or {})}
+
+
+def _create(path: Path, group_attrs: dict, specs: dict[str, dict]) -> None:
+    """A group and its arrays at ``path``: written directly, or through zarr where it must."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not _create_direct(path, group_attrs, specs):
         group = _zarr().open_group(str(path), mode="w", attributes=group_attrs)  # one zarr.json write
         for name, spec in specs.items():
             group.create_array(name, **spec)
-    marks.mkdir(parents=True, exist_ok=True)
-    return path, set()
 
 
 _SPEC_KEYS = frozenset({"data", "shape", "dtype", "fill_value", "chunks", "attributes"})

@@ -79,17 +79,38 @@ def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, f
     Returns the plan without the thumbnail, with ``qc_code`` (the planned codes), ``store`` and ``already`` (chunk
     origins an interrupted run wrote).
     """
+    return open_partial_store(surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed), config, out_dir,
+                              slide_id, path, fingerprint)
+
+
+def surveyed_plan(path: str, config: PipelineConfig, slide_id: str, fingerprint: str, encoder: dict | None = None,
+                  surveyed: dict | None = None) -> dict:
+    """``prepare_slide``, taking over what the stain pass made of the slide (``surveyed``: its "slide", or None)."""
     kept = take_kept_thumbnail(surveyed["kept"]) if surveyed and surveyed.get("kept") else None
-    plan = prepare_slide(path, config, encoder, slide_id, kept, surveyed, fingerprint)
+    return prepare_slide(path, config, encoder, slide_id, kept, surveyed, fingerprint)
+
+
+def open_partial_store(plan: dict, config: PipelineConfig, out_dir: str, slide_id: str, path: str,
+                       fingerprint: str) -> dict:
+    """The second half of ``plan_slide``: the partial store of a prepared slide (``plan`` is consumed)."""
     grid, qc = plan["grid"], plan.pop("qc")
+    attrs = describe_store_attrs(slide_id, path, fingerprint, plan, config)
     store, already = create_partial_store(
-        out_dir, slide_id, _store_attrs(slide_id, path, fingerprint, plan, config), (grid["rows"], grid["cols"]),
+        out_dir, slide_id, attrs, (grid["rows"], grid["cols"]),
         len(plan["descriptor_names"]), config.tiling.chunk_tiles, plan["tissue_fraction"], plan["tissue_tiles"],
         plan.pop("thumbnail"), slide_qc_arrays(qc, config, config.tiling.chunk_tiles))
     return {**plan, "qc_code": qc["qc_code"], "store": str(store), "already": sorted(already)}
 
 
-def _store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config: PipelineConfig) -> dict:
+def completion_attrs(tiles: int, seconds: float, reader: str, qc_counts: dict, encoded_on: list[str],
+                     fallback_regions: int, delegated_regions: int, stain: dict | None) -> dict:
+    """The store attributes of a slide once every block is described (beside ``describe_store_attrs``)."""
+    return {"tiles": tiles, "seconds": seconds, "reader": reader, "qc": qc_counts, "encoded_on": encoded_on,
+            "reader_fallback_regions": fallback_regions, "reader_delegated_regions": delegated_regions,
+            "stain": stain}
+
+
+def describe_store_attrs(slide_id: str, path: str, fingerprint: str, plan: dict, config: PipelineConfig) -> dict:
     info = plan["info"]
     return {
         "stage": "describe",

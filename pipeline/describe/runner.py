@@ -4,9 +4,10 @@ Task functions that run on workers (each opens its own slide handle):
 
 * ``plan_slide`` (``plan.py``): metadata, tile grid, tissue mask and thumbnail of one slide (``prepare_slide``), and
   its partial store created there (the thumbnail is written by the worker; small arrays come back);
-* ``describe_block``: descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of tiles), written
-  straight into that block's own Zarr chunk; a slide with a single block is described in its plan task
-  (``plan_and_describe``), and small slides go several to a task (``grouping.py``).
+* ``describe_block`` (``blocks.py``): descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of
+  tiles), written straight into that block's own Zarr chunk;
+* ``plan_and_describe`` (``small_slides.py``): a slide with a single block is described in its plan task and its store
+  written whole there; small slides go several to a task (``grouping.py``).
 
 ``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
 finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.
@@ -25,87 +26,25 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for, where_am_i,
+from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for,
                              worker_start_method)
 from ..core.progress import Progress
-from ..core.store import finalize_store, read_attrs, store_is_current, store_path, write_descriptor_chunk
+from ..core.store import finalize_store, read_attrs, store_is_current, store_path
 from ..core.task_order import balanced_order
 from ..slides.open import find_slides, slide_id_from_path
 from ..slides.annotations import described_fingerprints, unmatched_annotation_files
-from ..slides.qc.slide import block_scores, finalise_slide_qc, write_block_scores
-from ..slides.reader_choice import open_reader
-from ..slides.stain import apply_stain_transform
-from ..slides.tiling import TileGrid, iter_tile_batches
+from ..slides.qc.slide import finalise_slide_qc
+from .blocks import describe_block, encoded_on, slide_blocks
 from .bookkeeping import ManifestRecords, load_kernels, record_from_store
-from .descriptors import compute_descriptors
-from .encoders import encoder_info, get_encoder, validate_encoder
-from .encoders.placement import block_batch_tiles, block_resources, prefetched
+from .encoders import encoder_info, validate_encoder
+from .encoders.placement import block_resources
 from .grouping import MAX_GROUP, PlanQueue, group_task, outcomes
-from .plan import plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry point)
+from .plan import completion_attrs, plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry)
+from .small_slides import plan_and_describe
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
 log = logging.getLogger("pipeline")
 BLOCK_TASK_TILES = 3  # a block task's fixed cost (scheduling, reader, chunk write) in tiles' time
-
-
-# --- worker tasks ---------------------------------------------------------------------------------------------------
-
-
-def describe_block(path: str, store: str, out_dir: str, slide_id: str, grid_dict: dict,
-                   block: tuple[int, int, int, int], block_tiles: np.ndarray, config: PipelineConfig,
-                   dims: int, reader: dict | None = None, stain: dict | None = None) -> dict:
-    """Descriptors of the tissue tiles of one block, written to its Zarr chunk.
-
-    ``reader``: the slide's ``ReaderChoice`` as a dict (None = OpenSlide); ``stain``: the slide's fixed stain
-    transform (``pipeline.slides.stain.slide_transform``; None = tiles as read), applied before descriptors.
-    Returns {"block", "tiles": number of tiles, "fallback_regions" / "delegated_regions": regions the direct reader
-    read through OpenSlide after a decode failure / because they lie at sub-pixel positions of the level,
-    "encoded_on": the worker (None in-process) and device, "qc_scores": the block's tile QC scores as written}.
-    On an accelerator, tiles are read a few batches ahead of the encoder (``encoders/placement.py``).
-    """
-    encoder = get_encoder(config.descriptor)
-    grid = TileGrid.from_dict(grid_dict)
-    r0, r1, c0, c1 = block
-    values = np.full((r1 - r0, c1 - c0, dims), np.nan, dtype=np.float32)
-    scores = np.full((r1 - r0, c1 - c0, 0), np.nan, dtype=np.float32)  # QC scores of the pixels as scanned
-    count = 0
-    with open_reader(path, reader) as handle:
-        batches = iter_tile_batches(handle, grid, block_tiles, block, block_batch_tiles(encoder, config.descriptor), path)
-        for positions, tiles in (prefetched(batches) if encoder.on_accelerator else batches):
-            batch_scores = block_scores(tiles, config)
-            if batch_scores.shape[1] != scores.shape[2]:
-                scores = np.full((r1 - r0, c1 - c0, batch_scores.shape[1]), np.nan, dtype=np.float32)
-            scores[positions[:, 0] - r0, positions[:, 1] - c0] = batch_scores
-            tiles = apply_stain_transform(tiles, stain)
-            values[positions[:, 0] - r0, positions[:, 1] - c0] = compute_descriptors(tiles, config.descriptor)
-            count += len(positions)
-        fallbacks, delegated = handle.fallback_regions, handle.delegated_regions
-    write_block_scores(store, block, scores)  # before the chunk's done marker
-    write_descriptor_chunk(store, out_dir, slide_id, block, values)
-    return {"block": list(block), "tiles": count, "fallback_regions": fallbacks, "delegated_regions": delegated,
-            "encoded_on": where_am_i()["worker"], "device": f"{encoder.spec.device}, {encoder.spec.precision}",
-            "qc_scores": scores}
-
-
-def slide_blocks(plan: dict, chunk_tiles: int) -> list[tuple[int, int, int, int]]:
-    """The blocks (Zarr chunks) of a planned slide that hold tiles to describe."""
-    tissue = plan["tissue_tiles"]
-    return [b for b in TileGrid.from_dict(plan["grid"]).chunks(chunk_tiles) if tissue[b[0]:b[1], b[2]:b[3]].any()]
-
-
-def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
-                      encoder: dict | None = None, surveyed: dict | None = None, stain: dict | None = None) -> dict:
-    """``plan_slide``, then the slide's block when it has only one (a small slide): one task instead of two, each of
-    which costs milliseconds of scheduling. The plan gets ``described``: that block and its ``describe_block``
-    result."""
-    plan = plan_slide(path, config, out_dir, slide_id, fingerprint, encoder, surveyed)
-    blocks = slide_blocks(plan, config.tiling.chunk_tiles)
-    if len(blocks) == 1 and [blocks[0][0], blocks[0][2]] not in [list(a) for a in plan["already"]]:
-        r0, r1, c0, c1 = block = blocks[0]
-        plan["described"] = describe_block(path, plan["store"], out_dir, slide_id, plan["grid"], block,
-                                           plan["tissue_tiles"][r0:r1, c0:c1].copy(), config,
-                                           len(plan["descriptor_names"]), plan["reader"], stain)
-    return plan
 
 
 # --- the runner -----------------------------------------------------------------------------------------------------
@@ -244,31 +183,36 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         log.log(level, "slide %s failed: %s", job.slide_id, record["message"])
 
     def finish(job: _SlideJob) -> None:
-        nonlocal done_count
-        info = job.plan["info"]
         seconds = round(time.monotonic() - job.started, 3)
         reader = job.plan["reader"]["kind"]
         scores = None if job.resumed else job.scores
         qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan, scores)
         job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
-        finalize_store(out_dir, job.slide_id, {
-            "tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
-            "encoded_on": sorted(job.encoded_on), "reader_fallback_regions": job.fallback_regions,
-            "reader_delegated_regions": job.delegated_regions, "stain": stain.store_attrs(job.slide_id)})
+        finalize_store(out_dir, job.slide_id, completion_attrs(
+            job.tiles, seconds, reader, qc_counts, sorted(job.encoded_on), job.fallback_regions, job.delegated_regions,
+            stain.store_attrs(job.slide_id)))
+        recorded(job, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
+                       "reader_fallback_regions": job.fallback_regions})
+
+    def recorded(job: _SlideJob, completed: dict) -> None:
+        """A slide's store is complete: its manifest record."""
+        nonlocal done_count
+        info = job.plan["info"]
         jobs.pop(job.slide_id, None)
         record_slide(job.slide_id, status="done", error=None, path=job.path, mpp=info["mpp"],
-                     mpp_source=info["mpp_source"], tiles=job.tiles, seconds=seconds, reader=reader,
-                     store=str(store_path(out_dir, job.slide_id)), reader_fallback_regions=job.fallback_regions,
-                     qc=qc_counts, stain=stain.manifest_record(job.slide_id))
+                     mpp_source=info["mpp_source"], tiles=completed["tiles"], seconds=completed["seconds"],
+                     reader=completed["reader"], store=str(store_path(out_dir, job.slide_id)),
+                     reader_fallback_regions=completed["reader_fallback_regions"], qc=completed["qc"],
+                     stain=stain.manifest_record(job.slide_id))
         done_count += 1
         bar.slide_done()
-        log.info("slide %s done: %d tiles in %.1f s", job.slide_id, job.tiles, seconds)
+        log.info("slide %s done: %d tiles in %.1f s", job.slide_id, completed["tiles"], completed["seconds"])
 
     def block_done(job: _SlideJob, result: dict) -> None:
         job.tiles += int(result["tiles"])
         job.fallback_regions += int(result["fallback_regions"])
         job.delegated_regions += int(result["delegated_regions"])
-        job.encoded_on.add(f"{result.get('encoded_on') or 'client'} ({result.get('device', 'cpu')})")
+        job.encoded_on.add(encoded_on(result))
         bar.tiles_done(int(result["tiles"]))
         r0, r1, c0, c1 = result["block"]
         if result["qc_scores"].shape[-1]:
@@ -302,7 +246,8 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         tag = ("prepare", tuple(job.slide_id for job in group))
         if resources:
             return Task(plan_slide, args[0], tag)
-        args = [(*a, stain.transforms.get(job.slide_id)) for a, job in zip(args, group)]
+        args = [(*a, stain.transforms.get(job.slide_id), stain.store_attrs(job.slide_id))
+                for a, job in zip(args, group)]
         return group_task(plan_and_describe, args, tag)
 
     def results():
@@ -331,6 +276,10 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
             tissue = job.plan["tissue_tiles"]
             bar.add_tiles(int(tissue.sum()))
             pending.planned(int(tissue.sum()))
+            if "completed" in job.plan:  # described and its store written whole by its plan task
+                bar.tiles_done(job.plan["completed"]["described_tiles"])
+                recorded(job, job.plan["completed"])
+                continue
             todo_blocks = []
             for b in slide_blocks(job.plan, config.tiling.chunk_tiles):
                 n = int(tissue[b[0]:b[1], b[2]:b[3]].sum())

@@ -44,7 +44,7 @@ SLOW_BLOCKS = """
 # Dask may run a preload more than once in a process: wrap the real function, never an earlier wrapper.
 import time
 
-import pipeline.describe.runner as _describe
+import pipeline.describe.blocks as _describe
 
 
 def _install(real):

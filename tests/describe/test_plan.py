@@ -3,6 +3,7 @@ made once (the stain pass's are taken over), whatever the stain setting; the sto
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -100,3 +101,38 @@ def test_a_single_block_slide_is_described_in_its_plan_task(small_slides, tmp_pa
         for name in ("descriptors", "tissue_mask", "qc_code", "qc_scores", "thumbnail"):
             assert np.array_equal(read_array(one, name), read_array(many, name), equal_nan=True), name
         assert read_attrs(one)["tiles"] == read_attrs(many)["tiles"] > 0
+        # written whole by its plan task: the same attributes, complete, and nothing of a partial store left
+        attrs_one, attrs_many = read_attrs(one), read_attrs(many)
+        assert set(attrs_one) == set(attrs_many) and attrs_one["complete"] is True
+        for key in ("qc", "reader", "slide_info", "tile_grid", "descriptor", "config_hash", "fingerprint", "stain"):
+            assert attrs_one[key] == attrs_many[key], key
+        assert not (stores[64] / "slides" / ".progress" / slide_id).exists()
+        assert not (stores[64] / "slides" / f"{slide_id}.zarr.partial").exists()
+        records = [json.loads((stores[c] / "manifest.json").read_text())["slides"][slide_id] for c in (64, 4)]
+        assert [r["status"] for r in records] == ["done", "done"] and records[0]["tiles"] == records[1]["tiles"]
+        assert records[0]["qc"] == records[1]["qc"] and records[0]["store"] == str(one)
+
+
+def test_a_single_block_slide_resumes_the_partial_store_an_interrupted_run_left(small_slides, tmp_path, monkeypatch):
+    """A one-block slide whose partial store is there (a run stopped after its plan) is described into it, block task
+    style, and ends as the store written whole would."""
+    import pipeline.describe.small_slides as small_module
+    from pipeline.describe.plan import plan_slide
+    from pipeline.slides.annotations import described_fingerprints
+
+    config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 64}, "stain": {"method": "none"}})
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    describe_slides([small_slides], whole, config, runner=LocalRunner(), progress=False)
+    path = small_slides / "slide-a.svs"
+    plan_slide(str(path), config, str(resumed), "slide-a", described_fingerprints({"slide-a": path}, None)["slide-a"])
+    assert (resumed / "slides" / "slide-a.zarr.partial").is_dir()
+    calls = Counter()
+    _counting(monkeypatch, small_module, "write_complete_store", calls, key=lambda *a, **k: a[1])
+    assert describe_slides([small_slides], resumed, config, runner=LocalRunner(), progress=False)["done"] == 2
+    assert calls == Counter({("write_complete_store", "slide-b"): 1})  # slide-a went into its partial store
+    assert not (resumed / "slides" / "slide-a.zarr.partial").exists()
+    for slide_id in ("slide-a", "slide-b"):
+        a, b = store_path(whole, slide_id), store_path(resumed, slide_id)
+        for name in ("descriptors", "tissue_mask", "tissue_fraction", "qc_code", "qc_scores", "thumbnail"):
+            assert np.array_equal(read_array(a, name), read_array(b, name), equal_nan=True), name
+        assert read_attrs(a)["tiles"] == read_attrs(b)["tiles"] > 0 and read_attrs(b)["complete"] is True

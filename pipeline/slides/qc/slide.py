@@ -40,18 +40,20 @@ def plan_slide_qc(thumbnail: np.ndarray, tissue_px: np.ndarray, mask_downsample:
             "annotation_file": str(path) if path else None}
 
 
-def slide_qc_arrays(qc: dict, config, chunk_tiles: int) -> dict[str, dict]:
-    """The planned arrays of a new partial store as ``create_partial_store`` keywords: ``qc_code``,
-    ``tile_annotation`` (each one chunk, as the other whole-grid arrays: read whole, and written without zarr's chunk
-    guess) and, with tile detectors, an empty (NaN) ``qc_scores`` the block tasks fill."""
+def slide_qc_arrays(qc: dict, config, chunk_tiles: int, scores: np.ndarray | None = None) -> dict[str, dict]:
+    """The QC arrays of a new store as ``create_partial_store`` keywords: ``qc_code``, ``tile_annotation`` (each one
+    chunk, as the other whole-grid arrays: read whole, and written without zarr's chunk guess) and, with tile
+    detectors, ``qc_scores``: empty (NaN) for the block tasks to fill, or ``scores`` (rows, cols, k) when they are
+    known (a store written whole)."""
     arrays = {"qc_code": {"data": qc["qc_code"], "chunks": qc["qc_code"].shape, "attributes": {"codes": QC_CODES}},
               "tile_annotation": {"data": qc["tile_annotation"], "chunks": qc["tile_annotation"].shape,
                                   "attributes": {"classes": qc["annotation_classes"], "file": qc["annotation_file"]}}}
     names = tile_detector_names(config.qc)
     if names:
         rows, cols = qc["qc_code"].shape
-        arrays[SCORES] = {"shape": (rows, cols, len(names)), "dtype": np.float32, "fill_value": np.nan,
-                          "chunks": (chunk_tiles, chunk_tiles, len(names)), "attributes": {"detectors": names}}
+        shape = {"shape": (rows, cols, len(names)), "dtype": np.float32} if scores is None else {"data": scores}
+        arrays[SCORES] = {**shape, "fill_value": np.nan, "chunks": (chunk_tiles, chunk_tiles, len(names)),
+                          "attributes": {"detectors": names}}
     return arrays
 
 
@@ -66,30 +68,44 @@ def write_block_scores(store, block: tuple[int, int, int, int], scores: np.ndarr
         write_tile_block(store, SCORES, block, scores)
 
 
-def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict, scores: np.ndarray | None = None
-                      ) -> tuple[dict[str, int], int]:
-    """Decide the tile detectors over the slide's scores; the tiles they exclude lose their descriptors (NaN) and
-    leave ``tissue_mask``. ``planned``: the slide's plan, whose ``qc_code``, ``tissue_tiles`` (``tissue_mask``) and
-    ``tissue_fraction`` the store holds (not read back); ``scores``: its ``qc_scores`` as the blocks wrote them (None:
-    read from the store). Returns ({reason: tiles excluded}, tiles excluded now)."""
+def decide_slide_qc(config, planned: dict, scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(qc codes, tiles kept, tiles the tile detectors exclude now) of a slide whose blocks are described: the tile
+    detectors decided over the slide's ``scores`` (rows, cols, k); ``planned``: its plan (``qc_code``,
+    ``tissue_tiles``)."""
     names = tile_detector_names(config.qc)
     codes = planned["qc_code"]
     kept = planned["tissue_tiles"].astype(bool)
     flagged = np.zeros(kept.shape, bool)
-    if names:  # qc_scores is made with the partial store whenever there are tile detectors
-        scores = read_array(store, SCORES) if scores is None else scores
+    if names:
         new = decide_tile_qc(scores, names, kept, config.qc)
         flagged = new != 0
     if flagged.any():
         codes = np.where(flagged, new, codes).astype(np.uint8)
         kept &= ~flagged
+    return codes, kept, flagged
+
+
+def slide_qc_counts(config, planned: dict, codes: np.ndarray) -> dict[str, int]:
+    """{reason: tissue tiles excluded} of a slide (``qc_counts`` over its tissue tiles)."""
+    fraction = planned["tissue_fraction"]
+    fraction_min = config.tissue.fraction_min
+    return qc_counts(codes, fraction > 0 if fraction_min == 0 else fraction >= fraction_min)
+
+
+def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict, scores: np.ndarray | None = None
+                      ) -> tuple[dict[str, int], int]:
+    """``decide_slide_qc`` on a slide's partial store: the tiles excluded lose their descriptors (NaN) and leave
+    ``tissue_mask``. ``planned``: the slide's plan, whose ``qc_code``, ``tissue_tiles`` (``tissue_mask``) and
+    ``tissue_fraction`` the store holds (not read back); ``scores``: its ``qc_scores`` as the blocks wrote them (None:
+    read from the store). Returns ({reason: tiles excluded}, tiles excluded now)."""
+    if tile_detector_names(config.qc) and scores is None:  # qc_scores is made with the partial store then
+        scores = read_array(store, SCORES)
+    codes, kept, flagged = decide_slide_qc(config, planned, scores)
+    if flagged.any():
         _clear_descriptors(store, flagged, chunk_tiles)
         write_array(store, "qc_code", codes, attrs={"codes": QC_CODES})
         write_array(store, "tissue_mask", kept)
-    fraction = planned["tissue_fraction"]
-    fraction_min = config.tissue.fraction_min
-    tissue = fraction > 0 if fraction_min == 0 else fraction >= fraction_min
-    return qc_counts(codes, tissue), int(flagged.sum())
+    return slide_qc_counts(config, planned, codes), int(flagged.sum())
 
 
 def _clear_descriptors(store, flagged: np.ndarray, chunk_tiles: int) -> None:

@@ -1,0 +1,71 @@
+"""A small slide in one task: ``plan_and_describe`` plans a slide and, when its tiles fall in one block (Zarr chunk),
+describes that block in the same task (a Dask task costs milliseconds of scheduling; a small slide's plan and block
+tens of milliseconds). Such a slide's store is then written once, whole and complete (``write_complete_store``):
+no partial store for a block task to fill, no chunk marker, no second write of its attributes, and the runner only
+records it. A slide with several blocks, or with a partial store an interrupted run left, is planned as before.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..core.config import PipelineConfig
+from ..core.store import partial_path, write_complete_store
+from ..slides.qc.slide import decide_slide_qc, slide_qc_arrays, slide_qc_counts
+from .blocks import describe_block, describe_tiles, encoded_on, slide_blocks
+from .plan import completion_attrs, describe_store_attrs, open_partial_store, surveyed_plan
+
+
+def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
+                      encoder: dict | None = None, surveyed: dict | None = None, stain: dict | None = None,
+                      stain_attrs: dict | None = None) -> dict:
+    """The plan of a slide (``plan_slide``'s), and a one-block slide described: with ``described`` (the block's
+    ``describe_block`` result) when it went into a partial store, or ``completed`` (what the manifest records) when
+    its store was written whole. ``stain``: the slide's transform; ``stain_attrs``: what its store records of it."""
+    started = time.monotonic()
+    plan = surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed)
+    blocks = slide_blocks(plan, config.tiling.chunk_tiles)
+    if len(blocks) == 1 and not partial_path(out_dir, slide_id).exists():
+        return _described_whole(plan, blocks[0], path, config, out_dir, slide_id, fingerprint, stain, stain_attrs,
+                                started)
+    plan = open_partial_store(plan, config, out_dir, slide_id, path, fingerprint)
+    if len(blocks) == 1 and [blocks[0][0], blocks[0][2]] not in [list(a) for a in plan["already"]]:
+        r0, r1, c0, c1 = block = blocks[0]
+        plan["described"] = describe_block(path, plan["store"], out_dir, slide_id, plan["grid"], block,
+                                           plan["tissue_tiles"][r0:r1, c0:c1].copy(), config,
+                                           len(plan["descriptor_names"]), plan["reader"], stain)
+    return plan
+
+
+def _described_whole(plan: dict, block: tuple[int, int, int, int], path: str, config: PipelineConfig, out_dir: str,
+                     slide_id: str, fingerprint: str, stain: dict | None, stain_attrs: dict | None,
+                     started: float) -> dict:
+    """Describe a one-block slide's block, decide its tile QC and write its store whole (``plan`` is consumed)."""
+    r0, r1, c0, c1 = block
+    tissue, qc = plan["tissue_tiles"], plan.pop("qc")
+    dims = len(plan["descriptor_names"])
+    described = describe_tiles(path, plan["grid"], block, tissue[r0:r1, c0:c1].copy(), config, dims, plan["reader"],
+                               stain)
+    values = np.full((*tissue.shape, dims), np.nan, np.float32)
+    values[r0:r1, c0:c1] = described["values"]
+    k = described["qc_scores"].shape[-1]
+    scores = np.full((*tissue.shape, k), np.nan, np.float32)
+    scores[r0:r1, c0:c1] = described["qc_scores"]
+    codes, kept, flagged = decide_slide_qc(config, {**plan, "qc_code": qc["qc_code"]}, scores)
+    values[flagged] = np.nan  # tiles the tile detectors exclude lose their descriptors
+    tiles = described["tiles"] - int(flagged.sum())
+    counts = slide_qc_counts(config, plan, codes)
+    reader = plan["reader"]["kind"]
+    seconds = round(time.monotonic() - started, 3)
+    attrs = {**describe_store_attrs(slide_id, path, fingerprint, plan, config),
+             **completion_attrs(tiles, seconds, reader, counts, [encoded_on(described)], described["fallback_regions"],
+                                described["delegated_regions"], stain_attrs)}
+    store = write_complete_store(out_dir, slide_id, attrs, config.tiling.chunk_tiles, values, plan["tissue_fraction"],
+                                 kept, plan.pop("thumbnail"),
+                                 slide_qc_arrays({**qc, "qc_code": codes}, config, config.tiling.chunk_tiles,
+                                                 scores if k else None))
+    return {**plan, "qc_code": codes, "store": str(store), "already": [],
+            "completed": {"tiles": tiles, "described_tiles": described["tiles"], "seconds": seconds, "reader": reader,
+                          "qc": counts, "reader_fallback_regions": described["fallback_regions"]}}
