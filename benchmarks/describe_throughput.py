@@ -352,15 +352,15 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     floor_config = config.with_overrides(reader__kind=args.reader)
     folder = (small_slides_dir(args.work_dir, args.dir_slides, args.dir_seed)
               if any(k in args.phases for k in "PWsO") else None)
-    runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.work_dir / "cmd-one-out",
+    runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.out_root / "cmd-one-out",
                                                                  workers, extra)),
-            "p": ("plain_script", lambda: run_plain(path, args.work_dir / "plain-out", workers)),
-            "w": ("command", lambda: run_command(path, args.work_dir / "cmd-out", workers, extra)),
-            "P": ("plain_script_dir", lambda: run_plain(folder, args.work_dir / "plain-dir-out", workers)),
-            "W": ("command_dir", lambda: run_command(folder, args.work_dir / "cmd-dir-out", workers, extra)),
-            "o": ("baseline_command", lambda: run_command(path, args.work_dir / "base-out", workers, [],
+            "p": ("plain_script", lambda: run_plain(path, args.out_root / "plain-out", workers)),
+            "w": ("command", lambda: run_command(path, args.out_root / "cmd-out", workers, extra)),
+            "P": ("plain_script_dir", lambda: run_plain(folder, args.out_root / "plain-dir-out", workers)),
+            "W": ("command_dir", lambda: run_command(folder, args.out_root / "cmd-dir-out", workers, extra)),
+            "o": ("baseline_command", lambda: run_command(path, args.out_root / "base-out", workers, [],
                                                           args.baseline_tree)),
-            "O": ("baseline_command_dir", lambda: run_command(folder, args.work_dir / "base-dir-out", workers, [],
+            "O": ("baseline_command_dir", lambda: run_command(folder, args.out_root / "base-dir-out", workers, [],
                                                               args.baseline_tree))}
     # The floor is measured before and after every command run whose run is set against it (w, W, s), over every
     # tissue tile: the machine's speed drifts by several percent within a minute, so each run gets the mean of the two
@@ -451,9 +451,9 @@ def run_cluster_phases(args, path, plan: dict, blocks: list, readers: dict, conf
             ("a", "openslide_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["openslide"]), {})),
             ("b", "tiff_read", lambda: (run_read_phase(runner, str(path), plan, blocks, readers["tiff"]), {})),
             ("c", "describe_openslide", lambda: run_describe_phase(
-                runner, Path(path), args.work_dir / "out-openslide", config.with_overrides(reader__kind="openslide"))),
+                runner, Path(path), args.out_root / "out-openslide", config.with_overrides(reader__kind="openslide"))),
             ("d", "describe_tiff", lambda: run_describe_phase(
-                runner, Path(path), args.work_dir / "out-tiff", config.with_overrides(reader__kind="tiff"))),
+                runner, Path(path), args.out_root / "out-tiff", config.with_overrides(reader__kind="tiff"))),
         ]
         for rep in range(args.repeat):
             for key, name, fn in phases:
@@ -485,7 +485,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slide", type=Path, help="slide to use instead of the generated one")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wsi-bench"),
-                        help="where the generated slide is cached and describe writes its outputs")
+                        help="where the generated slides are cached")
+    parser.add_argument("--out-root", type=Path, default=None,
+                        help="where the commands write their outputs (default: a fresh folder in the system's temp "
+                             "folder, removed at the end). Not beside the cached slides: on a nearly full ext4 the "
+                             "block groups of an old, large folder make every file created there cost more kernel "
+                             "time, which the directory's 600 files per run feel and the slide's few do not")
     parser.add_argument("--quick", action="store_true", help=f"a small {QUICK_SIZE[0]}x{QUICK_SIZE[1]} slide")
     parser.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
     parser.add_argument("--mpp", type=float, default=0.5, help="target resolution (default 0.5 µm/px)")
@@ -519,6 +524,11 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.slides.tiling import TileGrid
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    fresh_out = args.out_root is None
+    if fresh_out:
+        import tempfile
+
+        args.out_root = Path(tempfile.mkdtemp(prefix="wsi-bench-out-"))
     path = args.slide or bench_slide(args.work_dir, args.quick)
     workers = args.workers or default_worker_count()
     config = PipelineConfig().with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px,
@@ -606,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        cwd=Path(__file__).parent, check=False).stdout.strip() or None
     except OSError:
         pass
+    result["machine"]["out_root"] = str(args.out_root)
+    if fresh_out:
+        shutil.rmtree(args.out_root, ignore_errors=True)
     print(json.dumps(result, indent=2))
     return result
 
