@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.core.store import (PARTIAL_SUFFIX, array_attrs, create_partial_store, finalize_store, list_stores,
                                  open_store, package_versions, partial_path, progress_dir, read_array, read_attrs,
-                                 slides_dir, store_is_current, store_path, write_array, write_descriptor_chunk)
+                                 slides_dir, store_is_current, store_path, write_array, write_complete_store,
+                                 write_descriptor_chunk)
 
 GRID = (5, 7)  # rows, cols of tiles
 DIMS = 3
@@ -141,6 +142,33 @@ def test_finalize_replaces_a_stale_store_and_leaves_nothing_behind(tmp_path):
     # no .s1.zarr.old-*, no s1.zarr.partial, no markers (the shared .progress folder itself may stay)
     assert sorted(p.name for p in slides_dir(tmp_path).iterdir() if p.name != ".progress") == ["s1.zarr"]
     assert not progress_dir(tmp_path, "s1").exists()
+
+
+def test_a_store_written_whole_equals_one_built_block_by_block(tmp_path):
+    """``write_complete_store`` (a one-task slide): the same arrays and attributes as a partial store filled block by
+    block and finalised, complete at once, replacing a stale store, with no partial store or markers left."""
+    fraction, mask, thumb = _inputs()
+    values = np.full((*GRID, DIMS), np.nan, np.float32)
+    path, _ = _create(tmp_path / "blocks")
+    for i, block in enumerate(BLOCKS[:3]):  # the last block holds no tile: its chunk is left out
+        r0, r1, c0, c1 = block
+        values[r0:r1, c0:c1] = _block_values(block, float(i))
+        write_descriptor_chunk(path, tmp_path / "blocks", "s1", block, values[r0:r1, c0:c1])
+    built = finalize_store(tmp_path / "blocks", "s1", {"tiles": 12})
+    stale, _ = _create(tmp_path / "whole", config_hash="h-0")
+    finalize_store(tmp_path / "whole", "s1", {})
+    whole = write_complete_store(tmp_path / "whole", "s1", {**_attrs(), "tiles": 12}, CHUNK, values, fraction, mask,
+                                 thumb)
+    assert whole == store_path(tmp_path / "whole", "s1") and read_attrs(whole) == read_attrs(built)
+    assert read_attrs(whole)["complete"] is True and store_is_current(whole, "fp-1", "h-1")
+    for name in ("descriptors", "tissue_fraction", "tissue_mask", "thumbnail"):
+        np.testing.assert_array_equal(read_array(whole, name), read_array(built, name))
+    assert open_store(whole)["descriptors"].chunks == (CHUNK, CHUNK, DIMS)
+    assert sorted(p.relative_to(whole) for p in (whole / "descriptors").rglob("*")) == \
+        sorted(p.relative_to(built) for p in (built / "descriptors").rglob("*"))  # the same chunk files
+    # no s1.zarr.partial, no .s1.zarr.old-*, no markers (the shared .progress folder itself may stay)
+    assert sorted(p.name for p in slides_dir(tmp_path / "whole").iterdir() if p.name != ".progress") == ["s1.zarr"]
+    assert not progress_dir(tmp_path / "whole", "s1").exists()
 
 
 def test_list_stores_only_complete_stores_sorted(tmp_path):
