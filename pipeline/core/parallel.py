@@ -66,12 +66,13 @@ def group_size(waiting: int, capacity: int, mean_weight: float | None, target_we
                max_group: int = 8) -> int:
     """How many waiting items (e.g. slides) the next task takes: 1 while their size is unknown (``mean_weight`` None:
     nothing finished yet), else as many as make ``target_weight`` at the mean weight seen (e.g. a few hundred tiles),
-    at most ``max_group`` and at most ``waiting / (4 x capacity)``: groups shrink towards the end, so the workers
-    finish together (guided self-scheduling)."""
+    at most ``max_group`` and at most ``waiting / (2 x capacity)``: groups shrink towards the end, so the workers
+    finish together (guided self-scheduling; with 4 x capacity the directory's last tasks were mostly single slides,
+    and each task costs ~5 ms of CPU: benchmarks/README.md, fourteenth session)."""
     if not mean_weight or waiting <= 1:
         return 1
     by_weight = int(target_weight // max(mean_weight, 1e-9))
-    return max(1, min(max_group, by_weight, -(-waiting // (4 * max(1, capacity)))))
+    return max(1, min(max_group, by_weight, -(-waiting // (2 * max(1, capacity)))))
 
 
 def _done(tag: Any, result: Any) -> "Done":

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..core.parallel import Done, Task, TaskFailure, TaskRetry, call_each, group_size
 
-GROUP_TILES = 256  # tissue tiles per group task: one full 16 x 16 block, "hundreds of tiles per task"
+GROUP_TILES = 512  # tissue tiles per group task: two full 16 x 16 blocks, "hundreds of tiles per task"
 MAX_GROUP = 8  # slides per task at most
 
 

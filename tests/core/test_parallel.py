@@ -49,9 +49,10 @@ def test_a_grouped_task_gives_each_item_its_own_outcome():
 
 def test_groups_follow_the_mean_size_seen_and_shrink_towards_the_end():
     assert group_size(50, 2, None, 256) == 1  # nothing finished yet: sizes unknown
-    assert group_size(50, 2, 40.0, 256) == 6  # 256 // 40, below 50 / 8 and the cap
+    assert group_size(50, 2, 40.0, 256) == 6  # 256 // 40, below 50 / 4 and the cap
     assert group_size(200, 2, 10.0, 256) == 8  # the cap
-    assert group_size(12, 2, 40.0, 256) == 2  # ceil(12 / 8): the last tasks are small
+    assert group_size(12, 2, 40.0, 256) == 3  # ceil(12 / 4): the last tasks are small
+    assert group_size(6, 2, 40.0, 256) == 2
     assert group_size(3, 2, 40.0, 256) == 1
     assert group_size(50, 2, 2000.0, 256) == 1  # big slides stay alone
 
