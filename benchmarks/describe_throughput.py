@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phases", default="abcdfpwPWs", help="subset of the phases to run, e.g. 'ab' or 'fpw'")
     parser.add_argument("--dir-slides", type=int, default=50, help="small slides in the directory phases P and W")
     parser.add_argument("--dir-seed", type=int, default=100,
-                        help="the directory's first slide seed (one per slide after it): a cohort the code was not "
-                             "tuned on")
+                        help="the directory's first slide seed, one more per slide (default 100: the cohort earlier "
+                             "sessions tuned on; pass another for a fresh cohort)")
     parser.add_argument("--reader", default=None, help="the command's --reader (default: its own default)")
     parser.add_argument("--config", type=Path, default=None,
                         help="a pipeline config file for the command and the floor (e.g. one with `qc: []`)")

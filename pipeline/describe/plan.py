@@ -18,7 +18,7 @@ from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.qc.slide import plan_slide_qc, slide_qc_arrays
 from ..slides.reader_choice import ReaderChoice
 from ..slides.tiling import tile_grid
-from ..slides.tissue import mask_downsample_for, tile_tissue_fraction
+from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_tiles
 from .encoders import encoder_info, get_encoder
 from .stain_cohort import slide_reader, take_kept_thumbnail, tissue_image
 
@@ -44,8 +44,7 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
     reader = surveyed["reader"] if surveyed else slide_reader(info, grid, config)
     thumbnail, mask = (kept["thumbnail"], kept["mask"]) if kept else tissue_image(path, reader, grid, mask_ds, config)
     fraction = tile_tissue_fraction(mask, mask_ds, grid)
-    # fraction_min 0 means "any tissue at all", not "every tile"
-    tiles = fraction > 0 if config.tissue.fraction_min == 0 else fraction >= config.tissue.fraction_min
+    tiles = tissue_tiles(fraction, config.tissue.fraction_min)
     if not tiles.any():
         raise NoTissueError(
             f"no tile of the {grid.rows}x{grid.cols} grid has >= {config.tissue.fraction_min:.0%} tissue "

@@ -95,6 +95,12 @@ def tile_tissue_fraction(mask: np.ndarray, mask_downsample: float, grid: TileGri
     return (total / area).astype(np.float32)
 
 
+def tissue_tiles(fraction: np.ndarray, fraction_min: float) -> np.ndarray:
+    """The tiles that count as tissue: ``fraction`` >= ``fraction_min``, where 0 means "any tissue at all", not
+    "every tile"."""
+    return fraction > 0 if fraction_min == 0 else fraction >= fraction_min
+
+
 def mask_downsample_for(slide_mpp: float, config: TissueConfig) -> float:
     """Level-0 pixels per mask pixel (never below 1: tiny slides are masked at full resolution)."""
     return max(1.0, config.mask_mpp / slide_mpp)

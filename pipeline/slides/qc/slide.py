@@ -15,6 +15,7 @@ import numpy as np
 from ...core.qc_codes import QC_CODES, qc_counts
 from ...core.store import read_array, write_array, write_tile_block
 from ..annotations import annotation_file, annotation_qc, read_annotations, tile_annotation
+from ..tissue import tissue_tiles
 from . import decide_tile_qc, thumbnail_qc, tile_detector_names, tile_scores
 
 SCORES = "qc_scores"
@@ -87,9 +88,7 @@ def decide_slide_qc(config, planned: dict, scores: np.ndarray | None) -> tuple[n
 
 def slide_qc_counts(config, planned: dict, codes: np.ndarray) -> dict[str, int]:
     """{reason: tissue tiles excluded} of a slide (``qc_counts`` over its tissue tiles)."""
-    fraction = planned["tissue_fraction"]
-    fraction_min = config.tissue.fraction_min
-    return qc_counts(codes, fraction > 0 if fraction_min == 0 else fraction >= fraction_min)
+    return qc_counts(codes, tissue_tiles(planned["tissue_fraction"], config.tissue.fraction_min))
 
 
 def finalise_slide_qc(store, config, chunk_tiles: int, planned: dict, scores: np.ndarray | None = None
