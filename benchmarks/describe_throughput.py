@@ -352,16 +352,23 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     floor_config = config.with_overrides(reader__kind=args.reader)
     folder = (small_slides_dir(args.work_dir, args.dir_slides, args.dir_seed)
               if any(k in args.phases for k in "PWsO") else None)
-    runs = {"s": ("command_one_small_slide", lambda: run_command(folder / "small-000.svs", args.out_root / "cmd-one-out",
-                                                                 workers, extra)),
-            "p": ("plain_script", lambda: run_plain(path, args.out_root / "plain-out", workers)),
-            "w": ("command", lambda: run_command(path, args.out_root / "cmd-out", workers, extra)),
-            "P": ("plain_script_dir", lambda: run_plain(folder, args.out_root / "plain-dir-out", workers)),
-            "W": ("command_dir", lambda: run_command(folder, args.out_root / "cmd-dir-out", workers, extra)),
-            "o": ("baseline_command", lambda: run_command(path, args.out_root / "base-out", workers, [],
-                                                          args.baseline_tree)),
-            "O": ("baseline_command_dir", lambda: run_command(folder, args.out_root / "base-dir-out", workers, [],
-                                                              args.baseline_tree))}
+    # Each run writes into a folder of its own, and nothing is removed before the benchmark ends: ext4 does not reuse
+    # an inode freed within the last minutes, and finds a free one by checking each such inode in turn, so files
+    # created right after thousands were deleted cost several times the kernel time (benchmarks/README.md, fifteenth
+    # session). Removing one run's outputs before the next made the directory's ~1,000 new files per run pay for it.
+    def out(name: str, rep: int) -> Path:
+        return args.out_root / f"{name}-{rep + 1}"
+
+    runs = {"s": ("command_one_small_slide", lambda rep: run_command(folder / "small-000.svs", out("cmd-one", rep),
+                                                                     workers, extra)),
+            "p": ("plain_script", lambda rep: run_plain(path, out("plain", rep), workers)),
+            "w": ("command", lambda rep: run_command(path, out("cmd", rep), workers, extra)),
+            "P": ("plain_script_dir", lambda rep: run_plain(folder, out("plain-dir", rep), workers)),
+            "W": ("command_dir", lambda rep: run_command(folder, out("cmd-dir", rep), workers, extra)),
+            "o": ("baseline_command", lambda rep: run_command(path, out("base", rep), workers, [],
+                                                              args.baseline_tree)),
+            "O": ("baseline_command_dir", lambda rep: run_command(folder, out("base-dir", rep), workers, [],
+                                                                  args.baseline_tree))}
     # The floor is measured before and after every command run whose run is set against it (w, W, s), over every
     # tissue tile: the machine's speed drifts by several percent within a minute, so each run gets the mean of the two
     # floors around it (the one after a run is the one before the next).
@@ -380,7 +387,7 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
             if bracketed and not floors:
                 measure()
             print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
-            entry = fn()
+            entry = fn(rep)
             print(f"  {json.dumps(entry)}", file=sys.stderr, flush=True)
             if bracketed:
                 measure()
@@ -492,10 +499,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/wsi-bench"),
                         help="where the generated slides are cached")
     parser.add_argument("--out-root", type=Path, default=None,
-                        help="where the commands write their outputs (default: a fresh folder in the system's temp "
-                             "folder, removed at the end). Not beside the cached slides: on a nearly full ext4 the "
-                             "block groups of an old, large folder make every file created there cost more kernel "
-                             "time, which the directory's 600 files per run feel and the slide's few do not")
+                        help="where the commands write their outputs, a folder per run (default: a fresh folder "
+                             "in the system's temp folder, removed at the end). Best a folder where nothing was "
+                             "deleted in the last minutes: ext4 skips recently freed inodes one by one when it "
+                             "creates a file, which the directory's ~1,000 new files per run feel and the slide's "
+                             "few do not")
     parser.add_argument("--quick", action="store_true", help=f"a small {QUICK_SIZE[0]}x{QUICK_SIZE[1]} slide")
     parser.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
     parser.add_argument("--mpp", type=float, default=0.5, help="target resolution (default 0.5 µm/px)")
