@@ -306,7 +306,7 @@ def run_command(target: Path, out: Path, workers: int, extra: list[str], tree: P
 def measure_floor(path: Path, config, max_tiles: int | None = 600) -> dict:
     """CPU seconds per tissue tile of reading + describing, one process (with the workers' malloc settings), over
     whole blocks of the slide (the fullest first, until ``max_tiles``; None: every tissue tile)."""
-    from pipeline.core.parallel import use_worker_malloc
+    from pipeline.core.local_workers import use_worker_malloc
     from pipeline.describe.descriptors import compute_descriptors
     from pipeline.describe.runner import load_kernels, prepare_slide
     from pipeline.slides.reader_choice import open_reader
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
     compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "pipeline"), quiet=1)
 
     from pipeline.core.config import PipelineConfig
-    from pipeline.core.parallel import default_worker_count
+    from pipeline.core.local_workers import default_worker_count
     from pipeline.describe.runner import prepare_slide
     from pipeline.slides.open import read_slide_info
     from pipeline.slides.reader_choice import ReaderChoice
@@ -577,9 +577,9 @@ def main(argv: list[str] | None = None) -> dict:
     import dask
     import distributed
 
-    from pipeline.core.parallel import WORKER_ENV
+    from pipeline.core.local_workers import WORKER_ENV
 
-    # what the workers get: Dask's defaults plus the pipeline's own (pipeline.core.parallel.WORKER_ENV)
+    # what the workers get: Dask's defaults plus the pipeline's own (pipeline.core.local_workers.WORKER_ENV)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update(WORKER_ENV)
     result["machine"]["worker_environ"] = {k: v for k, v in environ.items() if k.startswith("MALLOC")}

@@ -26,8 +26,8 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config, load_config
 from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.parallel import (LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for,
-                             worker_start_method)
+from ..core.local_workers import worker_start_method
+from ..core.parallel import LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path
 from ..core.task_order import balanced_order
