@@ -355,7 +355,7 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     # Each run writes into a folder of its own, and nothing is removed before the benchmark ends: ext4 does not reuse
     # an inode freed within the last minutes, and finds a free one by checking each such inode in turn, so files
     # created right after thousands were deleted cost several times the kernel time (benchmarks/README.md, fifteenth
-    # session). Removing one run's outputs before the next made the directory's ~1,000 new files per run pay for it.
+    # session). Removing one run's outputs before the next made the directory's ~1,500 new files and folders per run pay.
     def out(name: str, rep: int) -> Path:
         return args.out_root / f"{name}-{rep + 1}"
 
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="where the commands write their outputs, a folder per run (default: a fresh folder "
                              "in the system's temp folder, removed at the end). Best a folder where nothing was "
                              "deleted in the last minutes: ext4 skips recently freed inodes one by one when it "
-                             "creates a file, which the directory's ~1,000 new files per run feel and the slide's "
+                             "creates a file or folder, which the directory's ~1,500 per run feel and the slide's "
                              "few do not")
     parser.add_argument("--quick", action="store_true", help=f"a small {QUICK_SIZE[0]}x{QUICK_SIZE[1]} slide")
     parser.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
