@@ -355,7 +355,8 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
     # Each run writes into a folder of its own, and nothing is removed before the benchmark ends: ext4 does not reuse
     # an inode freed within the last minutes, and finds a free one by checking each such inode in turn, so files
     # created right after thousands were deleted cost several times the kernel time (benchmarks/README.md, fifteenth
-    # session). Removing one run's outputs before the next made the directory's ~1,500 new files and folders per run pay.
+    # session). Removing one run's outputs before the next made the directory's ~1,500 new files and folders per run
+    # pay for it.
     def out(name: str, rep: int) -> Path:
         return args.out_root / f"{name}-{rep + 1}"
 
