@@ -188,14 +188,13 @@ def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: b
         scores = None if job.resumed else job.scores
         qc_counts, blurred = finalise_slide_qc(job.store, config, config.tiling.chunk_tiles, job.plan, scores)
         job.tiles -= blurred  # tile detectors decide at the end: those tiles' descriptors are cleared
-        finalize_store(out_dir, job.slide_id, completion_attrs(
-            job.tiles, seconds, reader, qc_counts, sorted(job.encoded_on), job.fallback_regions, job.delegated_regions,
-            stain.store_attrs(job.slide_id)))
-        recorded(job, {"tiles": job.tiles, "seconds": seconds, "reader": reader, "qc": qc_counts,
-                       "reader_fallback_regions": job.fallback_regions})
+        completed = completion_attrs(job.tiles, seconds, reader, qc_counts, sorted(job.encoded_on),
+                                     job.fallback_regions, job.delegated_regions, stain.store_attrs(job.slide_id))
+        finalize_store(out_dir, job.slide_id, completed)
+        recorded(job, completed)
 
     def recorded(job: _SlideJob, completed: dict) -> None:
-        """A slide's store is complete: its manifest record."""
+        """A slide's store is complete: its manifest record, from the store's ``completion_attrs``."""
         nonlocal done_count
         info = job.plan["info"]
         jobs.pop(job.slide_id, None)

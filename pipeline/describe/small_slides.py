@@ -22,8 +22,9 @@ def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id:
                       encoder: dict | None = None, surveyed: dict | None = None, stain: dict | None = None,
                       stain_attrs: dict | None = None) -> dict:
     """The plan of a slide (``plan_slide``'s), and a one-block slide described: with ``described`` (the block's
-    ``describe_block`` result) when it went into a partial store, or ``completed`` (what the manifest records) when
-    its store was written whole. ``stain``: the slide's transform; ``stain_attrs``: what its store records of it."""
+    ``describe_block`` result) when it went into a partial store, or ``completed`` (its ``completion_attrs``, which the
+    manifest records, and the tiles described) when its store was written whole. ``stain``: the slide's transform;
+    ``stain_attrs``: what its store records of it."""
     started = time.monotonic()
     plan = surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed)
     blocks = slide_blocks(plan, config.tiling.chunk_tiles)
@@ -59,13 +60,12 @@ def _described_whole(plan: dict, block: tuple[int, int, int, int], path: str, co
     counts = slide_qc_counts(config, plan, codes)
     reader = plan["reader"]["kind"]
     seconds = round(time.monotonic() - started, 3)
-    attrs = {**describe_store_attrs(slide_id, path, fingerprint, plan, config),
-             **completion_attrs(tiles, seconds, reader, counts, [encoded_on(described)], described["fallback_regions"],
-                                described["delegated_regions"], stain_attrs)}
+    completed = completion_attrs(tiles, seconds, reader, counts, [encoded_on(described)], described["fallback_regions"],
+                                 described["delegated_regions"], stain_attrs)
+    attrs = {**describe_store_attrs(slide_id, path, fingerprint, plan, config), **completed}
     store = write_complete_store(out_dir, slide_id, attrs, config.tiling.chunk_tiles, values, plan["tissue_fraction"],
                                  kept, plan.pop("thumbnail"),
                                  slide_qc_arrays({**qc, "qc_code": codes}, config, config.tiling.chunk_tiles,
                                                  scores if k else None))
     return {**plan, "qc_code": codes, "store": str(store), "already": [],
-            "completed": {"tiles": tiles, "described_tiles": described["tiles"], "seconds": seconds, "reader": reader,
-                          "qc": counts, "reader_fallback_regions": described["fallback_regions"]}}
+            "completed": {**completed, "described_tiles": described["tiles"]}}
