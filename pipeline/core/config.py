@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from .cluster_config import ClusterConfig
+from .config_section import Section
 from .errors import ConfigError
 from .qc_config import AnnotationsConfig, QcConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class TilingConfig(_Section):
+class TilingConfig(Section):
     mpp: float = Field(0.5, gt=0, description="target resolution of the tiles, microns per pixel")
     tile_px: int = Field(256, ge=8, le=4096, description="tile edge at the target resolution, pixels")
     stride_px: int | None = Field(None, ge=1, description="step between tiles at the target resolution; None = tile_px (no overlap)")
@@ -46,7 +44,7 @@ class TilingConfig(_Section):
         return self.stride_px or self.tile_px
 
 
-class TissueConfig(_Section):
+class TissueConfig(Section):
     method: Literal["otsu_saturation", "otsu_od"] = Field("otsu_saturation", description="tissue detection: Otsu threshold on saturation, or on optical density")
     mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, microns per pixel")
     min_saturation: float = Field(0.07, ge=0, le=1, description="floor under the Otsu threshold so blank glass stays background")
@@ -57,7 +55,7 @@ class TissueConfig(_Section):
     fraction_min: float = Field(0.5, ge=0, le=1, description="a tile is tissue when at least this fraction of it is")
 
 
-class DescriptorConfig(_Section):
+class DescriptorConfig(Section):
     """The per-tile encoder (see pipeline/describe/encoders/). ``cnn`` and the ``cnn_*`` keys of older configs are read
     as ``keras`` with ``model``, ``weights`` and ``input_px``."""
 
@@ -137,7 +135,7 @@ def file_sha256(path: str | Path) -> str:
     return _file_sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-class StainConfig(_Section):
+class StainConfig(Section):
     """Stain normalisation (see pipeline/slides/stain/): each slide's stain is estimated once on its tissue at the
     tissue-mask resolution and one fixed per-slide transform maps every tile to the target before descriptors."""
 
@@ -173,7 +171,7 @@ class StainConfig(_Section):
         return self
 
 
-class ReaderConfig(_Section):
+class ReaderConfig(Section):
     """How tile pixels are read (see pipeline/slides/readers.py). Only ``scaled_decode`` is part of the describe hash:
     the readers give the same pixels, the DCT-scaled decode does not."""
 
@@ -191,39 +189,7 @@ class ReaderConfig(_Section):
                            "(benchmarks/README.md); false = full-size decode and area averaging, OpenSlide's pixels")
 
 
-class ClusterConfig(_Section):
-    kind: Literal["local", "address", "slurm"] = Field("local", description="local = a LocalCluster here; address = an existing scheduler; slurm = dask-jobqueue")
-    workers: int | None = Field(None, ge=1, description="local worker processes; None = one per CPU core")
-    threads_per_worker: int = Field(1, ge=1, description="threads of each local worker process")
-    memory_limit: str = Field("auto", description="memory limit of each local worker ('auto' = share of this machine)")
-    address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://10.0.0.5:8786")
-    max_tasks_in_flight: int | None = Field(None, ge=1, description="bound on submitted, unfinished tasks; None = 4 per worker thread")
-    retries: int = Field(2, ge=0, le=10, description="times a task is retried when its worker dies")
-    slurm: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of dask_jobqueue.SLURMCluster")
-    slurm_jobs: int = Field(2, ge=1, description="slurm: jobs to start (each runs slurm.processes workers)")
-    dashboard: bool = Field(True, description="start the Dask dashboard and print its address")
-    worker_start: Literal["auto", "fork", "spawn"] = Field(
-        "auto", description="how local worker processes start: 'fork' = copies of this process (ready in ~0.1 s "
-                            "with the pipeline already imported), 'spawn' = fresh interpreters that import it again "
-                            "(~2 s); 'auto' = fork on Linux unless TensorFlow, JAX or torch is loaded here (not fork-safe)")
-    gpu_placement: Literal["auto", "client", "gpu_worker"] = Field(
-        "auto", description="where the model stages (train, Grad-CAM) run: 'auto' = as one task on a worker that "
-                            "advertises a GPU resource when the cluster has one, else in this process; 'client' = "
-                            "always in this process; 'gpu_worker' = on a GPU worker or fail")
-    gpu_wait_s: float = Field(300.0, ge=0, description="how long to wait for a GPU worker to join when one is "
-                                                       "expected (gpu_placement 'gpu_worker', SLURM gpus_per_job)")
-
-    @model_validator(mode="after")
-    def _address_given(self):
-        if self.kind == "address" and not self.address:
-            raise ValueError("cluster.kind 'address' needs cluster.address")
-        if self.kind == "local" and self.gpu_placement == "gpu_worker":
-            raise ValueError("cluster.gpu_placement 'gpu_worker' needs a cluster with GPU workers (kind 'address' or "
-                             "'slurm' with slurm.gpus_per_job); a local cluster's workers advertise no GPU")
-        return self
-
-
-class ReduceConfig(_Section):
+class ReduceConfig(Section):
     """Descriptors -> K-component feature maps (see pipeline/reduce/)."""
 
     method: Literal["pca", "autoencoder"] = Field("pca", description="descriptors -> K components: PCA or a dense autoencoder")
@@ -263,7 +229,7 @@ SCRATCH_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """InceptionV3 on the feature maps (see pipeline/model/inputs.py for the adapter and size strategies).
 
     ``recipe``: ``finetune`` (pretrained weights: head on a frozen base, then the top blocks at a low learning rate)
@@ -342,7 +308,7 @@ class TrainConfig(_Section):
         return self
 
 
-class CamConfig(_Section):
+class CamConfig(Section):
     layer: str | None = Field(None, description="layer for Grad-CAM; None = chosen for resolution")
     class_index: int | None = Field(None, description="explain this class (model output index); None = the predicted class")
     window_overlap: float = Field(0.5, ge=0, lt=1, description="crop strategy: overlap of the windows covering a large map")
@@ -356,7 +322,7 @@ class CamConfig(_Section):
     tiff_tile_px: int = Field(256, ge=16, description="tile edge of the pyramidal heatmap TIFF")
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     tiling: TilingConfig = TilingConfig()
     tissue: TissueConfig = TissueConfig()
     descriptor: DescriptorConfig = DescriptorConfig()

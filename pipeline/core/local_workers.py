@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-import dask
-
-from .config import ClusterConfig
+from .cluster_config import ClusterConfig
 
 
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which switches off glibc's adaptive mmap threshold: every
@@ -39,6 +37,8 @@ def use_worker_malloc() -> bool:
 
 def worker_env_config() -> dict:
     """Dask's pre-spawn environment with WORKER_ENV added (set as one whole key: no dotted-key inserts to undo)."""
+    import dask
+
     current = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     return {"distributed.nanny.pre-spawn-environ": {**current, **WORKER_ENV}}
 

@@ -12,13 +12,12 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import dask
-
-from .config import ClusterConfig
+from .cluster_config import ClusterConfig
 from .errors import ConfigError, PipelineError
 from .local_workers import (LOCAL_CLUSTER_CONFIG, default_worker_count, quicken_local_start, use_worker_malloc,
                             worker_env_config, worker_start_method)
@@ -263,18 +262,25 @@ def gpu_placement(runner, cluster: ClusterConfig | None) -> list[str]:
     return found
 
 
+def current_dask_worker():
+    """The Dask worker this code runs on, or None. A process that never imported ``distributed`` is on none: asking
+    it would import it (~0.25 s in a command that describes one slide in-process)."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
 def where_am_i() -> dict:
     """Host, pid and (on a Dask worker) the worker address: recorded with model-stage outputs."""
     import socket
 
-    here = {"host": socket.gethostname(), "pid": os.getpid(), "worker": None}
-    try:
-        from distributed import get_worker
-
-        here["worker"] = get_worker().address
-    except (ImportError, ValueError):
-        pass
-    return here
+    worker = current_dask_worker()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker.address if worker else None}
 
 
 @contextlib.contextmanager
@@ -283,6 +289,7 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iter
     if in_process or cluster is None:
         yield LocalRunner()
         return
+    import dask
     from distributed import Client, LocalCluster
 
     if cluster.kind == "address":

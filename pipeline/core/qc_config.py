@@ -5,16 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from .config_section import Section
 from .qc_codes import DETECTOR_NAMES
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class QcConfig(_Section):
+class QcConfig(Section):
     """Artifact QC (see pipeline/slides/qc/): excluded tissue tiles are not described; the store's ``qc_code`` says
     why. In YAML a bare list is the detectors: ``qc: [pen, blur, debris]``; ``qc: []`` turns QC off."""
 
@@ -44,7 +41,7 @@ class QcConfig(_Section):
         return self
 
 
-class AnnotationsConfig(_Section):
+class AnnotationsConfig(Section):
     """QuPath annotations (see pipeline/slides/annotations.py): ``<dir>/<slide_id>.geojson``, level-0 pixels. A tile
     belongs to an annotation when its centre lies inside it. The files' content is part of each slide's fingerprint."""
 

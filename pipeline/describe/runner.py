@@ -31,7 +31,8 @@ from ..core.parallel import LocalRunner, Task, TaskRetry, in_flight_limit, run_b
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path
 from ..core.task_order import balanced_order
-from ..slides.open import find_slides, slide_id_from_path
+from ..slides.open import find_slides, read_slide_info, slide_id_from_path
+from ..slides.tiling import tile_grid
 from ..slides.annotations import described_fingerprints, unmatched_annotation_files
 from ..slides.qc.slide import finalise_slide_qc
 from .blocks import describe_block, encoded_on, slide_blocks
@@ -80,6 +81,21 @@ def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Pat
     return ids, collisions
 
 
+def is_one_block_slide(inputs: list[str | Path], config: PipelineConfig) -> bool:
+    """The inputs are one slide whose tile grid is a single block: its plan task describes it whole, so a local
+    cluster would have nothing to run beside it, and starting one costs more than the slide (benchmarks/README.md)."""
+    paths, _ = find_slides(inputs)
+    if len(paths) != 1:
+        return False
+    try:
+        grid = tile_grid(read_slide_info(paths[0], config.tiling.mpp_override), config.tiling)
+    except SlideError:
+        return True  # it fails here as it would on a worker: typed and recorded, with no cluster to start
+    except Exception:  # noqa: BLE001 - unexpected: left to a worker, where a crash is retried and recorded
+        return False
+    return len(grid.chunks(config.tiling.chunk_tiles)) <= 1
+
+
 def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
     path = store_path(out_dir, slide_id)
     if not store_is_current(path, fingerprint, config.stage_hash("describe")):
@@ -100,6 +116,10 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
     out_dir = Path(out_dir)
     # The encoder is built and tried on two blank tiles first: a bad model stops the run before any slide is read.
     encoder = validate_encoder(config)
+    if runner is None and config.cluster.kind == "local" and config.cluster.one_block_in_process \
+            and is_one_block_slide(inputs, config):
+        log.info("one slide of one block: described in this process, no cluster started")
+        runner = LocalRunner()
     if runner is None and config.cluster.kind == "local" and worker_start_method(config.cluster) == "fork":
         load_kernels(config)  # forked workers inherit them: loaded once per command, not once per worker
     with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:

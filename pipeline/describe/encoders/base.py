@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ...core.errors import EncoderOutputError, EncoderWeightsMissingError
+from ...core.parallel import current_dask_worker
 
 # per-channel mean and std of the inputs on a 0-1 scale
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
@@ -134,9 +135,8 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def worker_threads() -> int | None:
     """Threads of the Dask worker this runs in (a learned encoder uses that many, not every core), else None."""
+    worker = current_dask_worker()
     try:
-        from distributed import get_worker
-
-        return int(get_worker().state.nthreads)
-    except (ImportError, ValueError, AttributeError):
+        return int(worker.state.nthreads) if worker is not None else None
+    except AttributeError:
         return None
