@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import PipelineConfig
+from ..core.jit import no_blas_probe
 from ..core.outputs import Manifest
 from ..core.store import package_versions, read_attrs, store_path
 from ..core.zarr_files import load_codecs
@@ -27,12 +28,13 @@ def load_kernels(config: PipelineConfig) -> None:
     descriptor), in this process, and what its first task would otherwise import or look up (the TIFF reader's
     modules, the QC detectors, the package versions stores record, the chunk codec): a forked worker inherits them,
     so a single slide's plan, which every block waits for, does not pay them (~0.05 s of its 0.17 s on the 1-Gpx
-    slide)."""
+    slide). Run where tasks run in this process too: the first kernel is loaded without numba's BLAS probe."""
     load_reader_modules()
     load_codecs()
     qc_registry()
     package_versions()
-    load_shrink_kernels()
+    with no_blas_probe():
+        load_shrink_kernels()
     load_mask_kernels()
     load_stain_kernels(config.stain.method)
     if config.descriptor.name == "stats":  # learned encoders load their framework: never before a fork

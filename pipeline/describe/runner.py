@@ -120,8 +120,9 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
             and is_one_block_slide(inputs, config):
         log.info("one slide of one block: described in this process, no cluster started")
         runner = LocalRunner()
-    if runner is None and config.cluster.kind == "local" and worker_start_method(config.cluster) == "fork":
-        load_kernels(config)  # forked workers inherit them: loaded once per command, not once per worker
+    if isinstance(runner, LocalRunner) or (runner is None and config.cluster.kind == "local"
+                                           and worker_start_method(config.cluster) == "fork"):
+        load_kernels(config)  # for tasks run here, and forked workers inherit them: once per command, not per worker
     with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:
         return _describe(inputs, out_dir, config, active, progress, errors, encoder)
 

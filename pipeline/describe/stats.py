@@ -2,15 +2,14 @@
 reference implementation (the compiled kernel in ``stats_kernel`` must agree with it; it is also the fallback where
 numba is missing).
 
-Colour statistics in RGB and in the haematoxylin-eosin-DAB stain space (colour deconvolution with scikit-image's
-Ruifrok & Johnston matrix), grey-level percentiles and entropy, and gradient/Laplacian texture statistics; all
+Colour statistics in RGB and in the haematoxylin-eosin-DAB stain space (colour deconvolution with Ruifrok & Johnston's
+matrix, as scikit-image's), grey-level percentiles and entropy, and gradient/Laplacian texture statistics; all
 float32.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from skimage.color import hed_from_rgb
 
 STATS_FEATURE_NAMES: tuple[str, ...] = (
     "rgb_mean_r", "rgb_mean_g", "rgb_mean_b", "rgb_std_r", "rgb_std_g", "rgb_std_b",
@@ -39,7 +38,10 @@ def hed_stains(rgb: np.ndarray) -> np.ndarray:
 VALUES = np.arange(256, dtype=np.float32)
 VALUES64 = VALUES.astype(np.float64)
 HED_LOG_LUT = np.log(np.maximum(VALUES / 255.0, 1e-6)) / np.float32(np.log(1e-6))
-HED_MATRIX = hed_from_rgb.astype(np.float32)
+# Ruifrok & Johnston's stain vectors (rows: H, E, DAB optical densities in R, G, B), as scikit-image's ``rgb_from_hed``;
+# inverted here, not imported: ``skimage.color`` imports all of ``scipy.linalg`` (~0.17 s of every describe command).
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_MATRIX = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 OD_LUT64 = (-np.log10(np.maximum(VALUES, 1.0) / 255.0)).astype(np.float64)
 LUMA_LUTS = (VALUES * np.float32(0.299), VALUES * np.float32(0.587), VALUES * np.float32(0.114))
 

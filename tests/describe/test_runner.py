@@ -110,14 +110,15 @@ def test_one_block_slide_is_described_in_this_process(small_slides, tmp_path, ca
         np.testing.assert_array_equal(here[name], there[name], err_msg=name)
 
 
-def test_one_slide_command_imports_no_dask(small_slides, tmp_path):
-    """Describing one small slide pays for neither Dask's import nor a cluster (~0.5 s of a ~1.5 s command)."""
+def test_one_slide_command_imports_no_dask_nor_scipy_linalg(small_slides, tmp_path):
+    """Describing one small slide (default settings: QC on) pays for no cluster and imports neither Dask
+    (~0.5 s of a ~1.5 s command) nor ``scipy.linalg`` (~0.17 s)."""
     code = ("import sys; from pipeline.describe.runner import describe_slides; "
             f"s = describe_slides([{str(small_slides / 'slide-b.svs')!r}], {str(tmp_path)!r}, progress=False); "
-            "print(s['done'], 'dask' in sys.modules, 'distributed' in sys.modules)")
+            "print(s['done'], *(m in sys.modules for m in ('dask', 'distributed', 'scipy.linalg', 'skimage')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["1", "False", "False"]
+    assert run.stdout.split() == ["1", "False", "False", "False", "False"]
 
 
 class CountingRunner(LocalRunner):
