@@ -19,7 +19,9 @@ o. / O. ``baseline_command`` / ``baseline_command_dir``: the command of an earli
    its own defaults) on the slide / the directory: issue 14's "within 15% of today's tiles/s" against the code of the
    day it was filed (7fc4360, before QC and stain normalisation);
 s. ``command_one_small_slide``: the command on one of those (~40 tiles): its time less the floor is the fixed cost
-   (imports, cluster, plan, shutdown);
+   (imports, kernels, plan, shutdown: a slide of one block runs in the command's process, without a cluster);
+S. ``command_one_small_slide_cluster``: the same with ``cluster.one_block_in_process: false``: the fixed cost of a
+   command that starts its local cluster (as one large slide does);
 f. ``floor``: the per-tile CPU cost of reading + describing (``describe_block``'s loop without the store write, one
    process, compiled kernels loaded, every tissue tile) x tissue tiles / workers: what no scheduler can beat on these
    cores. Measured before and after every w / W / s run, which is set against the mean of the two; the median run is
@@ -349,9 +351,13 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
         extra += ["--config", str(merged)]
         config = load_config(merged).with_overrides(tiling__mpp=args.mpp, tiling__tile_px=args.tile_px)
     e2e: dict = {"workers": workers, "command_options": extra, "settings": settings}
+    forced = args.work_dir / "bench-config-cluster.yaml"  # phase S: the local cluster started for one small slide
+    forced.write_text(yaml.safe_dump({**settings, "cluster": {**settings.get("cluster", {}),
+                                                              "one_block_in_process": False}}))
+    extra_cluster = ([f"--reader={args.reader}"] if args.reader else []) + ["--config", str(forced)]
     floor_config = config.with_overrides(reader__kind=args.reader)
     folder = (small_slides_dir(args.work_dir, args.dir_slides, args.dir_seed)
-              if any(k in args.phases for k in "PWsO") else None)
+              if any(k in args.phases for k in "PWsSO") else None)
     # Each run writes into a folder of its own, and nothing is removed before the benchmark ends: ext4 does not reuse
     # an inode freed within the last minutes, and finds a free one by checking each such inode in turn, so files
     # created right after thousands were deleted cost several times the kernel time (benchmarks/README.md, fifteenth
@@ -362,6 +368,9 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
 
     runs = {"s": ("command_one_small_slide", lambda rep: run_command(folder / "small-000.svs", out("cmd-one", rep),
                                                                      workers, extra)),
+            "S": ("command_one_small_slide_cluster", lambda rep: run_command(folder / "small-000.svs",
+                                                                             out("cmd-one-cluster", rep), workers,
+                                                                             extra_cluster)),
             "p": ("plain_script", lambda rep: run_plain(path, out("plain", rep), workers)),
             "w": ("command", lambda rep: run_command(path, out("cmd", rep), workers, extra)),
             "P": ("plain_script_dir", lambda rep: run_plain(folder, out("plain-dir", rep), workers)),
@@ -370,7 +379,7 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
                                                               args.baseline_tree)),
             "O": ("baseline_command_dir", lambda rep: run_command(folder, out("base-dir", rep), workers, [],
                                                                   args.baseline_tree))}
-    # The floor is measured before and after every command run whose run is set against it (w, W, s), over every
+    # The floor is measured before and after every command run whose run is set against it (w, W, s, S), over every
     # tissue tile: the machine's speed drifts by several percent within a minute, so each run gets the mean of the two
     # floors around it (the one after a run is the one before the next).
     floors: list[float] = []  # ms per tile, in the order measured
@@ -384,7 +393,7 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
         for key, (name, fn) in runs.items():
             if key not in args.phases:
                 continue
-            bracketed = "f" in args.phases and key in "wWs"
+            bracketed = "f" in args.phases and key in "wWsS"
             if bracketed and not floors:
                 measure()
             print(f"phase {key}: {name} (run {rep + 1}) ...", file=sys.stderr, flush=True)
