@@ -22,7 +22,7 @@ class ClusterConfig(Section):
     slurm_jobs: int = Field(2, ge=1, description="slurm: jobs to start (each runs slurm.processes workers)")
     dashboard: bool = Field(True, description="start the Dask dashboard and print its address")
     one_block_in_process: bool = Field(
-        True, description="describe: a run of one slide whose tiles fit one block (chunk_tiles x chunk_tiles) runs "
+        True, description="describe: a run of one slide whose tile grid fits one block (chunk_tiles x chunk_tiles) runs "
                           "in this process, without starting the local cluster, which would have nothing to run in "
                           "parallel; false: always start it (a reader crash then stays in a worker)")
     worker_start: Literal["auto", "fork", "spawn"] = Field(
