@@ -81,10 +81,10 @@ def assign_slide_ids(paths: list[Path]) -> tuple[dict[str, Path], list[tuple[Pat
     return ids, collisions
 
 
-def is_one_block_slide(inputs: list[str | Path], config: PipelineConfig) -> bool:
-    """The inputs are one slide whose tile grid is a single block: its plan task describes it whole, so a local
-    cluster would have nothing to run beside it, and starting one costs more than the slide (benchmarks/README.md)."""
-    paths, _ = find_slides(inputs)
+def is_one_block_slide(paths: list[Path], config: PipelineConfig) -> bool:
+    """``paths`` (``find_slides``') are one slide whose tile grid is a single block: its plan task describes it whole,
+    so a local cluster would have nothing to run beside it, and starting one costs more than the slide
+    (benchmarks/README.md)."""
     if len(paths) != 1:
         return False
     try:
@@ -116,23 +116,23 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
     out_dir = Path(out_dir)
     # The encoder is built and tried on two blank tiles first: a bad model stops the run before any slide is read.
     encoder = validate_encoder(config)
+    paths, ignored = find_slides(inputs)
     if runner is None and config.cluster.kind == "local" and config.cluster.one_block_in_process \
-            and is_one_block_slide(inputs, config):
+            and is_one_block_slide(paths, config):
         log.info("one slide of one block: described in this process, no cluster started")
         runner = LocalRunner()
     if isinstance(runner, LocalRunner) or (runner is None and config.cluster.kind == "local"
                                            and worker_start_method(config.cluster) == "fork"):
         load_kernels(config)  # for tasks run here, and forked workers inherit them: once per command, not per worker
     with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:
-        return _describe(inputs, out_dir, config, active, progress, errors, encoder)
+        return _describe(paths, ignored, out_dir, config, active, progress, errors, encoder)
 
 
-def _describe(inputs, out_dir: Path, config: PipelineConfig, runner, progress: bool | None,
-              errors: dict | None, encoder) -> dict:
+def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: PipelineConfig, runner,
+              progress: bool | None, errors: dict | None, encoder) -> dict:
     errors = {} if errors is None else errors
     t_start = time.monotonic()
     manifest = Manifest(out_dir)
-    paths, ignored = find_slides(inputs)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
     # What each store is current for (the slide file and its annotations), made once for the stain pass and for here.

@@ -18,6 +18,7 @@ from pipeline.core.store import read_array, read_attrs, store_path
 from pipeline.describe.descriptors import stats_descriptors
 from pipeline.describe.runner import describe_slides, is_one_block_slide
 from pipeline.describe.stats import STATS_FEATURE_NAMES
+from pipeline.slides.open import find_slides
 from pipeline.slides.tiling import TileGrid
 from tests.conftest import write_test_slide
 
@@ -96,7 +97,7 @@ def test_one_block_slide_is_described_in_this_process(small_slides, tmp_path, ca
                                "cluster": {"workers": 2, "dashboard": False}})
     assert is_one_block_slide([slide], config)
     assert not is_one_block_slide([slide], config.with_overrides(tiling__chunk_tiles=4))  # 9 blocks
-    assert not is_one_block_slide([small_slides], config)  # two slides
+    assert not is_one_block_slide(find_slides([small_slides])[0], config)  # two slides
     assert is_one_block_slide([tmp_path / "missing.svs"], config)  # fails here, typed, as it would on a worker
     caplog.set_level("INFO", logger="pipeline")
     describe_slides([slide], tmp_path / "here", config, progress=False)
