@@ -213,7 +213,7 @@ def _create_direct(path: Path, attrs: dict, specs: dict[str, dict]) -> bool:
             return False
         files.update({f"{name}/{key}": value for key, value in array.items()})
     files[zarr_files.ZARR_JSON] = zarr_files.dumps(zarr_files.group_document(attrs))  # last: the group exists whole
-    zarr_files.write_files(path, files)
+    zarr_files.write_files(path, files, fresh=True)  # a new folder (``_create``'s callers remove the old one)
     return True
 
 
@@ -254,7 +254,7 @@ def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple
     document = zarr_files.array_document(data.shape, data.dtype, fill_value, chunks or data.shape, attrs)
     files = zarr_files.array_files(document, data)
     if files is not None:
-        zarr_files.write_files(store / tmp_name, files)
+        zarr_files.write_files(store / tmp_name, files, fresh=True)
     else:
         arr = _zarr().open_group(str(store), mode="r+").create_array(
             tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, fill_value=fill_value)

@@ -13,7 +13,7 @@ import numpy as np
 from ..core.config import PipelineConfig
 from ..core.errors import NoTissueError, SlideTooSmallError
 from ..core.store import create_partial_store, package_versions
-from ..slides.annotations import file_fingerprint
+from ..slides.annotations import described_fingerprint, file_fingerprint
 from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.qc.slide import plan_slide_qc, slide_qc_arrays
 from ..slides.reader_choice import ReaderChoice
@@ -69,15 +69,22 @@ def prepare_slide(path: str, config: PipelineConfig, encoder: dict | None = None
     }
 
 
-def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
+def own_fingerprint(fingerprint: str | None, path: str, config: PipelineConfig, slide_id: str) -> str:
+    """The slide's ``described_fingerprint``: the client's, or made here (None: the client had no store to check)."""
+    return fingerprint or described_fingerprint(path, config.annotations.dir, slide_id)
+
+
+def plan_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str | None,
                encoder: dict | None = None, surveyed: dict | None = None) -> dict:
     """``prepare_slide`` plus the slide's partial store (thumbnail, tissue mask, QC arrays, empty descriptor array),
     made on the worker: the thumbnail never travels to the client, and the slide's blocks can start as soon as this
-    returns. ``surveyed``: what the stain pass read of the slide (``survey_slide``'s "slide"), or None.
+    returns. ``surveyed``: what the stain pass read of the slide (``survey_slide``'s "slide"), or None;
+    ``fingerprint``: the client's ``described_fingerprint``, or None (made here).
 
     Returns the plan without the thumbnail, with ``qc_code`` (the planned codes), ``store`` and ``already`` (chunk
     origins an interrupted run wrote).
     """
+    fingerprint = own_fingerprint(fingerprint, path, config, slide_id)
     return open_partial_store(surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed), config, out_dir,
                               slide_id, path, fingerprint)
 

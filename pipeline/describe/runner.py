@@ -55,7 +55,7 @@ BLOCK_TASK_TILES = 3  # a block task's fixed cost (scheduling, reader, chunk wri
 class _SlideJob:
     slide_id: str
     path: str
-    fingerprint: str
+    fingerprint: str | None  # None: made by its plan task
     started: float = field(default_factory=time.monotonic)
     plan: dict | None = None
     store: str | None = None
@@ -96,12 +96,21 @@ def is_one_block_slide(paths: list[Path], config: PipelineConfig) -> bool:
     return len(grid.chunks(config.tiling.chunk_tiles)) <= 1
 
 
-def _is_current(out_dir: Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> bool:
-    path = store_path(out_dir, slide_id)
-    if not store_is_current(path, fingerprint, config.stage_hash("describe")):
+def _is_current(path: Path, fingerprint: str, config_hash: str, config: PipelineConfig) -> bool:
+    if not store_is_current(path, fingerprint, config_hash):
         return False
     override = config.tiling.mpp_override
     return override is None or (read_attrs(path) or {}).get("mpp") == override
+
+
+def _fingerprints_needed(ids: dict[str, Path], out_dir: Path, config: PipelineConfig) -> dict[str, str]:
+    """``described_fingerprints`` of the slides whose fingerprint is needed before any task: all of them for the stain
+    pass, else those with a store (to see whether it is current). Another slide's plan task makes its own on a worker
+    (``plan.own_fingerprint``): hashing each file's first and last MiB took 0.2 s for 200 small slides before the
+    first task, 1.1 s when the files were not in the page cache (benchmarks/README.md, seventeenth session)."""
+    if config.stain.method == "none":
+        ids = {slide_id: path for slide_id, path in ids.items() if store_path(out_dir, slide_id).is_dir()}
+    return described_fingerprints(ids, config.annotations.dir)
 
 
 def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: PipelineConfig | None = None,
@@ -136,7 +145,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
     # What each store is current for (the slide file and its annotations), made once for the stain pass and for here.
-    fingerprints = described_fingerprints(ids, config.annotations.dir)
+    fingerprints = _fingerprints_needed(ids, out_dir, config)
     stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
     collision_keys: set[str] = set()
@@ -168,9 +177,10 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
         log.warning("annotations: %s", warning)
     todo: list[_SlideJob] = []
     skipped = 0
+    config_hash = config.stage_hash("describe")
     for slide_id, path in ids.items():
-        fingerprint = fingerprints[slide_id]
-        if _is_current(out_dir, slide_id, fingerprint, config):
+        fingerprint = fingerprints.get(slide_id)  # None: no store yet, the plan task makes it
+        if fingerprint is not None and _is_current(store_path(out_dir, slide_id), fingerprint, config_hash, config):
             skipped += 1
             if (manifest.slides.get(slide_id) or {}).get("status") != "done":  # finished just before a crash
                 manifest.slides[slide_id] = record_from_store(out_dir, slide_id, path)

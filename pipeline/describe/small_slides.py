@@ -15,17 +15,18 @@ from ..core.config import PipelineConfig
 from ..core.store import partial_path, write_complete_store
 from ..slides.qc.slide import decide_slide_qc, slide_qc_arrays, slide_qc_counts
 from .blocks import describe_block, describe_tiles, encoded_on, slide_blocks
-from .plan import completion_attrs, describe_store_attrs, open_partial_store, surveyed_plan
+from .plan import completion_attrs, describe_store_attrs, open_partial_store, own_fingerprint, surveyed_plan
 
 
-def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str,
+def plan_and_describe(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fingerprint: str | None,
                       encoder: dict | None = None, surveyed: dict | None = None, stain: dict | None = None,
                       stain_attrs: dict | None = None) -> dict:
     """The plan of a slide (``plan_slide``'s), and a one-block slide described: with ``described`` (the block's
     ``describe_block`` result) when it went into a partial store, or ``completed`` (its ``completion_attrs``, which the
-    manifest records, and the tiles described) when its store was written whole. ``stain``: the slide's transform;
-    ``stain_attrs``: what its store records of it."""
+    manifest records, and the tiles described) when its store was written whole. ``fingerprint``: as ``plan_slide``'s;
+    ``stain``: the slide's transform; ``stain_attrs``: what its store records of it."""
     started = time.monotonic()
+    fingerprint = own_fingerprint(fingerprint, path, config, slide_id)
     plan = surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed)
     blocks = slide_blocks(plan, config.tiling.chunk_tiles)
     if len(blocks) == 1 and not partial_path(out_dir, slide_id).exists():

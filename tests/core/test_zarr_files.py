@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,19 @@ def test_describe_imports_no_zarr():
     code = "import sys, pipeline.cli, pipeline.describe.runner; print('zarr' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_a_fresh_folder_is_written_in_place_with_the_same_files(tmp_path, monkeypatch):
+    files = {"a/zarr.json": b"{}", "a/c/0/0": b"chunk", "a/c/1/0": None, "b/zarr.json": b"{}", "zarr.json": b"group"}
+    zarr_files.write_files(tmp_path / "one", files)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(Path(b).name) or real_replace(a, b))
+    zarr_files.write_files(tmp_path / "two", files, fresh=True)
+    assert _tree(tmp_path / "two") == _tree(tmp_path / "one") == {k: v for k, v in files.items() if v is not None}
+    assert renamed == ["zarr.json"]  # only the last file, the group's, goes through a temporary name
+    # a folder that is there after all is written file by file: a chunk of only the fill value is removed
+    (tmp_path / "two" / "a" / "c" / "1").mkdir()
+    (tmp_path / "two" / "a" / "c" / "1" / "0").write_bytes(b"stale")
+    zarr_files.write_files(tmp_path / "two", files, fresh=True)
+    assert _tree(tmp_path / "two") == _tree(tmp_path / "one")

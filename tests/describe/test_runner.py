@@ -155,6 +155,26 @@ def test_rerun_skips_complete_slides_and_redoes_stale_ones(small_slides, small_c
     assert read_attrs(store_path(tmp_path, "slide-a"))["config_hash"] == run_config.stage_hash("describe")
 
 
+def test_a_new_slide_is_fingerprinted_by_its_plan_task(small_slides, small_config, tmp_path, monkeypatch):
+    """Without a stain pass the client hashes only slides that have a store (to see whether it is current); a new
+    slide's plan task hashes its own, and its store records the same fingerprint."""
+    from pipeline.describe import runner as runner_module
+    from pipeline.slides.annotations import described_fingerprint
+
+    config = small_config.with_overrides(stain__method="none")
+    asked = []
+    real = runner_module.described_fingerprints
+    monkeypatch.setattr(runner_module, "described_fingerprints",
+                        lambda ids, annotations: asked.append(sorted(ids)) or real(ids, annotations))
+    describe_slides([small_slides], tmp_path, config, runner=LocalRunner(), progress=False)
+    assert asked == [[]]
+    for slide_id in ("slide-a", "slide-b"):
+        expected = described_fingerprint(small_slides / f"{slide_id}.svs", None, slide_id)
+        assert read_attrs(store_path(tmp_path, slide_id))["fingerprint"] == expected
+    summary = describe_slides([small_slides], tmp_path, config, runner=LocalRunner(), progress=False)
+    assert asked[-1] == ["slide-a", "slide-b"] and summary["skipped"] == 2 and summary["done"] == 0
+
+
 def test_interrupted_run_resumes_chunk_by_chunk(small_slides, small_config, tmp_path):
     reference = tmp_path / "reference"
     full = CountingRunner()
