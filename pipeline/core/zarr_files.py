@@ -178,16 +178,16 @@ def write_file(path: Path, data: bytes | None) -> None:
 def write_files(root: Path, files: dict[str, bytes | None], fresh: bool = False) -> None:
     """Write relative path -> bytes under ``root`` (folders made as needed), in the order given.
 
-    ``fresh``: ``root`` does not exist yet and nothing reads it before its last file is in place (a group's ``zarr.json``, written
-    last, says the store is there) or before it is renamed into place. Each folder is then made once and the files
-    are written in place, only the last one under a temporary name: a small slide's store is ~15 files in ~20 folders,
-    and the temporary names, renames and repeated folder checks cost as much again as the writes
-    (benchmarks/README.md, seventeenth session).
+    ``fresh``: ``root`` does not exist yet, and nothing reads it before its last file is in place (a group's
+    ``zarr.json``, written last, says the store is there) or before it is renamed into place. Each folder is then made
+    once and the files are written in place, only the last one under a temporary name: a small slide's store is ~15
+    files in ~20 folders, and temporary names, renames and repeated folder checks were 10-25% of its cost
+    (benchmarks/README.md, seventeenth session). A ``root`` that exists after all is written file by file.
     """
     if fresh:
         try:
             root.mkdir(parents=True)
-        except FileExistsError:  # not new after all (its removal failed): written file by file
+        except FileExistsError:  # its removal failed
             fresh = False
     if not fresh:
         for key, data in files.items():

@@ -144,7 +144,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     manifest = Manifest(out_dir)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
-    # What each store is current for (the slide file and its annotations), made once for the stain pass and for here.
+    # What each store is current for (the slide file and its annotations), where it is needed before any task.
     fingerprints = _fingerprints_needed(ids, out_dir, config)
     stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
