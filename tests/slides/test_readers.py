@@ -219,6 +219,9 @@ def test_choose_reader(cmu_slide, fixtures_dir, synthetic_slides):
 def test_auto_probes_the_levels_the_slide_is_read_at(synthetic_slides, monkeypatch):
     """With the thumbnail's downsample, only the tile level and the thumbnail's level are compared with OpenSlide
     (each probe costs a tile decode in both readers); without it, every level."""
+    from pipeline.slides import reader_choice
+
+    monkeypatch.setattr(reader_choice, "_PROBED", {})  # no verdict remembered from earlier tests
     info = read_slide_info(synthetic_slides["generic"])
     assert info.level_count == 3
     probed: list[int] = []
@@ -234,6 +237,37 @@ def test_auto_probes_the_levels_the_slide_is_read_at(synthetic_slides, monkeypat
     probed.clear()
     assert choose_reader(info, "auto", read_level=0, thumbnail_downsample=0.5).kind == "tiff"  # thumbnail at level 0
     assert probed == [0]
+
+
+def test_slides_coded_alike_share_the_probes_verdict(synthetic_slides, cmu_slide, tmp_path, monkeypatch):
+    """A slide whose probed tiles are coded like those of a slide probed in this process (stream prefix, tile headers,
+    tile size, vendor) takes that verdict without opening OpenSlide; its reason says so, and its pixels are still
+    OpenSlide's. A slide coded otherwise is probed."""
+    from sample_data.synthetic import SyntheticTissue, write_slide
+
+    from pipeline.slides import reader_choice
+
+    monkeypatch.setattr(reader_choice, "_PROBED", {})
+    probed: list[str] = []
+    real = OpenSlideReader.read_region
+    monkeypatch.setattr(OpenSlideReader, "read_region",
+                        lambda self, *args: probed.append(self.path) or real(self, *args))
+    first = read_slide_info(synthetic_slides["generic"])
+    assert choose_reader(first, "auto", read_level=0, thumbnail_downsample=4.0).kind == "tiff"
+    assert len(probed) == 2  # the tile level and the thumbnail's
+    second_path = write_slide(tmp_path / "alike.tif", SyntheticTissue(3000, 2004, seed=11, tissue_fraction=0.6),
+                              mpp=0.25, levels=(1, 2, 4), style="generic")
+    second = read_slide_info(second_path)
+    probed.clear()
+    choice = choose_reader(second, "auto", read_level=0, thumbnail_downsample=4.0)
+    assert choice.kind == "tiff" and probed == [] and choice.reason.endswith(reader_choice.REMEMBERED_NOTE)
+    with open_reader(second_path, choice) as direct, OpenSlideReader(second_path) as reference:
+        np.testing.assert_array_equal(direct.read_region(0, 1024, 768, 300, 200),
+                                      reference.read_region(0, 1024, 768, 300, 200))
+    other = read_slide_info(cmu_slide)  # a scanner's JPEG tables and frame headers
+    probed.clear()
+    assert choose_reader(other, "auto", read_level=0, thumbnail_downsample=4.0).kind == "tiff" and probed
+    assert len(reader_choice._PROBED) == 2
 
 
 def test_readers_of_one_file_share_the_simplejpeg_check(synthetic_slides, monkeypatch):
