@@ -191,7 +191,7 @@ def _create(path: Path, group_attrs: dict, specs: dict[str, dict]) -> None:
     if not _create_direct(path, group_attrs, specs):
         group = _zarr().open_group(str(path), mode="w", attributes=group_attrs)  # one zarr.json write
         for name, spec in specs.items():
-            group.create_array(name, **spec)
+            group.create_array(name, **spec, chunk_key_encoding=zarr_files.ZARR_CHUNK_KEYS)
 
 
 _SPEC_KEYS = frozenset({"data", "shape", "dtype", "fill_value", "chunks", "attributes"})
@@ -257,7 +257,8 @@ def write_array(store: str | Path, name: str, data: np.ndarray, *, chunks: tuple
         zarr_files.write_files(store / tmp_name, files, fresh=True)
     else:
         arr = _zarr().open_group(str(store), mode="r+").create_array(
-            tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, fill_value=fill_value)
+            tmp_name, shape=data.shape, dtype=data.dtype, chunks=chunks or data.shape, fill_value=fill_value,
+            chunk_key_encoding=zarr_files.ZARR_CHUNK_KEYS)
         arr[...] = data
         if attrs:
             arr.update_attributes(attrs)

@@ -35,7 +35,14 @@ DIRECT_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "
 SPECIAL_FLOATS = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
 JSON_INDENT = 2  # zarr's default ``json_indent``
 ZSTD_LEVEL, ZSTD_CHECKSUM = 0, False  # zarr 3's default compressor for arrays of numbers
-CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+# Chunk files sit in their array's folder ("c.0.0"), not in a folder per grid axis ("c/0/0", zarr's default): a small
+# slide's store makes 7 folders instead of 17, and creating files and folders is what varies most on a busy disk
+# (benchmarks/README.md, seventeenth session). Zarr reads either from the array's document, and chunks written here
+# follow the document (stores written before keep "/").
+CHUNK_SEPARATOR = "."
+CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": CHUNK_SEPARATOR}}
+ZARR_CHUNK_KEYS = {"name": "default", "separator": CHUNK_SEPARATOR}  # the same, as zarr's ``create_array`` takes it
+SEPARATORS = ("/", ".")
 
 
 def dumps(document: dict) -> bytes:
@@ -68,7 +75,8 @@ def _array_template(shape: tuple[int, ...], dtype: str, fill: bytes | None, chun
         from zarr.storage import MemoryStore
 
         store: dict = {}
-        zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype, fill_value=fill_value, chunks="auto")
+        zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype, fill_value=fill_value, chunks="auto",
+                          chunk_key_encoding=ZARR_CHUNK_KEYS)
         return store[ZARR_JSON].to_bytes()
     endian = {} if kind.itemsize == 1 else {"configuration": {"endian": "little"}}
     return dumps({"shape": list(shape), "data_type": kind.name,
@@ -103,7 +111,8 @@ def chunk_codec(document: dict):
     for anything else."""
     from numcodecs.zstd import Zstd
 
-    if document.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}} \
+    keys = document.get("chunk_key_encoding") or {}
+    if keys.get("name") != "default" or (keys.get("configuration") or {}).get("separator") not in SEPARATORS \
             or document.get("chunk_grid", {}).get("name") != "regular" or document.get("storage_transformers") \
             or document.get("data_type") not in DIRECT_DTYPES:
         return None
@@ -120,6 +129,11 @@ def chunk_codec(document: dict):
     level, checksum = codecs[1]["configuration"]["level"], codecs[1]["configuration"]["checksum"]
     return dtype, np.asarray(fill, dtype), tuple(document["chunk_grid"]["configuration"]["chunk_shape"]), \
         Zstd(level=level, checksum=checksum)
+
+
+def chunk_key(document: dict, indices) -> str:
+    """The file name, within its array's folder, of the chunk at grid ``indices`` (the document's separator)."""
+    return document["chunk_key_encoding"]["configuration"]["separator"].join(["c", *map(str, indices)])
 
 
 def _only_fill(chunk: np.ndarray, fill: np.ndarray) -> bool:
@@ -162,7 +176,7 @@ def array_files(document: dict, data: np.ndarray | None) -> dict[str, bytes | No
     encoded = (map_threads(lambda piece: encode_chunk(piece, codec), pieces) if data.nbytes >= THREADED_BYTES
                else [encode_chunk(piece, codec) for piece in pieces])
     for origin, stored in zip(origins, encoded):
-        files["/".join(["c", *map(str, origin)])] = stored
+        files[chunk_key(document, origin)] = stored
     return files
 
 
@@ -224,6 +238,6 @@ def write_chunk(array_path: str | Path, origin: tuple[int, ...], values: np.ndar
     for o, n, size, c in zip(origin, values.shape, shape, chunk_shape):
         if o % c or n != min(c, size - o):
             return False
-    key = "/".join(["c", *(str(o // c) for o, c in zip(origin, chunk_shape))])
+    key = chunk_key(document, [o // c for o, c in zip(origin, chunk_shape)])
     write_file(array_path / key, encode_chunk(values, codec))
     return True

@@ -46,10 +46,11 @@ def test_a_store_written_directly_is_byte_for_byte_zarrs(tmp_path, monkeypatch):
     assert store_module._create_direct(tmp_path / "direct", attrs, ARRAYS)
     group = zarr.open_group(str(tmp_path / "zarr"), mode="w", attributes=attrs)
     for name, spec in ARRAYS.items():
-        group.create_array(name, **spec)
+        group.create_array(name, **spec, chunk_key_encoding=zarr_files.ZARR_CHUNK_KEYS)
     direct, reference = _tree(tmp_path / "direct"), _tree(tmp_path / "zarr")
     assert sorted(direct) == sorted(reference)
-    assert "all_nan_chunk/c/1/0" not in direct and "zeros/c/0/0" not in direct  # left out, as zarr does
+    assert "nan_edges/c.2.1" in direct and not any(key.count("/") > 1 for key in direct)  # chunks beside zarr.json
+    assert "all_nan_chunk/c.1.0" not in direct and "zeros/c.0.0" not in direct  # left out, as zarr does
     for key in reference:
         assert direct[key] == reference[key], key
     back = zarr.open_group(str(tmp_path / "direct"), mode="r")
@@ -98,7 +99,7 @@ def test_chunks_and_attributes_are_zarrs(tmp_path, monkeypatch, block):
             zarr.open_group(str(path), mode="r+").update_attributes({**final, "complete": True})
             path.rename(store_path(out, "s"))
             arr = zarr.open_group(str(store_path(out, "s")), mode="r+").create_array(
-                "cam", shape=(5, 7), dtype=np.float32, chunks=(5, 7))
+                "cam", shape=(5, 7), dtype=np.float32, chunks=(5, 7), chunk_key_encoding=zarr_files.ZARR_CHUNK_KEYS)
             arr[...] = cam
             arr.update_attributes({"k": 1})
         roots[kind] = _tree(store_path(out, "s"))
@@ -106,6 +107,7 @@ def test_chunks_and_attributes_are_zarrs(tmp_path, monkeypatch, block):
 
 
 def test_values_of_only_the_fill_value_remove_the_chunk(tmp_path):
+    """(An array with zarr's default chunk keys, c/1/0: chunks written here follow the array's document.)"""
     zarr.create_array(str(tmp_path / "a"), shape=(4, 4), chunks=(2, 2), dtype="float32", fill_value=np.nan)
     assert zarr_files.write_chunk(tmp_path / "a", (2, 0), np.ones((2, 2), np.float32))
     assert (tmp_path / "a" / "c" / "1" / "0").is_file()
@@ -138,7 +140,8 @@ def test_documents_written_here_are_zarrs(dtype, fill, shape, chunks):
     from zarr.storage import MemoryStore
 
     store: dict = {}
-    zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype, fill_value=fill, chunks=chunks)
+    zarr.create_array(MemoryStore(store), shape=shape, dtype=dtype, fill_value=fill, chunks=chunks,
+                      chunk_key_encoding=zarr_files.ZARR_CHUNK_KEYS)
     assert zarr_files.dumps(zarr_files.array_document(shape, dtype, fill, chunks)) == store["zarr.json"].to_bytes()
     group: dict = {}
     zarr.open_group(MemoryStore(group), mode="w", attributes={"a": 1})
