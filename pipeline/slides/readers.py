@@ -97,15 +97,6 @@ class TileReader:
         ds = self.level_downsamples[level]
         return self.read_region(level, int(round(x_lvl * ds)), int(round(y_lvl * ds)), w_lvl, h_lvl)
 
-    def tile_coding(self, level: int, x_lvl: int, y_lvl: int) -> tuple | None:
-        """How the JPEG tile holding level pixel (x, y) is coded, apart from its pixels: tile size, stream prefix
-        (tables, colour-space marker), its own headers up to its scan; None if not JPEG or the headers are unread."""
-        lp = self._levels[level]
-        index = (y_lvl // lp.tile_h) * lp.tiles_across + x_lvl // lp.tile_w
-        offset, count = int(lp.offsets[index]), int(lp.bytecounts[index])
-        head = jpeg.headers(os.pread(self._fd, min(count, 4096), offset)) if lp.jpeg_prefix and offset and count else None
-        return None if head is None else (lp.tile_w, lp.tile_h, lp.jpeg_prefix, head)
-
     def scale_for(self, level: int, factor: float) -> int:
         """Whole-factor shrink this reader can do while decoding (see ``TiffTileReader``); 1 = none."""
         return 1
@@ -272,6 +263,17 @@ class TiffTileReader(TileReader):
         except Exception as err:  # noqa: BLE001 - imagecodecs/tifffile raise many types for damaged tiles
             raise TileReadError(f"decoding level {level} tiles at ({x_lvl}, {y_lvl}) failed: "
                                 f"{type(err).__name__}: {err}", path=self.path) from None
+
+    def tile_coding(self, level: int, x_lvl: int, y_lvl: int) -> tuple | None:
+        """How the JPEG tile holding level pixel (x, y) is coded, apart from its pixels: tile size, stream prefix
+        (tables, colour-space marker), its own headers up to its scan; None if not JPEG or the headers are unread."""
+        lp = self._levels[level]
+        index = (y_lvl // lp.tile_h) * lp.tiles_across + x_lvl // lp.tile_w
+        offset, count = int(lp.offsets[index]), int(lp.bytecounts[index])
+        if lp.jpeg_prefix is None or offset == 0 or count == 0:
+            return None
+        head = jpeg.headers(os.pread(self._fd, min(count, 4096), offset))
+        return None if head is None else (lp.tile_w, lp.tile_h, lp.jpeg_prefix, head)
 
     def scale_for(self, level: int, factor: float) -> int:
         """The DCT-domain scale (1, 2, 4 or 8) ``read_level_scaled`` uses for tiles of ``level`` that are shrunk by
