@@ -41,6 +41,7 @@ from .encoders import encoder_info, validate_encoder
 from .encoders.placement import block_resources
 from .grouping import MAX_GROUP, PlanQueue, group_task, outcomes
 from .plan import completion_attrs, plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry)
+from .plan_ahead import PlanAhead, plan_ahead, take_planned
 from .small_slides import plan_and_describe
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
@@ -133,12 +134,19 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
     if isinstance(runner, LocalRunner) or (runner is None and config.cluster.kind == "local"
                                            and worker_start_method(config.cluster) == "fork"):
         load_kernels(config)  # for tasks run here, and forked workers inherit them: once per command, not per worker
-    with output_lock(out_dir, command="describe"), runner_for(runner, config.cluster) as active:
-        return _describe(paths, ignored, out_dir, config, active, progress, errors, encoder)
+    with output_lock(out_dir, command="describe"):
+        # the first new slide planned here while Dask is imported, when a local cluster is about to start
+        ahead = plan_ahead(assign_slide_ids(paths)[0], out_dir, config, encoder) if runner is None else None
+        try:
+            with runner_for(runner, config.cluster, before_start=ahead.wait if ahead else None) as active:
+                return _describe(paths, ignored, out_dir, config, active, progress, errors, encoder, ahead)
+        finally:
+            if ahead is not None:
+                ahead.wait()  # the cluster failed to start: its store is written before the lock is let go
 
 
 def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: PipelineConfig, runner,
-              progress: bool | None, errors: dict | None, encoder) -> dict:
+              progress: bool | None, errors: dict | None, encoder, ahead: PlanAhead | None = None) -> dict:
     errors = {} if errors is None else errors
     t_start = time.monotonic()
     manifest = Manifest(out_dir)
@@ -186,6 +194,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
                 manifest.slides[slide_id] = record_from_store(out_dir, slide_id, path)
             continue
         todo.append(_SlideJob(slide_id, str(path), fingerprint))
+    planned_here = take_planned(ahead, todo)  # (job, its plan task's outcome), taken out of ``todo``
 
     bar = Progress(total_slides=len(ids), done_slides=skipped, enabled=progress)
     plan_encoder = encoder_info(encoder)
@@ -282,6 +291,9 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
 
     def results():
         """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""
+        for job, done in planned_here:
+            jobs[job.slide_id] = job
+            yield "prepare", job, done
         # the settings are written while the first tasks run: the workers do not wait for them
         for done in run_bounded(runner, next_task, in_flight_limit(runner, config.cluster), save_settings):
             kind, key = done.tag

@@ -1,0 +1,80 @@
+"""The run's first new slide planned in a forked child while Dask is imported (``describe/plan_ahead.py``).
+
+Each run is a fresh interpreter, as a command is: a model framework another test loaded here would make the local
+workers spawned, not forked, and nothing is planned ahead then."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.core.parallel import LocalRunner
+from pipeline.core.store import read_array, store_path
+from pipeline.describe.runner import describe_slides
+from tests.conftest import REPO, shared_file
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the plan is made in a forked process")
+ARRAYS = ("descriptors", "tissue_mask", "tissue_fraction", "thumbnail", "qc_code")
+SETTINGS = {"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 4}, "stain": {"method": "none"},  # several blocks
+            "cluster": {"workers": 2, "dashboard": False}}
+
+
+def _describe(slides, out, settings=SETTINGS, child_dies=False) -> tuple[dict, str]:
+    """``describe_slides`` on a local cluster in a new interpreter: (its summary, its log)."""
+    code = f"""
+import io, json, logging, os
+from pipeline.core.config import config_from_dict
+from pipeline.describe import plan_ahead
+from pipeline.describe.runner import describe_slides
+log = io.StringIO()
+handler = logging.StreamHandler(log)
+logging.getLogger("pipeline").addHandler(handler)
+logging.getLogger("pipeline").setLevel(logging.INFO)
+if {child_dies!r}:  # a reader that crashes the process: in the child only
+    plan_ahead.plan_and_describe = lambda *args: os._exit(3)
+summary = describe_slides([{str(slides)!r}], {str(out)!r}, config_from_dict({settings!r}), progress=False)
+print(json.dumps({{"summary": summary, "log": log.getvalue()}}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return result["summary"], result["log"]
+
+
+def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_config, tmp_path):
+    summary, log = _describe(small_slides, tmp_path / "ahead")
+    assert summary["done"] == 2
+    assert "slide slide-a planned while Dask was imported" in log  # the first in the runner's order
+    assert "slide-b planned while" not in log
+    here = small_config.with_overrides(stain__method="none")
+    describe_slides([small_slides], tmp_path / "here", here, runner=LocalRunner(), progress=False)
+    for slide_id in ("slide-a", "slide-b"):  # a partial store made by the child, its blocks by the workers
+        for name in ARRAYS:
+            np.testing.assert_array_equal(read_array(store_path(tmp_path / "ahead", slide_id), name),
+                                          read_array(store_path(tmp_path / "here", slide_id), name), err_msg=name)
+    summary, log = _describe(small_slides, tmp_path / "ahead")  # a rerun: every store is current, none planned
+    assert summary["skipped"] == 2 and "planned while Dask was imported" not in log
+    off = {**SETTINGS, "cluster": {**SETTINGS["cluster"], "plan_while_starting": False}}
+    summary, log = _describe(small_slides, tmp_path / "off", off)
+    assert summary["done"] == 2 and "planned while Dask was imported" not in log
+
+
+def test_a_child_that_dies_leaves_the_slide_to_a_worker(small_slides, tmp_path):
+    summary, log = _describe(small_slides, tmp_path, child_dies=True)
+    assert summary["done"] == 2 and summary["failed"] == 0
+    assert "slide-a: the child planning it died; a worker plans it" in log
+
+
+def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path):
+    slides = tmp_path / "slides"
+    shutil.copytree(small_slides, slides)
+    shutil.copy(shared_file("histolab", "broken.svs"), slides / "a-broken.svs")  # first in the runner's order
+    summary, log = _describe(slides, tmp_path / "out")
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    assert "slide a-broken planned while Dask was imported" in log
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())["slides"]["a-broken"]
+    assert record["status"] == "failed" and record["error"]["code"] == "unsupported_format"
