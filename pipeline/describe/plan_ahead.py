@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .encoders import Encoder, encoder_info
 from .small_slides import plan_and_describe
 
 log = logging.getLogger("pipeline")
+WAIT_S = 600.0  # a plan takes well under a second, a few seconds for a huge slide on a slow share
 
 
 class PlanAhead:
@@ -57,18 +60,20 @@ class PlanAhead:
         self._read_end = read_end
 
     def wait(self) -> None:
-        """Collect the child's outcome (once)."""
+        """Collect the child's outcome (once). A child silent for ``WAIT_S`` (stuck, e.g. on a lock another thread
+        held when it was forked) is killed and the slide left to a worker."""
         if self._waited:
             return
         self._waited = True
-        with os.fdopen(self._read_end, "rb") as pipe:
-            data = pipe.read()
+        data = _read_until_closed(self._read_end, time.monotonic() + WAIT_S)
+        if data is None:
+            os.kill(self._pid, signal.SIGKILL)
         os.waitpid(self._pid, 0)
         tag = ("prepare", (self.slide_id,))
         try:
             kind, value = pickle.loads(data)  # our own child's bytes, through a pipe: never a file
-        except Exception:  # noqa: BLE001 - the child died (nothing or part of it came back)
-            log.info("slide %s: the child planning it died; a worker plans it", self.slide_id)
+        except Exception:  # noqa: BLE001 - the child died or was stopped (nothing or part of it came back)
+            log.info("slide %s: the child planning it did not finish; a worker plans it", self.slide_id)
             return
         if kind == "unexpected":
             log.info("slide %s: planning it here failed (%s); a worker plans it", self.slide_id, value)
@@ -82,6 +87,22 @@ class PlanAhead:
         death: a worker then plans the slide."""
         self.wait()
         return self._done
+
+
+def _read_until_closed(fd: int, deadline: float) -> bytes | None:
+    """All that comes through the pipe ``fd`` until its writer closes its end, or None at ``deadline``; ``fd`` is
+    closed either way."""
+    chunks = []
+    try:
+        while True:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def _outcome(args: tuple) -> bytes:

@@ -7,7 +7,8 @@ Task functions that run on workers (each opens its own slide handle):
 * ``describe_block`` (``blocks.py``): descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of
   tiles), written straight into that block's own Zarr chunk;
 * ``plan_and_describe`` (``small_slides.py``): a slide with a single block is described in its plan task and its store
-  written whole there; small slides go several to a task (``grouping.py``).
+  written whole there; small slides go several to a task (``grouping.py``). The run's first new slide runs it in a
+  forked copy of the command while Dask is imported (``plan_ahead.py``).
 
 ``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
 finalises stores, and records each slide's outcome in the manifest. One failing slide never stops the others.

@@ -23,7 +23,7 @@ SETTINGS = {"tiling": {"mpp": 0.5, "tile_px": 64, "chunk_tiles": 4}, "stain": {"
             "cluster": {"workers": 2, "dashboard": False}}
 
 
-def _describe(slides, out, settings=SETTINGS, child_dies=False) -> tuple[dict, str]:
+def _describe(slides, out, settings=SETTINGS, child: str = "") -> tuple[dict, str]:
     """``describe_slides`` on a local cluster in a new interpreter: (its summary, its log)."""
     code = f"""
 import io, json, logging, os
@@ -34,8 +34,12 @@ log = io.StringIO()
 handler = logging.StreamHandler(log)
 logging.getLogger("pipeline").addHandler(handler)
 logging.getLogger("pipeline").setLevel(logging.INFO)
-if {child_dies!r}:  # a reader that crashes the process: in the child only
+if {child!r} == "dies":  # a reader that crashes the process: in the child only
     plan_ahead.plan_and_describe = lambda *args: os._exit(3)
+if {child!r} == "hangs":  # stuck on a lock another thread held when it was forked
+    import time
+    plan_ahead.plan_and_describe = lambda *args: time.sleep(120)
+    plan_ahead.WAIT_S = 1.0
 summary = describe_slides([{str(slides)!r}], {str(out)!r}, config_from_dict({settings!r}), progress=False)
 print(json.dumps({{"summary": summary, "log": log.getvalue()}}))
 """
@@ -63,10 +67,11 @@ def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_confi
     assert summary["done"] == 2 and "planned while Dask was imported" not in log
 
 
-def test_a_child_that_dies_leaves_the_slide_to_a_worker(small_slides, tmp_path):
-    summary, log = _describe(small_slides, tmp_path, child_dies=True)
+@pytest.mark.parametrize("child", ["dies", "hangs"])
+def test_a_child_that_dies_or_hangs_leaves_the_slide_to_a_worker(small_slides, tmp_path, child):
+    summary, log = _describe(small_slides, tmp_path, child=child)
     assert summary["done"] == 2 and summary["failed"] == 0
-    assert "slide-a: the child planning it died; a worker plans it" in log
+    assert "slide-a: the child planning it did not finish; a worker plans it" in log
 
 
 def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path):
