@@ -300,8 +300,10 @@ def run_command(target: Path, out: Path, workers: int, extra: list[str], tree: P
     manifest = Manifest(out)
     run = manifest.data["runs"][-1]
     tiles = sum(r.get("tiles", 0) for r in manifest.slides.values())
+    # the run's own tiles: a slide described whole before the run (``plan_ahead``) is not in its ``seconds``
+    run_tiles = tiles - run.get("tiles_described_before_run", 0)
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "run_seconds": run["seconds"],
-            "tiles": tiles, "done": run["done"],
+            "tiles": tiles, "run_tiles": run_tiles, "done": run["done"],
             "failed": run["failed"], "tiles_per_s": round(tiles / seconds, 1), "peak_rss_mb": peaks[:workers + 1]}
 
 
@@ -428,7 +430,8 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
                                  "tiles_measured": tiles, "measured": "before and after each command run"}
         for name, around in floor_around.items():
             per_tile_by_run = [(floors[a] + floors[b]) / 2e3 for a, b in around]
-            by_run = [round(run / (per_tile * e2e[name]["tiles"] / workers), 3)
+            run_tiles = e2e[name].get("run_tiles", e2e[name]["tiles"])
+            by_run = [round(run / (per_tile * run_tiles / workers), 3)
                       for run, per_tile in zip(e2e[name]["all_run_seconds"], per_tile_by_run)]
             floor = float(np.median(per_tile_by_run)) * e2e[name]["tiles"] / workers
             e2e[name]["floor_seconds"] = round(floor, 2)
@@ -440,12 +443,13 @@ def run_end_to_end(args, path: Path, tiles: int, config, result: dict) -> None:
         # whole commands (the fastest of the rounds, start-up included on both sides), and the runs alone (median of
         # the rounds' own ``seconds``): the second is how issue 18 compared them (tiles/s of the runs)
         r["dir_tiles_per_s_over_slide"] = round(e2e["command_dir"]["tiles_per_s"] / e2e["command"]["tiles_per_s"], 3)
-        run_rates = [e2e[n]["tiles"] / float(np.median(e2e[n]["all_run_seconds"])) for n in ("command_dir", "command")]
+        run_tiles = {n: e2e[n].get("run_tiles", e2e[n]["tiles"]) for n in ("command_dir", "command")}
+        run_rates = [run_tiles[n] / float(np.median(e2e[n]["all_run_seconds"])) for n in ("command_dir", "command")]
         r["dir_run_tiles_per_s_over_slide"] = round(run_rates[0] / run_rates[1], 3)
         # each round's directory run against the slide run just before it: the machine's speed drifts less within a
         # round than across an invocation
         r["dir_run_tiles_per_s_over_slide_by_round"] = [
-            round((e2e["command_dir"]["tiles"] / d) / (e2e["command"]["tiles"] / w), 3)
+            round((run_tiles["command_dir"] / d) / (run_tiles["command"] / w), 3)
             for w, d in zip(e2e["command"]["all_run_seconds"], e2e["command_dir"]["all_run_seconds"])]
     peaks = [max(e2e[n]["peak_rss_mb"]) for n in ("command", "command_dir") if n in e2e]
     if peaks:

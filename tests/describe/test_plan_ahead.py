@@ -67,6 +67,16 @@ def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_confi
     assert summary["done"] == 2 and "planned while Dask was imported" not in log
 
 
+def test_a_one_block_slide_is_described_whole_before_the_run(small_slides, tmp_path):
+    """Whole before the run: counted as done (not as a store found current), its tiles recorded apart."""
+    one_block = {**SETTINGS, "tiling": {**SETTINGS["tiling"], "chunk_tiles": 16}}
+    summary, log = _describe(small_slides, tmp_path, one_block)
+    assert (summary["done"], summary["skipped"]) == (2, 0)
+    assert "slide slide-a planned while Dask was imported" in log
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["runs"][-1]["tiles_described_before_run"] == manifest["slides"]["slide-a"]["tiles"] > 20
+
+
 @pytest.mark.parametrize("child", ["dies", "hangs"])
 def test_a_child_that_dies_or_hangs_leaves_the_slide_to_a_worker(small_slides, tmp_path, child):
     summary, log = _describe(small_slides, tmp_path, child=child)
