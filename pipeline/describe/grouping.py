@@ -34,13 +34,17 @@ class PlanQueue:
     def planned(self, tiles: int) -> None:
         self.tiles.append(tiles)
 
+    def sizes_known(self) -> bool:
+        """Enough slides are planned (one per worker) for their mean size to set the groups'."""
+        return len(self.tiles) >= self.capacity
+
     def take(self, grouped: bool = True) -> list:
         """The next item alone, or (``grouped``) the next group; an item sent back (``again``) always goes alone."""
         if self.alone:
             return [self.alone.pop()]
         if not grouped:
             return [self.waiting.pop()]
-        mean = sum(self.tiles) / len(self.tiles) if len(self.tiles) >= self.capacity else None
+        mean = sum(self.tiles) / len(self.tiles) if self.sizes_known() else None
         count = group_size(len(self.waiting), self.capacity, mean, self.target_tiles, MAX_GROUP)
         return [self.waiting.pop() for _ in range(count)]
 

@@ -263,9 +263,16 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
                                      np.float32)
             job.scores[r0:r1, c0:c1] = result["qc_scores"]
 
+    def may_plan() -> bool:
+        """Slides wait and few are open; while no slide's size is known, at most two unplanned per worker: those go
+        one to a task, the slides after them in groups (20 -> 17 tasks for 50 small slides, ~6 ms of CPU each)."""
+        if not pending or len(jobs) >= max_slides_open:
+            return False
+        return pending.sizes_known() or sum(job.plan is None for job in jobs.values()) < 2 * runner.capacity
+
     def next_task() -> Task | None:
         """Blocks of already-planned slides first (finish what is open), new slides when few blocks wait."""
-        if pending and len(jobs) < max_slides_open and len(block_queue) < plan_ahead_blocks:
+        if may_plan() and len(block_queue) < plan_ahead_blocks:
             return plan_task()
         while block_queue:
             slide_id, block, block_tiles = block_queue.pop()
@@ -276,7 +283,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
                                          block_tiles, config, len(job.plan["descriptor_names"]), job.plan["reader"],
                                          stain.transforms.get(slide_id)),
                         ("block", slide_id), resources)
-        if pending and len(jobs) < max_slides_open:  # the blocks waiting were all of slides that failed
+        if may_plan():  # the blocks waiting were all of slides that failed
             return plan_task()
         return None
 

@@ -19,6 +19,7 @@ from pipeline.describe.descriptors import stats_descriptors
 from pipeline.describe.runner import describe_slides, is_one_block_slide
 from pipeline.describe.stats import STATS_FEATURE_NAMES
 from pipeline.slides.open import find_slides
+from pipeline.slides.reader_choice import REMEMBERED_NOTE
 from pipeline.slides.tiling import TileGrid
 from tests.conftest import write_test_slide
 
@@ -307,8 +308,35 @@ def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, t
         for name in ("descriptors", "tissue_mask", "tissue_fraction", "thumbnail", "qc_code", "qc_scores"):
             assert np.array_equal(read_array(a, name), read_array(b, name), equal_nan=True), name
         attrs_a, attrs_b = read_attrs(a), read_attrs(b)
+        for attrs in (attrs_a, attrs_b):  # whether a slide coded alike was probed before in this process
+            attrs["reader_choice"]["reason"] = attrs["reader_choice"]["reason"].replace(REMEMBERED_NOTE, "")
         assert {k: v for k, v in attrs_a.items() if k != "seconds"} == {k: v for k, v in attrs_b.items()
                                                                         if k != "seconds"}
+
+
+def test_while_no_slide_size_is_known_few_slides_go_alone(small_slides, tmp_path, monkeypatch):
+    """Before any slide is planned, at most two plan tasks per worker are out (one slide each, their sizes unknown);
+    the slides after them go in groups sized by the first ones."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(12):
+        shutil.copy(small_slides / "slide-a.svs", slides / f"s{i:02d}.svs")
+
+    class TwoWorkers(LocalRunner):  # in-process, but planned as for two workers
+        capacity = 2
+
+    events: list = []
+    runner = TwoWorkers()
+    original_submit, original_next = runner.submit, runner.next_done
+    monkeypatch.setattr(runner, "submit", lambda fn, *a, tag=None, **k: (events.append(len(tag[1])),
+                                                                          original_submit(fn, *a, tag=tag, **k)))
+    monkeypatch.setattr(runner, "next_done", lambda: (events.append("done"), original_next())[1])
+    config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 64}, "stain": {"method": "none"}})
+    assert describe_slides([slides], tmp_path / "out", config, runner=runner, progress=False)["done"] == 12
+    first_done = events.index("done")
+    assert events[:first_done] == [1, 1, 1, 1]  # not the in-flight limit's 8
+    sizes = [e for e in events if e != "done"]
+    assert max(sizes) >= 2 and sum(sizes) == 12 and len(sizes) < 12
 
 
 def test_cli_exit_codes(tmp_path, small_slides):
