@@ -106,10 +106,9 @@ def _is_current(path: Path, fingerprint: str, config_hash: str, config: Pipeline
 
 
 def _fingerprints_needed(ids: dict[str, Path], out_dir: Path, config: PipelineConfig) -> dict[str, str]:
-    """``described_fingerprints`` of the slides whose fingerprint is needed before any task: all of them for the stain
-    pass, else those with a store (to see whether it is current). Another slide's plan task makes its own on a worker
-    (``plan.own_fingerprint``): hashing each file's first and last MiB took 0.2 s for 200 small slides before the
-    first task, 1.1 s when the files were not in the page cache (benchmarks/README.md, seventeenth session)."""
+    """``described_fingerprints`` needed before any task: every slide's for the stain pass, else those with a store (is
+    it current?). Other slides' plan tasks make their own (``plan.own_fingerprint``): hashing 200 files here held the
+    first task back by 0.2-1.1 s (benchmarks/README.md, seventeenth session)."""
     if config.stain.method == "none":
         ids = {slide_id: path for slide_id, path in ids.items() if store_path(out_dir, slide_id).is_dir()}
     return described_fingerprints(ids, config.annotations.dir)
@@ -153,10 +152,10 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     manifest = Manifest(out_dir)
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
-    # What each store is current for (the slide file and its annotations), where it is needed before any task.
-    # (not the slide planned ahead: its store, made just now, is not one to skip)
+    # What each store is current for (slide file, annotations): not for the slide planned ahead (its store is new)
     ahead_id = ahead.slide_id if ahead is not None else None
-    fingerprints = _fingerprints_needed({k: p for k, p in ids.items() if k != ahead_id}, out_dir, config)
+    fingerprints = {**(ahead.new_fingerprints() if ahead else {}),
+                    **_fingerprints_needed({k: p for k, p in ids.items() if k != ahead_id}, out_dir, config)}
     stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
     config = stain.config
     collision_keys: set[str] = set()
@@ -361,10 +360,9 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     seconds = time.monotonic() - t_start
     summary = {"slides": len(ids) + len(collisions), "done": done_count, "skipped": skipped,
                "failed": failed_count + len(collisions), "ignored": len(ignored), "seconds": round(seconds, 2)}
-    # tiles of a slide described whole in a forked copy before the run began (``plan_ahead``): not in ``seconds``
     ahead_tiles = sum(int(done.result["completed"]["described_tiles"]) for _, done in planned_here
                       if done.error is None and "completed" in done.result)
-    manifest.record_run("describe", {**summary, "tiles_described_before_run": ahead_tiles})
+    manifest.record_run("describe", {**summary, "tiles_described_before_run": ahead_tiles})  # not in ``seconds``
     return summary
 
 

@@ -54,13 +54,14 @@ def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_confi
     assert summary["done"] == 2
     assert "slide slide-a planned while Dask was imported" in log  # the first in the runner's order
     assert "slide-b planned while" not in log
+    assert "1 new slides fingerprinted while Dask was imported" in log  # slide-b's, made by the child after its plan
     here = small_config.with_overrides(stain__method="none")
     describe_slides([small_slides], tmp_path / "here", here, runner=LocalRunner(), progress=False)
     for slide_id in ("slide-a", "slide-b"):  # a partial store made by the child, its blocks by the workers
         for name in ARRAYS:
             np.testing.assert_array_equal(read_array(store_path(tmp_path / "ahead", slide_id), name),
                                           read_array(store_path(tmp_path / "here", slide_id), name), err_msg=name)
-    summary, log = _describe(small_slides, tmp_path / "ahead")  # a rerun: every store is current, none planned
+    summary, log = _describe(small_slides, tmp_path / "ahead")  # a rerun: every store current (same fingerprints)
     assert summary["skipped"] == 2 and "planned while Dask was imported" not in log
     off = {**SETTINGS, "cluster": {**SETTINGS["cluster"], "plan_while_starting": False}}
     summary, log = _describe(small_slides, tmp_path / "off", off)
