@@ -135,6 +135,9 @@ def resize(image: np.ndarray, out_w: int, out_h: int, box: tuple[float, float, f
     src_h, src_w = image.shape[:2]
     f32 = [np.float32(v) for v in box]  # Pillow parses the box as C floats (and subtracts them as floats)
     box32 = [float(v) for v in f32]
+    if out_w < 1 or out_h < 1 or min(box32[:2]) < 0 or box32[2] > src_w or box32[3] > src_h \
+            or f32[2] - f32[0] < 0 or f32[3] - f32[1] < 0:  # PIL's checks: the kernels read only inside the image
+        raise ValueError(f"resize of a {src_w}x{src_h} image to {out_w}x{out_h}: box {tuple(box)} is not inside it")
     if out is None:
         out = np.empty((out_h, out_w, 3), np.uint8)
     if box32[0] == int(box32[0]) and f32[2] - f32[0] == out_w and box32[1] == int(box32[1]) \

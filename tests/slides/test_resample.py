@@ -50,6 +50,16 @@ def test_resize_equals_pil_byte_for_byte(bilinear):
                                       err_msg=f"{image.shape} -> {out_w}x{out_h}, box {box}")
 
 
+@pytest.mark.parametrize("box", [(-0.5, 0.0, 10.0, 10.0), (0.0, 0.0, 12.5, 10.0), (0.0, 0.0, 10.0, 10.2),
+                                 (5.0, 0.0, 4.0, 10.0)])
+def test_a_box_outside_the_image_is_refused_as_pil_refuses_it(box):
+    image = np.zeros((10, 12, 3), np.uint8)
+    with pytest.raises(ValueError):
+        Image.fromarray(image).resize((4, 4), Image.Resampling.BOX, box=box)
+    with pytest.raises(ValueError, match="not inside"):
+        resize(image, 4, 4, box, bilinear=False)
+
+
 def test_rows_split_over_threads_give_the_same_pixels():
     rng = np.random.default_rng(3)
     image = np.clip(np.cumsum(rng.integers(-3, 4, (400, 300, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
