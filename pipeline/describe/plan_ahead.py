@@ -11,9 +11,9 @@ calls hand the GIL back and forth, and each took twice as long.
 The child runs the plan task's own function (``plan_and_describe``): a one-block slide is described whole, a larger one
 gets its partial store, exactly as on a worker; its outcome comes back pickled through a pipe. Until it is collected,
 it then hashes the next new slides' fingerprints (all 49 others of a 50-slide directory), which their plan tasks on
-the workers would otherwise make (~1.7 ms of CPU a slide). It is forked where
-local workers are (``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), a
-worker plans the slide, where a crash is retried and recorded.
+the workers would otherwise make (~1.7 ms of CPU a slide). It is forked where local workers are
+(``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), a worker plans the
+slide, where a crash is retried and recorded.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ class PlanAhead:
     hashes the ``described_fingerprint`` of ``hash_next`` (slide id -> path: later slides without a store) until
     ``wait`` collects it, so their plan tasks need not (~1.7 ms of CPU a slide on a worker)."""
 
-    def __init__(self, slide_id: str, path: Path, args: tuple, hash_next: dict[str, Path] | None = None,
+    def __init__(self, slide_id: str, args: tuple, hash_next: dict[str, Path] | None = None,
                  annotations_dir: str | Path | None = None):
         self.slide_id = slide_id
-        self.path = path
         self.started = time.monotonic()
         self.fingerprints: dict[str, str] = {}  # of ``hash_next``, those the child had made when collected
         self._done: Done | None = None
@@ -162,7 +161,7 @@ def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, enco
     slide_id, path = next(iter(new.items()))
     args = (str(path), config, str(out_dir), slide_id, None, encoder_info(encoder), None, None, None)
     new.pop(slide_id)
-    return PlanAhead(slide_id, path, args, hash_next=new, annotations_dir=config.annotations.dir)
+    return PlanAhead(slide_id, args, hash_next=new, annotations_dir=config.annotations.dir)
 
 
 def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done]]:
@@ -170,7 +169,7 @@ def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done
     ``todo`` and its clock set to the plan's start; [] when nothing was planned (an unexpected error: a worker plans
     it)."""
     done = ahead.outcome() if ahead is not None else None
-    job = next((j for j in todo if done is not None and j.slide_id == ahead.slide_id), None)
+    job = None if done is None else next((j for j in todo if j.slide_id == ahead.slide_id), None)
     if job is None:
         return []
     todo.remove(job)

@@ -17,7 +17,6 @@ import numpy as np
 from ..core.jit import njit
 from ..core.threads import THREADS_PER_TASK, map_threads
 
-BOX, BILINEAR = 0, 1  # the filters used here: area averaging when shrinking, bilinear when enlarging
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
 BAND_ROWS_MIN = 64  # output rows below which a resize is not split across threads
 
