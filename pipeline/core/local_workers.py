@@ -1,12 +1,15 @@
 """How local Dask workers start and what they are given: forked or spawned (``worker_start_method``), glibc's malloc
-thresholds (``WORKER_MALLOC``), and the cluster settings a local batch run needs (``LOCAL_CLUSTER_CONFIG``,
-``quicken_local_start``). ``core.parallel.task_runner`` starts the cluster with them; each value's measurements are
+thresholds (``WORKER_MALLOC``), a heap the garbage collector leaves alone (``gc_frozen``), and the cluster settings a
+local batch run needs (``LOCAL_CLUSTER_CONFIG``, ``quicken_local_start``). ``core.parallel.task_runner`` starts the cluster with them; each value's measurements are
 in benchmarks/README.md."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
+from typing import Iterator
 
 from .cluster_config import ClusterConfig
 
@@ -33,6 +36,24 @@ def use_worker_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(_MALLOPT_PARAMS[key], value) == 1 for key, value in WORKER_MALLOC.items())
+
+
+@contextlib.contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Python's garbage collector leaves the objects that exist on entry alone (``gc.freeze``), in this process and in
+    the processes it forks meanwhile. A forked worker's first full collection otherwise walks every object it
+    inherited (~156,000 once a describe run has imported its modules), writing to each one's header, so that every
+    page they lie on is copied: ~90 ms of CPU and ~38 MB in each worker, within its first task or before it
+    (benchmarks/README.md, nineteenth session). Objects made later are collected as usual. On exit the objects are
+    handed back to the collector (``gc.unfreeze``) unless something had frozen objects before (the console script's
+    start-up, ``core.startup``): those stay frozen, with the ones frozen here."""
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
 
 
 def worker_env_config() -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from .cluster_config import ClusterConfig
 from .errors import ConfigError, PipelineError
-from .local_workers import (LOCAL_CLUSTER_CONFIG, default_worker_count, quicken_local_start, use_worker_malloc,
+from .local_workers import (LOCAL_CLUSTER_CONFIG, default_worker_count, gc_frozen, quicken_local_start, use_worker_malloc,
                             worker_env_config, worker_start_method)
 
 log = logging.getLogger("pipeline")
@@ -314,9 +314,11 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False,
     if fork:
         use_worker_malloc()
     quicken_local_start(fork)
-    with dask.config.set({**worker_env_config(), **method, **LOCAL_CLUSTER_CONFIG}), LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
-                      memory_limit=cluster.memory_limit, dashboard_address=dashboard, silence_logs=logging.ERROR) as lc, \
-            Client(lc) as client:
+    settings = {**worker_env_config(), **method, **LOCAL_CLUSTER_CONFIG}
+    with gc_frozen() if fork else contextlib.nullcontext(), dask.config.set(settings), \
+            LocalCluster(n_workers=workers, threads_per_worker=cluster.threads_per_worker, processes=True,
+                         memory_limit=cluster.memory_limit, dashboard_address=dashboard,
+                         silence_logs=logging.ERROR) as lc, Client(lc) as client:
         yield DaskRunner(client, cluster.retries, dashboard=cluster.dashboard)
 
 

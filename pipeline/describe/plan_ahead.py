@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from ..core.config import PipelineConfig
-from ..core.local_workers import worker_start_method
+from ..core.local_workers import gc_frozen, worker_start_method
 from ..core.parallel import Done, TaskFailure, call_task
 from ..core.store import store_path
 from ..slides.annotations import described_fingerprint
@@ -52,19 +52,20 @@ class PlanAhead:
         self._done: Done | None = None
         self._waited = False
         read_end, write_end = os.pipe()
-        self._pid = os.fork()
-        if self._pid == 0:  # the child: plan, send the outcome, leave without running the command's exit handlers
-            code = 1
-            try:
-                os.close(read_end)
-                with os.fdopen(write_end, "wb", buffering=0) as pipe:
-                    _send(pipe, _outcome(args))
-                    for other_id, other_path in (hash_next or {}).items():
-                        _send(pipe, pickle.dumps((other_id, described_fingerprint(other_path, annotations_dir,
-                                                                                  other_id))))
-                code = 0
-            finally:
-                os._exit(code)
+        with gc_frozen():  # the child's collections leave the objects it inherits alone (as the workers')
+            self._pid = os.fork()
+            if self._pid == 0:  # the child: plan, send the outcome, leave without running the command's exit handlers
+                code = 1
+                try:
+                    os.close(read_end)
+                    with os.fdopen(write_end, "wb", buffering=0) as pipe:
+                        _send(pipe, _outcome(args))
+                        for other_id, other_path in (hash_next or {}).items():
+                            _send(pipe, pickle.dumps((other_id, described_fingerprint(other_path, annotations_dir,
+                                                                                      other_id))))
+                    code = 0
+                finally:
+                    os._exit(code)
         os.close(write_end)
         self._read_end = read_end
 

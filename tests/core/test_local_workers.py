@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -51,7 +52,9 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
                           "MALLOC_TRIM_THRESHOLD_": str(WORKER_MALLOC["TRIM_THRESHOLD"])}
     if sys.platform.startswith("linux"):
         assert use_worker_malloc() is True
-    with task_runner(ClusterConfig(workers=1, dashboard=False)) as runner:
+    frozen_before = gc.get_freeze_count()
+    with task_runner(ClusterConfig(workers=1, dashboard=False, worker_start="fork")) as runner:
+        frozen_in_workers = runner.client.run(lambda: __import__("gc").get_freeze_count())
         saturation = runner.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
         profiling = runner.client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
         monitors = runner.client.run(lambda: [__import__("dask").config.get(key) for key in (
@@ -60,3 +63,25 @@ def test_local_cluster_settings_reach_its_scheduler_and_workers():
     assert WorkerProcess._init_msg_interval == NANNY_START_POLL_S == 0.005
     assert list(profiling.values()) == [False]
     assert list(monitors.values()) == [["500ms", "2s"]]
+    # the forked worker's collections leave what it inherited alone; this process's objects go back to the collector
+    assert list(frozen_in_workers.values())[0] > frozen_before + 10_000
+    assert gc.get_freeze_count() == frozen_before or frozen_before > 0
+
+
+def test_gc_frozen_freezes_what_exists_and_hands_it_back_unless_frozen_before():
+    from pipeline.core.local_workers import gc_frozen
+
+    gc.unfreeze()
+    made_before = [[i] for i in range(1000)]  # container objects the collector tracks
+    with gc_frozen():
+        assert gc.get_freeze_count() >= len(made_before)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # e.g. the console script's start-up (core.startup)
+    try:
+        earlier = gc.get_freeze_count()
+        made_after = [[i] for i in range(1000)]
+        with gc_frozen():
+            assert gc.get_freeze_count() >= earlier + len(made_after)
+        assert gc.get_freeze_count() >= earlier + len(made_after)  # not ours to unfreeze
+    finally:
+        gc.unfreeze()
