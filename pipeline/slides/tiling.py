@@ -125,12 +125,27 @@ def tile_row_window(grid: TileGrid, row: int, cols: np.ndarray) -> tuple[int, in
     return ix0, iy0, ix1, iy1
 
 
+# A row's tiles are read in runs: where the tiles asked for leave a stretch of at least SKIP_MIN_PX read-level pixels
+# (and a whole tile) between them, the pixels there are not decoded. 256 px: the native tile width of most scanners'
+# files, so such a stretch spares whole tiles. One read per row decoded them too: 4% more tiles on the benchmarks'
+# generated slides (benchmarks/README.md, nineteenth session), more where fragments or cores lie side by side.
+SKIP_MIN_PX = 256
+
+
+def column_runs(grid: TileGrid, cols: np.ndarray) -> list[np.ndarray]:
+    """``cols`` (ascending) split where the pixels between two neighbours span at least a whole tile and
+    ``SKIP_MIN_PX`` read-level pixels: the pieces ``read_tile_row`` reads one at a time."""
+    gap_l0 = np.diff(cols) * grid.stride_l0_px - grid.tile_l0_px  # level-0 pixels between neighbouring tiles
+    split = (gap_l0 >= grid.tile_l0_px) & (gap_l0 >= SKIP_MIN_PX * grid.read_downsample)
+    return np.split(cols, np.flatnonzero(split) + 1)
+
+
 def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str = "",
                   out: np.ndarray | None = None) -> np.ndarray:
     """Tiles ``cols`` of one grid row as uint8 (len(cols), tile_px, tile_px, 3), written into ``out`` when given.
 
-    One read covers the span from the first to the last requested column at the read level; each tile is then cut
-    out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a
+    One read covers the span from the first to the last column of each run (``column_runs``) at the read level; each
+    tile is then cut out with sub-pixel precision and area-averaged to ``tile_px``. ``handle``: a
     ``pipeline.slides.readers.TileReader`` or an OpenSlide handle. The window is given in read-level pixels
     (``read_level``), so the direct TIFF reader reads exactly those pixels and OpenSlide reads from
     ``round(x * downsample)`` in level 0, as it always did.
@@ -141,6 +156,18 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     if len(cols) == 0:
         return out
     reader = as_reader(handle, path)
+    runs = column_runs(grid, cols)
+    if len(runs) > 1:
+        start = 0
+        for run in runs:
+            _read_run(reader, grid, row, run, out[start:start + len(run)])
+            start += len(run)
+        return out
+    return _read_run(reader, grid, row, cols, out)
+
+
+def _read_run(reader, grid: TileGrid, row: int, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``read_tile_row`` of one run of columns, in one read."""
     ix0, iy0, ix1, iy1 = tile_row_window(grid, row, cols)
     # Level pixels per output pixel; a reader that decodes JPEG at 1/2, 1/4, 1/8 (DCT-domain scaling) reads the
     # window at that scale, and only what is left of the shrink is done here (nothing, when the factor is whole).

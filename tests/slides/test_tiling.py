@@ -111,3 +111,25 @@ def test_rows_straddling_batches_keep_every_tile_and_position(cmu_slide):
     positions = np.concatenate([p for p, _ in batches])
     assert positions.tolist() == [[0, 1], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4], [3, 3]]
     np.testing.assert_array_equal(np.concatenate([t for _, t in batches]), expected)
+
+
+def test_a_row_is_read_in_runs_that_skip_the_tiles_between(cmu_slide):
+    """Columns with at least a whole tile (and SKIP_MIN_PX read-level pixels) between them are read apart: the native
+    tiles between are not decoded, and every tile has the pixels a read of its run alone gives."""
+    from pipeline.slides.reader_choice import choose_reader, open_reader
+    from pipeline.slides.tiling import SKIP_MIN_PX, column_runs
+
+    info = read_slide_info(cmu_slide)
+    grid = tile_grid(info, TilingConfig(mpp=0.7, tile_px=128))  # 179.6 level-0 px a tile: not on native tiles
+    assert [r.tolist() for r in column_runs(grid, np.array([0, 1, 3, 6, 7, 9]))] == [[0, 1, 3], [6, 7, 9]]
+    assert SKIP_MIN_PX <= 2 * grid.tile_l0_px / grid.read_downsample < 2 * SKIP_MIN_PX  # a 2-tile gap, not 1
+    choice = choose_reader(info, "tiff", grid.read_level)
+    cols = np.array([0, 1, 6, 7])
+    with open_reader(cmu_slide, choice) as runs_read, open_reader(cmu_slide, choice) as span_read:
+        tiles = read_tile_row(runs_read, grid, 3, cols)
+        whole_span = read_tile_row(span_read, grid, 3, np.arange(0, 8))
+        assert runs_read.tiles_decoded < span_read.tiles_decoded
+    for piece, tile_indices in (([0, 1], [0, 1]), ([6, 7], [2, 3])):
+        with open_reader(cmu_slide, choice) as alone:
+            np.testing.assert_array_equal(tiles[tile_indices], read_tile_row(alone, grid, 3, np.array(piece)))
+    np.testing.assert_array_equal(tiles, whole_span[cols])  # the same pixels as one read over the span here
