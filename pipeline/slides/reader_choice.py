@@ -6,7 +6,6 @@ and ``pipeline.slides.dicom``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
@@ -87,10 +86,8 @@ def _probe_regions(reader: TiffTileReader, levels: Iterable[int] | None = None) 
     regions = []
     for level in sorted(set(range(reader.level_count) if levels is None else levels)):
         if level == 0:
-            lp = reader._levels[0]
-            tx, ty = (lp.tiles_across // 2), (math.ceil(lp.height / lp.tile_h) // 2)
-            regions.append((0, tx * lp.tile_w, ty * lp.tile_h, min(PROBE_PX, lp.width - tx * lp.tile_w),
-                            min(PROBE_PX, lp.height - ty * lp.tile_h)))
+            x, y, _, _, width, height = reader.centre_tile(0)
+            regions.append((0, x, y, min(PROBE_PX, width - x), min(PROBE_PX, height - y)))
         else:
             w, h = reader.level_dimensions[level]
             regions.append((level, 0, 0, min(w, PROBE_PX), min(h, PROBE_PX)))
@@ -135,10 +132,9 @@ def _scaled_decode_check(info: SlideInfo, level: int, shrink: float) -> tuple[in
             if scale == 1:
                 return 1, (f"full decode: level {level} is not JPEG, its tiles do not divide, or the tiles are "
                            f"shrunk {shrink:.4g}x (< 2)")
-            lp = direct._levels[level]
-            tx, ty = lp.tiles_across // 2, math.ceil(lp.height / lp.tile_h) // 2
-            w, h = min(lp.tile_w, lp.width - tx * lp.tile_w) // scale, min(lp.tile_h, lp.height - ty * lp.tile_h) // scale
-            x, y = tx * lp.tile_w // scale, ty * lp.tile_h // scale
+            x, y, tile_w, tile_h, width, height = direct.centre_tile(level)
+            w, h = min(tile_w, width - x) // scale, min(tile_h, height - y) // scale
+            x, y = x // scale, y // scale
             scaled = direct.read_level_scaled(level, x, y, w, h, scale)
             full = direct.read_level(level, x * scale, y * scale, w * scale, h * scale)
     except (DirectReadUnsupportedError, TileReadError) as err:

@@ -35,6 +35,7 @@ not OpenSlide's pixels but close to their area average, which ``read_tile_row`` 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -263,6 +264,13 @@ class TiffTileReader(TileReader):
         except Exception as err:  # noqa: BLE001 - imagecodecs/tifffile raise many types for damaged tiles
             raise TileReadError(f"decoding level {level} tiles at ({x_lvl}, {y_lvl}) failed: "
                                 f"{type(err).__name__}: {err}", path=self.path) from None
+
+    def centre_tile(self, level: int) -> tuple[int, int, int, int, int, int]:
+        """(x, y, tile_w, tile_h, level_w, level_h): where the native tile in the middle of ``level`` starts, in the
+        level's pixels, its size, and the level page's size: the tile the reader probes look at."""
+        lp = self._levels[level]
+        tx, ty = lp.tiles_across // 2, math.ceil(lp.height / lp.tile_h) // 2
+        return tx * lp.tile_w, ty * lp.tile_h, lp.tile_w, lp.tile_h, lp.width, lp.height
 
     def tile_coding(self, level: int, x_lvl: int, y_lvl: int) -> tuple | None:
         """How the JPEG tile holding level pixel (x, y) is coded, apart from its pixels: tile size, stream prefix
