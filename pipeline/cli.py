@@ -144,7 +144,7 @@ def cmd_describe(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def cmd_retry(args: argparse.Namespace, config: PipelineConfig) -> int:
     from .core.artefacts import RUN_CONFIG_NAME
-    from .describe.runner import retry_failed
+    from .describe.retry import retry_failed
 
     if args.config is None and (args.out / RUN_CONFIG_NAME).exists():
         # the last run's settings, with this command's overrides on top

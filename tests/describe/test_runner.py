@@ -246,7 +246,7 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(small_slides, tmp_path, c
     assert sorted(p.name for p in (out / "slides").glob("*.zarr")) == ["Praparat_Nr_1.zarr", "good_one.zarr"]
 
     # retry with an override only redoes the failed ones; the no-mpp slide now succeeds
-    from pipeline.describe.runner import retry_failed
+    from pipeline.describe.retry import retry_failed
 
     summary = retry_failed(out, config.with_overrides(tiling__mpp_override=0.25), runner=LocalRunner())
     manifest = json.loads((out / "manifest.json").read_text())
