@@ -1,5 +1,5 @@
-"""The run's first new slide planned in a forked copy of the command while Dask is imported, before the local
-cluster starts.
+"""The run's first new slide planned (or, with a stain pass, surveyed) in a forked copy of the command while Dask is
+imported, before the local cluster starts.
 
 Importing ``distributed`` costs ~0.2 s of one core before a local cluster can start. The first slide's plan task
 (metadata, thumbnail, tissue mask, partial store) then ran on one worker while the other waited, and its blocks were
@@ -9,11 +9,14 @@ they start (benchmarks/README.md, eighteenth session). A thread does not do: the
 calls hand the GIL back and forth, and each took twice as long.
 
 The child runs the plan task's own function (``plan_and_describe``): a one-block slide is described whole, a larger one
-gets its partial store, exactly as on a worker; its outcome comes back pickled through a pipe. Until it is collected,
-it then hashes the next new slides' fingerprints (all 49 others of a 50-slide directory), which their plan tasks on
-the workers would otherwise make (~1.7 ms of CPU a slide). It is forked where local workers are
-(``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), a worker plans the
-slide, where a crash is retried and recorded.
+gets its partial store, exactly as on a worker; its outcome comes back pickled through a pipe. With a stain pass, which
+surveys every slide before any plan, the child runs the first new slide's survey task instead (``survey_new_slide``:
+thumbnail, tissue mask, stain estimate, the thumbnail kept for the plan), ~0.2 s of the 1-gigapixel slide that a
+worker ran while the other waited (nineteenth session). Until it is collected, the child then hashes the next new
+slides' fingerprints (all 49 others of a 50-slide directory), which their plan tasks on the workers (or, with a stain
+pass, the command) would otherwise make (~1.7 ms of CPU a slide). It is forked where local workers are
+(``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), a worker plans or
+surveys the slide, where a crash is retried and recorded.
 """
 
 from __future__ import annotations
@@ -34,19 +37,22 @@ from ..core.store import store_path
 from ..slides.annotations import described_fingerprint
 from .encoders import Encoder, encoder_info
 from .small_slides import plan_and_describe
+from .stain_cohort import survey_new_slide
 
 log = logging.getLogger("pipeline")
 WAIT_S = 600.0  # a plan takes well under a second, a few seconds for a huge slide on a slow share
 
 
 class PlanAhead:
-    """``plan_and_describe`` of one slide in a forked child process, started at construction; after it, the child
-    hashes the ``described_fingerprint`` of ``hash_next`` (slide id -> path: later slides without a store) until
-    ``wait`` collects it, so their plan tasks need not (~1.7 ms of CPU a slide on a worker)."""
+    """``plan_and_describe`` (``kind`` "plan") or ``survey_new_slide`` ("survey") of one slide in a forked child
+    process, started at construction; after it, the child hashes the ``described_fingerprint`` of ``hash_next``
+    (slide id -> path: later slides without a store) until ``wait`` collects it, so that they need not be hashed again
+    (~1.7 ms of CPU a slide)."""
 
     def __init__(self, slide_id: str, args: tuple, hash_next: dict[str, Path] | None = None,
-                 annotations_dir: str | Path | None = None):
+                 annotations_dir: str | Path | None = None, kind: str = "plan"):
         self.slide_id = slide_id
+        self.kind = kind
         self.started = time.monotonic()
         self.fingerprints: dict[str, str] = {}  # of ``hash_next``, those the child had made when collected
         self._done: Done | None = None
@@ -59,7 +65,7 @@ class PlanAhead:
                 try:
                     os.close(read_end)
                     with os.fdopen(write_end, "wb", buffering=0) as pipe:
-                        _send(pipe, _outcome(args))
+                        _send(pipe, _outcome(survey_new_slide if kind == "survey" else plan_and_describe, args))
                         for other_id, other_path in (hash_next or {}).items():
                             _send(pipe, pickle.dumps((other_id, described_fingerprint(other_path, annotations_dir,
                                                                                       other_id))))
@@ -84,11 +90,11 @@ class PlanAhead:
             self.fingerprints[other_id] = fingerprint
         tag = ("prepare", (self.slide_id,))
         if not frames:  # the child died or was stopped before its outcome came
-            log.info("slide %s: the child planning it did not finish; a worker plans it", self.slide_id)
+            log.info("slide %s: the child planning it did not finish; a worker %ss it", self.slide_id, self.kind)
             return
         kind, value = pickle.loads(frames[0])
         if kind == "unexpected":
-            log.info("slide %s: planning it here failed (%s); a worker plans it", self.slide_id, value)
+            log.info("slide %s: planning it here failed (%s); a worker %ss it", self.slide_id, value, self.kind)
         elif isinstance(value, TaskFailure):
             self._done = Done(tag, error=value.error)
         else:
@@ -139,29 +145,32 @@ def _read_frames(fd: int, deadline: float) -> list[bytes]:
         os.close(fd)
 
 
-def _outcome(args: tuple) -> bytes:
-    """The pickled ("done", result or TaskFailure) or ("unexpected", message) of ``plan_and_describe(*args)``."""
+def _outcome(fn, args: tuple) -> bytes:
+    """The pickled ("done", result or TaskFailure) or ("unexpected", message) of ``fn(*args)``."""
     try:
-        return pickle.dumps(("done", call_task(plan_and_describe, *args)))
+        return pickle.dumps(("done", call_task(fn, *args)))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which leaves the slide to a worker
         return pickle.dumps(("unexpected", f"{type(err).__name__}: {err}"))
 
 
 def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, encoder: Encoder) -> PlanAhead | None:
-    """Start planning the first slide of ``ids`` (``assign_slide_ids``' order, the runner's) that has no store, when a
-    local cluster is about to start for a run whose plans need nothing from the other slides: no stain pass (it
-    surveys every slide first) and an encoder that loads no model framework (a one-block slide's tiles are encoded by
-    its plan task, and a framework loaded here would keep the workers from being forked)."""
+    """Start planning the first slide of ``ids`` (``assign_slide_ids``' order, the runner's) that has no store (with a
+    stain pass: surveying it), when a local cluster is about to start and the encoder loads no model framework (a
+    one-block slide's tiles are encoded by its plan task, and a framework loaded here would keep the workers from
+    being forked)."""
     cluster = config.cluster
-    if cluster.kind != "local" or not cluster.plan_while_starting or config.stain.method != "none" or encoder.learned \
+    if cluster.kind != "local" or not cluster.plan_while_starting or encoder.learned \
             or worker_start_method(cluster) != "fork":
         return None
     new = {slide_id: path for slide_id, path in ids.items() if not store_path(out_dir, slide_id).is_dir()}
     if not new:
         return None
     slide_id, path = next(iter(new.items()))
-    args = (str(path), config, str(out_dir), slide_id, None, encoder_info(encoder), None, None, None)
     new.pop(slide_id)
+    if config.stain.method != "none":  # every slide is surveyed before any is planned
+        return PlanAhead(slide_id, (str(path), config, str(out_dir), slide_id), hash_next=new,
+                         annotations_dir=config.annotations.dir, kind="survey")
+    args = (str(path), config, str(out_dir), slide_id, None, encoder_info(encoder), None, None, None)
     return PlanAhead(slide_id, args, hash_next=new, annotations_dir=config.annotations.dir)
 
 
@@ -169,7 +178,7 @@ def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done
     """The slide ``ahead`` planned, as [(its job in ``todo``, its plan task's ``Done``)], the job taken out of
     ``todo`` and its clock set to the plan's start; [] when nothing was planned (an unexpected error: a worker plans
     it)."""
-    done = ahead.outcome() if ahead is not None else None
+    done = ahead.outcome() if ahead is not None and ahead.kind == "plan" else None
     job = None if done is None else next((j for j in todo if j.slide_id == ahead.slide_id), None)
     if job is None:
         return []
@@ -177,3 +186,13 @@ def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done
     job.started = ahead.started
     log.info("slide %s planned while Dask was imported", job.slide_id)
     return [(job, done)]
+
+
+def take_surveyed(ahead: PlanAhead | None) -> dict[str, dict]:
+    """{slide id: its ``survey_new_slide``} when ``ahead`` surveyed a slide; {} otherwise, and when its survey failed
+    (a worker surveys it again, where a typed error is recorded as the stain pass records it)."""
+    done = ahead.outcome() if ahead is not None and ahead.kind == "survey" else None
+    if done is None or done.error is not None:
+        return {}
+    log.info("slide %s surveyed while Dask was imported", ahead.slide_id)
+    return {ahead.slide_id: done.result}

@@ -42,7 +42,7 @@ from .encoders import encoder_info, validate_encoder
 from .encoders.placement import block_resources
 from .grouping import MAX_GROUP, PlanQueue, group_task, outcomes
 from .plan import completion_attrs, plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry)
-from .plan_ahead import PlanAhead, plan_ahead, take_planned
+from .plan_ahead import PlanAhead, plan_ahead, take_planned, take_surveyed
 from .small_slides import plan_and_describe
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
@@ -138,7 +138,9 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
         # the first new slide planned here while Dask is imported, when a local cluster is about to start
         ahead = plan_ahead(assign_slide_ids(paths)[0], out_dir, config, encoder) if runner is None else None
         try:
-            with runner_for(runner, config.cluster, before_start=ahead.wait if ahead else None) as active:
+            # a plan is collected before the workers fork; a survey (longer) runs on while the cluster starts
+            collect = ahead.wait if ahead is not None and ahead.kind == "plan" else None
+            with runner_for(runner, config.cluster, before_start=collect) as active:
                 return _describe(paths, ignored, out_dir, config, active, progress, errors, encoder, ahead)
         finally:
             if ahead is not None:
@@ -153,10 +155,14 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
     # What each store is current for (slide file, annotations): not for the slide planned ahead (its store is new)
-    ahead_id = ahead.slide_id if ahead is not None else None
-    fingerprints = {**(ahead.new_fingerprints() if ahead else {}),
-                    **_fingerprints_needed({k: p for k, p in ids.items() if k != ahead_id}, out_dir, config)}
-    stain = plan_stain(ids, out_dir, config, runner, fingerprints)  # every slide's stain and the target, before blocks
+    surveyed_ahead = take_surveyed(ahead)  # with a stain pass: the first new slide's survey, made while Dask started
+    known = {**(ahead.new_fingerprints() if ahead else {}),
+             **{slide_id: survey["fingerprint"] for slide_id, survey in surveyed_ahead.items()}}
+    planned_id = ahead.slide_id if ahead is not None and ahead.kind == "plan" else None
+    fingerprints = {**known, **_fingerprints_needed({k: p for k, p in ids.items() if k != planned_id and k not in known},
+                                                    out_dir, config)}
+    # every slide's stain and the target, before blocks
+    stain = plan_stain(ids, out_dir, config, runner, fingerprints, surveyed_ahead)
     config = stain.config
     collision_keys: set[str] = set()
     for path, slide_id, other in collisions:

@@ -26,8 +26,8 @@ from ..core.errors import ConfigError, error_record
 from ..core.outputs import atomic_write_json
 from ..core.parallel import Task, TaskRetry, in_flight_limit, run_bounded
 from ..core.store import slides_dir
-from ..slides.annotations import (annotation_file, described_fingerprints, file_fingerprint, inside_classes,
-                                  read_annotations)
+from ..slides.annotations import (annotation_file, described_fingerprint, described_fingerprints, file_fingerprint,
+                                  inside_classes, read_annotations)
 from ..slides.open import read_slide_info, slide_id_from_path
 from ..slides.pixels import read_thumbnail
 from ..slides.qc import active_detectors
@@ -48,6 +48,14 @@ SURVEY_GROUP_TILES = 1024  # grid tiles of the slides one survey task takes (sma
 
 def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: PipelineConfig) -> Path:
     return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npz"
+
+
+def survey_new_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str) -> dict:
+    """``survey_slide`` of a slide the client has not fingerprinted (the plan-ahead child's, ``plan_ahead.py``), its
+    thumbnail kept where the stain pass keeps it: {"fingerprint", "record", "slide"}."""
+    fingerprint = described_fingerprint(path, config.annotations.dir, slide_id)
+    return {"fingerprint": fingerprint,
+            **survey_slide(path, config, str(_kept_path(out_dir, slide_id, fingerprint, config)), fingerprint)}
 
 
 def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fingerprint: str | None = None) -> dict:
@@ -133,8 +141,15 @@ def take_kept_thumbnail(path: str | Path) -> dict | None:
     return out
 
 
-def discard_kept_thumbnails(out_dir: str | Path) -> None:
-    shutil.rmtree(slides_dir(out_dir) / KEPT_THUMBNAILS, ignore_errors=True)
+def discard_kept_thumbnails(out_dir: str | Path, keep: set[str] | frozenset = frozenset()) -> None:
+    """Remove the thumbnails the stain pass kept, but those at the paths in ``keep``."""
+    folder = slides_dir(out_dir) / KEPT_THUMBNAILS
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.glob("*") if folder.is_dir() else []:
+        if str(path) not in keep:
+            path.unlink(missing_ok=True)
 
 
 def estimation_hash(config: PipelineConfig) -> str:
@@ -229,12 +244,14 @@ def _reference_target(config: PipelineConfig, runner) -> dict:
 
 
 def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runner,
-               fingerprints: dict[str, str] | None = None) -> StainPlan:
+               fingerprints: dict[str, str] | None = None, ahead: dict[str, dict] | None = None) -> StainPlan:
     """Estimate every slide's stain (cached), fix the target, and return the run's config and transforms.
-    ``fingerprints``: each slide's ``described_fingerprint`` when the caller has made them (made here otherwise)."""
+    ``fingerprints``: each slide's ``described_fingerprint`` when the caller has made them (made here otherwise);
+    ``ahead``: slide id -> ``survey_new_slide`` of the slides surveyed before the run (not surveyed again)."""
     settings = config.stain
     if settings.method == "none":
         return StainPlan(config)
+    ahead = ahead or {}
     key = estimation_hash(config)
     cache = _load_cache(out_dir)
     cached = cache.get("slides", {}) if cache.get("settings") == key else {}
@@ -247,8 +264,10 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
             records[slide_id] = entry["record"]
         else:
             todo[slide_id] = (str(path), fingerprints[slide_id])
-    discard_kept_thumbnails(out_dir)
-    estimated, surveyed = _estimate_all(todo, config, runner, out_dir)
+    discard_kept_thumbnails(out_dir, keep={survey["slide"]["kept"] for survey in ahead.values()})
+    estimated, surveyed = _estimate_all({k: v for k, v in todo.items() if k not in ahead}, config, runner, out_dir)
+    estimated.update({sid: survey["record"] for sid, survey in ahead.items() if sid in todo})
+    surveyed.update({sid: survey["slide"] for sid, survey in ahead.items()})
     records.update(estimated)
     saved = cache.get("target") if cache.get("settings") == key else None
     if settings.target is not None:

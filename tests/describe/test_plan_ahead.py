@@ -85,12 +85,37 @@ def test_a_child_that_dies_or_hangs_leaves_the_slide_to_a_worker(small_slides, t
     assert "slide-a: the child planning it did not finish; a worker plans it" in log
 
 
-def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path):
+@pytest.mark.parametrize("stain", ["none", "macenko"])
+def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path, stain):
     slides = tmp_path / "slides"
     shutil.copytree(small_slides, slides)
     shutil.copy(shared_file("histolab", "broken.svs"), slides / "a-broken.svs")  # first in the runner's order
-    summary, log = _describe(slides, tmp_path / "out")
+    summary, log = _describe(slides, tmp_path / "out", {**SETTINGS, "stain": {"method": stain}})
     assert (summary["done"], summary["failed"]) == (2, 1)
-    assert "slide a-broken planned while Dask was imported" in log
+    if stain == "none":
+        assert "slide a-broken planned while Dask was imported" in log
+    else:  # its survey failed in the child: surveyed again by a worker, where the stain pass records the failure
+        assert "surveyed while" not in log
     record = json.loads((tmp_path / "out" / "manifest.json").read_text())["slides"]["a-broken"]
     assert record["status"] == "failed" and record["error"]["code"] == "unsupported_format"
+
+
+def test_with_a_stain_pass_the_first_slide_is_surveyed_while_dask_is_imported(small_slides, small_config, tmp_path):
+    """The survey (thumbnail, mask, stain estimate) made by the child is the one the run uses: the same estimates,
+    target and stores as in-process, its kept thumbnail taken by the plan and gone at the end."""
+    stained = {**SETTINGS, "stain": {"method": "macenko"}}
+    summary, log = _describe(small_slides, tmp_path / "ahead", stained)
+    assert summary["done"] == 2
+    assert "slide slide-a surveyed while Dask was imported" in log and "planned while" not in log
+    assert "1 new slides fingerprinted while Dask was imported" in log
+    here = small_config.with_overrides(stain__method="macenko")
+    describe_slides([small_slides], tmp_path / "here", here, runner=LocalRunner(), progress=False)
+    ahead_stain, here_stain = (json.loads((tmp_path / name / "stain.json").read_text()) for name in ("ahead", "here"))
+    assert ahead_stain == here_stain and ahead_stain["slides"]["slide-a"]["record"]["status"] == "estimated"
+    for slide_id in ("slide-a", "slide-b"):
+        for name in ARRAYS:
+            np.testing.assert_array_equal(read_array(store_path(tmp_path / "ahead", slide_id), name),
+                                          read_array(store_path(tmp_path / "here", slide_id), name), err_msg=name)
+    assert not list((tmp_path / "ahead" / "slides").glob(".stain-thumbnails/*"))
+    summary, log = _describe(small_slides, tmp_path / "ahead", stained)  # a rerun: nothing new to survey
+    assert summary["skipped"] == 2 and "surveyed while" not in log
