@@ -9,12 +9,32 @@ the whole task lost with its worker) sends the slide back to be run alone, as be
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 from ..core.parallel import Done, Task, TaskFailure, TaskRetry, call_each, group_size
 
 GROUP_TILES = 512  # tissue tiles per group task: two full 16 x 16 blocks, "hundreds of tiles per task"
 MAX_GROUP = 8  # slides per task at most
+
+
+def slide_bytes(path: str | Path) -> int:
+    """A slide's size on disk: its file's, or the files' of a folder (a DICOM series); 0 when it cannot be read (the
+    slide's task says why)."""
+    try:
+        if os.path.isdir(path):
+            return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def largest_first(items: list, path_of: Callable[[object], str]) -> list:
+    """``items`` (slides) in descending order of size on disk, a stand-in for their tiles before any is planned (equal
+    sizes keep their order): a directory's last tasks are then its smallest slides, and the workers finish closer
+    together (largest first, as ``core.task_order`` orders blocks)."""
+    return sorted(items, key=lambda item: -slide_bytes(path_of(item)))
 
 
 class PlanQueue:

@@ -40,7 +40,7 @@ from .blocks import describe_block, encoded_on, slide_blocks
 from .bookkeeping import ManifestRecords, load_kernels, record_from_store
 from .encoders import encoder_info, validate_encoder
 from .encoders.placement import block_resources
-from .grouping import MAX_GROUP, PlanQueue, group_task, outcomes
+from .grouping import MAX_GROUP, PlanQueue, group_task, largest_first, outcomes
 from .plan import completion_attrs, plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry)
 from .plan_ahead import PlanAhead, plan_ahead, take_planned, take_surveyed
 from .small_slides import plan_and_describe
@@ -213,7 +213,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     plan_ahead_blocks = 2 * runner.capacity
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
-    pending = PlanQueue(todo, runner.capacity)
+    pending = PlanQueue(largest_first(todo, lambda job: job.path), runner.capacity)
     done_count = failed_count = 0
     record_slide = ManifestRecords(manifest)  # saved at intervals, and by record_run at the end
 
