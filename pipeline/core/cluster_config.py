@@ -26,10 +26,10 @@ class ClusterConfig(Section):
                           "in this process, without starting the local cluster, which would have nothing to run in "
                           "parallel; false: always start it (a reader crash then stays in a worker)")
     plan_while_starting: bool = Field(
-        True, description="describe, local cluster: the run's first slide without a store is planned (with a stain "
-                          "pass: surveyed) in a forked copy of this process while Dask is imported (~0.2 s of one "
-                          "core), which then fingerprints the next new slides, so its blocks start with the workers; "
-                          "false: every slide is planned and surveyed on a worker")
+        True, description="describe, local cluster: while Dask is imported and the cluster starts (~0.3 s), a forked "
+                          "copy of this process plans the run's first slide without a store (with a stain pass: "
+                          "surveys it), so its blocks start with the workers, then fingerprints and surveys the next "
+                          "new slides for their tasks; false: every slide is planned and surveyed on a worker")
     worker_start: Literal["auto", "fork", "spawn"] = Field(
         "auto", description="how local worker processes start: 'fork' = copies of this process (ready in ~0.1 s "
                             "with the pipeline already imported), 'spawn' = fresh interpreters that import it again "

@@ -284,18 +284,13 @@ def where_am_i() -> dict:
 
 
 @contextlib.contextmanager
-def task_runner(cluster: ClusterConfig | None, in_process: bool = False,
-                before_start: Callable[[], None] | None = None) -> Iterator[LocalRunner | DaskRunner]:
-    """The runner for a config: in-process, a new LocalCluster of processes, an existing scheduler, or SLURM.
-    ``before_start``: called once Dask is imported, before a cluster is started or reached (no worker forked yet)."""
+def task_runner(cluster: ClusterConfig | None, in_process: bool = False) -> Iterator[LocalRunner | DaskRunner]:
+    """The runner for a config: in-process, a new LocalCluster of processes, an existing scheduler, or SLURM."""
     if in_process or cluster is None:
         yield LocalRunner()
         return
     import dask
     from distributed import Client, LocalCluster
-
-    if before_start is not None:
-        before_start()
 
     if cluster.kind == "address":
         with Client(cluster.address, timeout="30s") as client:
@@ -323,12 +318,10 @@ def task_runner(cluster: ClusterConfig | None, in_process: bool = False,
 
 
 @contextlib.contextmanager
-def runner_for(runner, cluster: ClusterConfig | None,
-               before_start: Callable[[], None] | None = None) -> Iterator[LocalRunner | DaskRunner]:
-    """The given runner, or one made from ``cluster`` for the duration of the block (``before_start``: as
-    ``task_runner``'s)."""
+def runner_for(runner, cluster: ClusterConfig | None) -> Iterator[LocalRunner | DaskRunner]:
+    """The given runner, or one made from ``cluster`` for the duration of the block."""
     if runner is not None:
         yield runner
         return
-    with task_runner(cluster, before_start=before_start) as own:
+    with task_runner(cluster) as own:
         yield own

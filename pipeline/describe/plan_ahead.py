@@ -1,22 +1,22 @@
 """The run's first new slide planned (or, with a stain pass, surveyed) in a forked copy of the command while Dask is
-imported, before the local cluster starts.
+imported and the local cluster starts, and the next new slides surveyed after it.
 
-Importing ``distributed`` costs ~0.2 s of one core before a local cluster can start. The first slide's plan task
-(metadata, thumbnail, tissue mask, partial store) then ran on one worker while the other waited, and its blocks were
-dispatched only after it: the first ~0.15 s of a 2 s run on the 1-gigapixel slide, with a core idle. Planned in a child
-process forked before the import, on the core the import leaves idle, the slide's blocks go to the workers as soon as
-they start (benchmarks/README.md, eighteenth session). A thread does not do: the import and the plan's many numpy
-calls hand the GIL back and forth, and each took twice as long.
+Importing ``distributed`` costs ~0.2 s of one core, and starting a local cluster ~0.1 s more, before any task runs.
+The first slide's plan task (metadata, thumbnail, tissue mask, partial store) then ran on one worker while the other
+waited, and its blocks were dispatched only after it: the first ~0.15 s of a 2 s run on the 1-gigapixel slide, with a
+core idle. Planned in a child process forked before the import, on the core the import leaves idle, the slide's blocks
+go to the workers as soon as they start (benchmarks/README.md, eighteenth session). A thread does not do: the import
+and the plan's many numpy calls hand the GIL back and forth, and each took twice as long.
 
 The child runs the plan task's own function (``plan_and_describe``): a one-block slide is described whole, a larger one
 gets its partial store, exactly as on a worker; its outcome comes back pickled through a pipe. With a stain pass, which
-surveys every slide before any plan, the child runs the first new slide's survey task instead (``survey_new_slide``:
+surveys every slide before any plan, the child runs the first new slide's survey instead (``survey_new_slide``:
 thumbnail, tissue mask, stain estimate, the thumbnail kept for the plan), ~0.2 s of the 1-gigapixel slide that a
-worker ran while the other waited (nineteenth session). Until it is collected, the child then hashes the next new
-slides' fingerprints (all 49 others of a 50-slide directory), which their plan tasks on the workers (or, with a stain
-pass, the command) would otherwise make (~1.7 ms of CPU a slide). It is forked where local workers are
-(``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), a worker plans or
-surveys the slide, where a crash is retried and recorded.
+worker ran while the other waited. Then it hashes the next new slides' fingerprints (the command needs them all before
+its first task with a stain pass) and surveys them one by one, until the run begins and collects it: their plan tasks
+(and the stain pass) take those surveys instead of reading the slides again (nineteenth session). It is forked where
+local workers are (``worker_start_method``), before any thread of Dask exists. If it dies (a reader that crashes), the
+slide's own tasks do its work, where a crash is retried and recorded.
 """
 
 from __future__ import annotations
@@ -45,16 +45,18 @@ WAIT_S = 600.0  # a plan takes well under a second, a few seconds for a huge sli
 
 class PlanAhead:
     """``plan_and_describe`` (``kind`` "plan") or ``survey_new_slide`` ("survey") of one slide in a forked child
-    process, started at construction; after it, the child hashes the ``described_fingerprint`` of ``hash_next``
-    (slide id -> path: later slides without a store) until ``wait`` collects it, so that they need not be hashed again
-    (~1.7 ms of CPU a slide)."""
+    process, started at construction. After it, the child hashes the ``described_fingerprint`` of ``next_slides``
+    (slide id -> path: later slides without a store), then surveys them one by one (``survey_new_slide``: metadata,
+    reader, thumbnail and tissue mask kept for their plans, with a stain pass their estimate), until ``wait``
+    collects it."""
 
-    def __init__(self, slide_id: str, args: tuple, hash_next: dict[str, Path] | None = None,
-                 annotations_dir: str | Path | None = None, kind: str = "plan"):
+    def __init__(self, slide_id: str, args: tuple, config: PipelineConfig, out_dir: Path,
+                 next_slides: dict[str, Path] | None = None, kind: str = "plan"):
         self.slide_id = slide_id
         self.kind = kind
         self.started = time.monotonic()
-        self.fingerprints: dict[str, str] = {}  # of ``hash_next``, those the child had made when collected
+        self.fingerprints: dict[str, str] = {}  # of ``next_slides``, those the child had made when collected
+        self.surveys: dict[str, dict] = {}  # of ``next_slides``, those the child had surveyed when collected
         self._done: Done | None = None
         self._waited = False
         read_end, write_end = os.pipe()
@@ -66,9 +68,7 @@ class PlanAhead:
                     os.close(read_end)
                     with os.fdopen(write_end, "wb", buffering=0) as pipe:
                         _send(pipe, _outcome(survey_new_slide if kind == "survey" else plan_and_describe, args))
-                        for other_id, other_path in (hash_next or {}).items():
-                            _send(pipe, pickle.dumps((other_id, described_fingerprint(other_path, annotations_dir,
-                                                                                      other_id))))
+                        _work_ahead(pipe, next_slides or {}, config, out_dir)
                     code = 0
                 finally:
                     os._exit(code)
@@ -76,18 +76,18 @@ class PlanAhead:
         self._read_end = read_end
 
     def wait(self) -> None:
-        """Collect the child's outcome (once), and the fingerprints it has made by now (it is then stopped). A child
-        silent for ``WAIT_S`` (stuck, e.g. on a lock another thread held when it was forked) is killed and the slide
-        left to a worker."""
+        """Collect the child's outcome (once), and the fingerprints and surveys it has made by now (it is then
+        stopped). A child silent for ``WAIT_S`` (stuck, e.g. on a lock another thread held when it was forked) is
+        killed and the slide left to a worker."""
         if self._waited:
             return
         self._waited = True
         frames = _read_frames(self._read_end, time.monotonic() + WAIT_S)
-        os.kill(self._pid, signal.SIGKILL)  # done planning: hashing is all it may still do
+        os.kill(self._pid, signal.SIGKILL)  # done planning: hashing and surveying the next slides is all it may do
         os.waitpid(self._pid, 0)
         for frame in frames[1:]:
-            other_id, fingerprint = pickle.loads(frame)  # our own child's bytes, through a pipe: never a file
-            self.fingerprints[other_id] = fingerprint
+            what, other_id, value = pickle.loads(frame)  # our own child's bytes, through a pipe: never a file
+            (self.fingerprints if what == "fingerprint" else self.surveys)[other_id] = value
         tag = ("prepare", (self.slide_id,))
         if not frames:  # the child died or was stopped before its outcome came
             log.info("slide %s: the child planning it did not finish; a worker %ss it", self.slide_id, self.kind)
@@ -145,6 +145,22 @@ def _read_frames(fd: int, deadline: float) -> list[bytes]:
         os.close(fd)
 
 
+def _work_ahead(pipe, next_slides: dict[str, Path], config: PipelineConfig, out_dir: Path) -> None:
+    """The child's work after its slide: every next slide's fingerprint (the command needs them all before its
+    first task with a stain pass), then each one's survey. A slide whose survey fails is left to its own tasks, which
+    record why."""
+    fingerprints = {}
+    for slide_id, path in next_slides.items():
+        fingerprints[slide_id] = described_fingerprint(path, config.annotations.dir, slide_id)
+        _send(pipe, pickle.dumps(("fingerprint", slide_id, fingerprints[slide_id])))
+    for slide_id, path in next_slides.items():
+        try:
+            survey = survey_new_slide(str(path), config, str(out_dir), slide_id, fingerprints[slide_id])
+        except Exception:  # noqa: BLE001 - typed or not, the slide's own survey or plan task meets it again
+            continue
+        _send(pipe, pickle.dumps(("survey", slide_id, survey)))
+
+
 def _outcome(fn, args: tuple) -> bytes:
     """The pickled ("done", result or TaskFailure) or ("unexpected", message) of ``fn(*args)``."""
     try:
@@ -168,10 +184,9 @@ def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, enco
     slide_id, path = next(iter(new.items()))
     new.pop(slide_id)
     if config.stain.method != "none":  # every slide is surveyed before any is planned
-        return PlanAhead(slide_id, (str(path), config, str(out_dir), slide_id), hash_next=new,
-                         annotations_dir=config.annotations.dir, kind="survey")
+        return PlanAhead(slide_id, (str(path), config, str(out_dir), slide_id), config, out_dir, new, kind="survey")
     args = (str(path), config, str(out_dir), slide_id, None, encoder_info(encoder), None, None, None)
-    return PlanAhead(slide_id, args, hash_next=new, annotations_dir=config.annotations.dir)
+    return PlanAhead(slide_id, args, config, out_dir, new)
 
 
 def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done]]:
@@ -189,10 +204,15 @@ def take_planned(ahead: PlanAhead | None, todo: list) -> list[tuple[object, Done
 
 
 def take_surveyed(ahead: PlanAhead | None) -> dict[str, dict]:
-    """{slide id: its ``survey_new_slide``} when ``ahead`` surveyed a slide; {} otherwise, and when its survey failed
-    (a worker surveys it again, where a typed error is recorded as the stain pass records it)."""
-    done = ahead.outcome() if ahead is not None and ahead.kind == "survey" else None
-    if done is None or done.error is not None:
+    """Slide id -> ``survey_new_slide`` of the slides ``ahead`` surveyed: the next new slides it got to and, with a
+    stain pass, its own slide (unless its survey failed: a worker surveys it again, where a typed error is recorded as
+    the stain pass records it)."""
+    if ahead is None:
         return {}
-    log.info("slide %s surveyed while Dask was imported", ahead.slide_id)
-    return {ahead.slide_id: done.result}
+    done = ahead.outcome()
+    surveys = dict(ahead.surveys)
+    if ahead.kind == "survey" and done is not None and done.error is None:
+        surveys[ahead.slide_id] = done.result
+    if surveys:
+        log.info("%d new slides surveyed while Dask started", len(surveys))
+    return surveys

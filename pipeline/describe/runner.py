@@ -138,9 +138,8 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
         # the first new slide planned here while Dask is imported, when a local cluster is about to start
         ahead = plan_ahead(assign_slide_ids(paths)[0], out_dir, config, encoder) if runner is None else None
         try:
-            # a plan is collected before the workers fork; a survey (longer) runs on while the cluster starts
-            collect = ahead.wait if ahead is not None and ahead.kind == "plan" else None
-            with runner_for(runner, config.cluster, before_start=collect) as active:
+            # the child works on while the cluster starts; it is collected when the run begins (``_describe``)
+            with runner_for(runner, config.cluster) as active:
                 return _describe(paths, ignored, out_dir, config, active, progress, errors, encoder, ahead)
         finally:
             if ahead is not None:

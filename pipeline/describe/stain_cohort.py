@@ -41,7 +41,7 @@ from .grouping import PlanQueue, group_task, outcomes
 log = logging.getLogger("pipeline")
 
 STAIN_JSON = "stain.json"
-KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: the stain pass's thumbnails, taken by plan_slide
+KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: surveyed slides' thumbnails (stain pass, plan-ahead child), taken by their plans
 FLAG_PREFIX = "flag_"  # kept arrays of the thumbnail QC detectors' pixels: flag_<detector>
 SURVEY_GROUP_TILES = 1024  # grid tiles of the slides one survey task takes (small slides several to a task)
 
@@ -50,18 +50,20 @@ def _kept_path(out_dir: str | Path, slide_id: str, fingerprint: str, config: Pip
     return slides_dir(out_dir) / KEPT_THUMBNAILS / f"{slide_id}-{fingerprint}-{estimation_hash(config)}.npz"
 
 
-def survey_new_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str) -> dict:
-    """``survey_slide`` of a slide the client has not fingerprinted (the plan-ahead child's, ``plan_ahead.py``), its
-    thumbnail kept where the stain pass keeps it: {"fingerprint", "record", "slide"}."""
-    fingerprint = described_fingerprint(path, config.annotations.dir, slide_id)
+def survey_new_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: str,
+                     fingerprint: str | None = None) -> dict:
+    """``survey_slide`` of a new slide in the plan-ahead child (``plan_ahead.py``), its thumbnail kept where the stain
+    pass keeps it: {"fingerprint", "record", "slide"}. ``fingerprint``: its ``described_fingerprint``, None = made
+    here."""
+    fingerprint = fingerprint or described_fingerprint(path, config.annotations.dir, slide_id)
     return {"fingerprint": fingerprint,
             **survey_slide(path, config, str(_kept_path(out_dir, slide_id, fingerprint, config)), fingerprint)}
 
 
 def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fingerprint: str | None = None) -> dict:
-    """Worker task of the stain pass: {"record": the slide's stain record (``estimate_stain``), "slide": {"info":
-    its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``}}. ``plan_slide`` takes "slide" instead of
-    reading the metadata and probing the reader again.
+    """Worker task of the stain pass: {"record": the slide's stain record (``estimate_stain``; None without a stain
+    pass), "slide": {"info": its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``}}. ``plan_slide``
+    takes "slide" instead of reading the metadata and probing the reader again.
 
     ``keep``: a path to leave the thumbnail and tissue mask at, so that ``plan_slide`` does not make them again.
     ``fingerprint``: the client's ``described_fingerprint`` of the slide (None: hashed here).
@@ -77,11 +79,13 @@ def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fin
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, thumbnail=thumbnail, mask=mask, **{FLAG_PREFIX + name: px for name, px in flags.items()})
         os.replace(tmp, keep)
+    slide = {"info": info, "reader": reader, "kept": keep}
+    if config.stain.method == "none":  # surveyed ahead of its plan (``plan_ahead.py``): nothing to estimate
+        return {"record": None, "slide": slide}
     # Ink, debris and what the slide's annotations exclude are not stain: a pen stroke alone pulled the Macenko
     # vectors of pen-marked slides far off (docs/design/classifier.md, "Artefacts and QC holes").
     stained = mask & ~excluded_pixels(thumbnail, mask, mask_ds, info, config, slide_id_from_path(path), flags)
-    return {"record": estimate_stain(thumbnail, stained, config.stain),
-            "slide": {"info": info, "reader": reader, "kept": keep}}
+    return {"record": estimate_stain(thumbnail, stained, config.stain), "slide": slide}
 
 
 def thumbnail_flags(thumbnail: np.ndarray, mask: np.ndarray, config: PipelineConfig) -> dict[str, np.ndarray]:
@@ -249,9 +253,9 @@ def plan_stain(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, runn
     ``fingerprints``: each slide's ``described_fingerprint`` when the caller has made them (made here otherwise);
     ``ahead``: slide id -> ``survey_new_slide`` of the slides surveyed before the run (not surveyed again)."""
     settings = config.stain
-    if settings.method == "none":
-        return StainPlan(config)
     ahead = ahead or {}
+    if settings.method == "none":  # what the plan-ahead child surveyed still spares the slides' plans
+        return StainPlan(config, surveyed={slide_id: survey["slide"] for slide_id, survey in ahead.items()})
     key = estimation_hash(config)
     cache = _load_cache(out_dir)
     cached = cache.get("slides", {}) if cache.get("settings") == key else {}

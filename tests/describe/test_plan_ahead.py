@@ -55,6 +55,7 @@ def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_confi
     assert "slide slide-a planned while Dask was imported" in log  # the first in the runner's order
     assert "slide-b planned while" not in log
     assert "1 new slides fingerprinted while Dask was imported" in log  # slide-b's, made by the child after its plan
+    assert "1 new slides surveyed while Dask started" in log  # slide-b's thumbnail and mask, taken by its plan
     here = small_config.with_overrides(stain__method="none")
     describe_slides([small_slides], tmp_path / "here", here, runner=LocalRunner(), progress=False)
     for slide_id in ("slide-a", "slide-b"):  # a partial store made by the child, its blocks by the workers
@@ -94,19 +95,31 @@ def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path, stain):
     assert (summary["done"], summary["failed"]) == (2, 1)
     if stain == "none":
         assert "slide a-broken planned while Dask was imported" in log
-    else:  # its survey failed in the child: surveyed again by a worker, where the stain pass records the failure
-        assert "surveyed while" not in log
+    else:  # its survey failed in the child (surveyed again by a worker, where the stain pass records the failure)
+        assert "2 new slides surveyed while Dask started" in log  # the two others'
     record = json.loads((tmp_path / "out" / "manifest.json").read_text())["slides"]["a-broken"]
     assert record["status"] == "failed" and record["error"]["code"] == "unsupported_format"
 
 
-def test_with_a_stain_pass_the_first_slide_is_surveyed_while_dask_is_imported(small_slides, small_config, tmp_path):
-    """The survey (thumbnail, mask, stain estimate) made by the child is the one the run uses: the same estimates,
-    target and stores as in-process, its kept thumbnail taken by the plan and gone at the end."""
+def test_a_next_slide_the_child_cannot_survey_fails_in_its_own_task(small_slides, tmp_path):
+    slides = tmp_path / "slides"
+    shutil.copytree(small_slides, slides)
+    shutil.copy(shared_file("histolab", "broken.svs"), slides / "z-broken.svs")  # last in the runner's order
+    summary, log = _describe(slides, tmp_path / "out")
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    assert "1 new slides surveyed while Dask started" in log  # slide-b's; z-broken's survey failed and was dropped
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())["slides"]["z-broken"]
+    assert record["status"] == "failed" and record["error"]["code"] == "unsupported_format"
+    assert not list((tmp_path / "out" / "slides").glob(".stain-thumbnails/*"))
+
+
+def test_with_a_stain_pass_the_new_slides_are_surveyed_while_dask_starts(small_slides, small_config, tmp_path):
+    """The surveys (thumbnail, mask, stain estimate) made by the child are the ones the run uses: the same estimates,
+    target and stores as in-process, their kept thumbnails taken by the plans and gone at the end."""
     stained = {**SETTINGS, "stain": {"method": "macenko"}}
     summary, log = _describe(small_slides, tmp_path / "ahead", stained)
     assert summary["done"] == 2
-    assert "slide slide-a surveyed while Dask was imported" in log and "planned while" not in log
+    assert "2 new slides surveyed while Dask started" in log and "planned while" not in log  # slide-a's, then b's
     assert "1 new slides fingerprinted while Dask was imported" in log
     here = small_config.with_overrides(stain__method="macenko")
     describe_slides([small_slides], tmp_path / "here", here, runner=LocalRunner(), progress=False)
