@@ -27,7 +27,7 @@ class ClusterConfig(Section):
                           "parallel; false: always start it (a reader crash then stays in a worker)")
     plan_while_starting: bool = Field(
         True, description="describe, local cluster: while Dask is imported and the cluster starts (~0.3 s), a forked "
-                          "copy of this process plans the run's first slide without a store (with a stain pass: "
+                          "copy of this process plans the run's largest slide without a store (with a stain pass: "
                           "surveys it), so its blocks start with the workers, then fingerprints and surveys the next "
                           "new slides for their tasks; false: every slide is planned and surveyed on a worker")
     worker_start: Literal["auto", "fork", "spawn"] = Field(

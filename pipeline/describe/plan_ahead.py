@@ -1,5 +1,5 @@
-"""The run's first new slide planned (or, with a stain pass, surveyed) in a forked copy of the command while Dask is
-imported and the local cluster starts, and the next new slides surveyed after it.
+"""The run's largest new slide planned (or, with a stain pass, surveyed) in a forked copy of the command while Dask is
+imported and the local cluster starts, and the next new slides surveyed after it (largest first, the runner's order).
 
 Importing ``distributed`` costs ~0.2 s of one core, and starting a local cluster ~0.1 s more, before any task runs.
 The first slide's plan task (metadata, thumbnail, tissue mask, partial store) then ran on one worker while the other
@@ -10,7 +10,7 @@ and the plan's many numpy calls hand the GIL back and forth, and each took twice
 
 The child runs the plan task's own function (``plan_and_describe``): a one-block slide is described whole, a larger one
 gets its partial store, exactly as on a worker; its outcome comes back pickled through a pipe. With a stain pass, which
-surveys every slide before any plan, the child runs the first new slide's survey instead (``survey_new_slide``:
+surveys every slide before any plan, the child runs that slide's survey instead (``survey_new_slide``:
 thumbnail, tissue mask, stain estimate, the thumbnail kept for the plan), ~0.2 s of the 1-gigapixel slide that a
 worker ran while the other waited. Then it hashes the next new slides' fingerprints (the command needs them all before
 its first task with a stain pass) and surveys them one by one, until the run begins and collects it: their plan tasks
@@ -36,6 +36,7 @@ from ..core.parallel import Done, TaskFailure, call_task
 from ..core.store import store_path
 from ..slides.annotations import described_fingerprint
 from .encoders import Encoder, encoder_info
+from .grouping import largest_first
 from .small_slides import plan_and_describe
 from .stain_cohort import survey_new_slide
 
@@ -170,8 +171,8 @@ def _outcome(fn, args: tuple) -> bytes:
 
 
 def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, encoder: Encoder) -> PlanAhead | None:
-    """Start planning the first slide of ``ids`` (``assign_slide_ids``' order, the runner's) that has no store (with a
-    stain pass: surveying it), when a local cluster is about to start and the encoder loads no model framework (a
+    """Start planning the largest slide of ``ids`` that has no store (with a stain pass: surveying it; the runner too
+    takes the largest first), when a local cluster is about to start and the encoder loads no model framework (a
     one-block slide's tiles are encoded by its plan task, and a framework loaded here would keep the workers from
     being forked)."""
     cluster = config.cluster
@@ -181,6 +182,7 @@ def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, enco
     new = {slide_id: path for slide_id, path in ids.items() if not store_path(out_dir, slide_id).is_dir()}
     if not new:
         return None
+    new = dict(largest_first(list(new.items()), lambda item: item[1]))  # the runner's order: the largest first
     slide_id, path = next(iter(new.items()))
     new.pop(slide_id)
     if config.stain.method != "none":  # every slide is surveyed before any is planned

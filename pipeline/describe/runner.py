@@ -7,7 +7,7 @@ Task functions that run on workers (each opens its own slide handle):
 * ``describe_block`` (``blocks.py``): descriptors of one block of ``chunk_tiles`` x ``chunk_tiles`` tiles (hundreds of
   tiles), written straight into that block's own Zarr chunk;
 * ``plan_and_describe`` (``small_slides.py``): a slide with a single block is described in its plan task and its store
-  written whole there; small slides go several to a task (``grouping.py``). The run's first new slide runs it in a
+  written whole there; small slides go several to a task (``grouping.py``). The run's largest new slide runs it in a
   forked copy of the command while Dask is imported (``plan_ahead.py``).
 
 ``describe_slides`` is the thin runner: it decides what is stale, keeps a bounded number of tasks in flight,
@@ -135,7 +135,7 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
                                            and worker_start_method(config.cluster) == "fork"):
         load_kernels(config)  # for tasks run here, and forked workers inherit them: once per command, not per worker
     with output_lock(out_dir, command="describe"):
-        # the first new slide planned here while Dask is imported, when a local cluster is about to start
+        # the largest new slide planned here while Dask is imported, when a local cluster is about to start
         ahead = plan_ahead(assign_slide_ids(paths)[0], out_dir, config, encoder) if runner is None else None
         try:
             # the child works on while the cluster starts; it is collected when the run begins (``_describe``)
@@ -154,7 +154,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     manifest.data["ignored"] = ignored
     ids, collisions = assign_slide_ids(paths)
     # What each store is current for (slide file, annotations): not for the slide planned ahead (its store is new)
-    surveyed_ahead = take_surveyed(ahead)  # with a stain pass: the first new slide's survey, made while Dask started
+    surveyed_ahead = take_surveyed(ahead)  # the new slides surveyed while Dask started
     known = {**(ahead.new_fingerprints() if ahead else {}),
              **{slide_id: survey["fingerprint"] for slide_id, survey in surveyed_ahead.items()}}
     planned_id = ahead.slide_id if ahead is not None and ahead.kind == "plan" else None

@@ -52,7 +52,7 @@ print(json.dumps({{"summary": summary, "log": log.getvalue()}}))
 def test_first_slide_is_planned_while_dask_is_imported(small_slides, small_config, tmp_path):
     summary, log = _describe(small_slides, tmp_path / "ahead")
     assert summary["done"] == 2
-    assert "slide slide-a planned while Dask was imported" in log  # the first in the runner's order
+    assert "slide slide-a planned while Dask was imported" in log  # the larger: the first in the runner's order
     assert "slide-b planned while" not in log
     assert "1 new slides fingerprinted while Dask was imported" in log  # slide-b's, made by the child after its plan
     assert "1 new slides surveyed while Dask started" in log  # slide-b's thumbnail and mask, taken by its plan
@@ -90,7 +90,8 @@ def test_a_child_that_dies_or_hangs_leaves_the_slide_to_a_worker(small_slides, t
 def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path, stain):
     slides = tmp_path / "slides"
     shutil.copytree(small_slides, slides)
-    shutil.copy(shared_file("histolab", "broken.svs"), slides / "a-broken.svs")  # first in the runner's order
+    broken = shared_file("histolab", "broken.svs").read_bytes() + bytes(400_000)  # the largest: planned first
+    (slides / "a-broken.svs").write_bytes(broken)
     summary, log = _describe(slides, tmp_path / "out", {**SETTINGS, "stain": {"method": stain}})
     assert (summary["done"], summary["failed"]) == (2, 1)
     if stain == "none":
@@ -104,7 +105,7 @@ def test_a_typed_error_fails_that_slide_only(small_slides, tmp_path, stain):
 def test_a_next_slide_the_child_cannot_survey_fails_in_its_own_task(small_slides, tmp_path):
     slides = tmp_path / "slides"
     shutil.copytree(small_slides, slides)
-    shutil.copy(shared_file("histolab", "broken.svs"), slides / "z-broken.svs")  # last in the runner's order
+    shutil.copy(shared_file("histolab", "broken.svs"), slides / "z-broken.svs")  # 1 kB: last in the runner's order
     summary, log = _describe(slides, tmp_path / "out")
     assert (summary["done"], summary["failed"]) == (2, 1)
     assert "1 new slides surveyed while Dask started" in log  # slide-b's; z-broken's survey failed and was dropped
