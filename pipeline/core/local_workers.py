@@ -1,7 +1,7 @@
 """How local Dask workers start and what they are given: forked or spawned (``worker_start_method``), glibc's malloc
 thresholds (``WORKER_MALLOC``), a heap the garbage collector leaves alone (``gc_frozen``), and the cluster settings a
-local batch run needs (``LOCAL_CLUSTER_CONFIG``, ``quicken_local_start``). ``core.parallel.task_runner`` starts the cluster with them; each value's measurements are
-in benchmarks/README.md."""
+local batch run needs (``LOCAL_CLUSTER_CONFIG``, ``quicken_local_start``). ``core.parallel.task_runner`` starts the
+cluster with them; each value's measurements are in benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 from .cluster_config import ClusterConfig
 from .errors import ConfigError, PipelineError
-from .local_workers import (LOCAL_CLUSTER_CONFIG, default_worker_count, gc_frozen, quicken_local_start, use_worker_malloc,
-                            worker_env_config, worker_start_method)
+from .local_workers import (LOCAL_CLUSTER_CONFIG, default_worker_count, gc_frozen, quicken_local_start,
+                            use_worker_malloc, worker_env_config, worker_start_method)
 
 log = logging.getLogger("pipeline")
 

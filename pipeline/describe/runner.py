@@ -158,8 +158,8 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     known = {**(ahead.new_fingerprints() if ahead else {}),
              **{slide_id: survey["fingerprint"] for slide_id, survey in surveyed_ahead.items()}}
     planned_id = ahead.slide_id if ahead is not None and ahead.kind == "plan" else None
-    fingerprints = {**known, **_fingerprints_needed({k: p for k, p in ids.items() if k != planned_id and k not in known},
-                                                    out_dir, config)}
+    unknown = {k: p for k, p in ids.items() if k != planned_id and k not in known}
+    fingerprints = {**known, **_fingerprints_needed(unknown, out_dir, config)}
     # every slide's stain and the target, before blocks
     stain = plan_stain(ids, out_dir, config, runner, fingerprints, surveyed_ahead)
     config = stain.config

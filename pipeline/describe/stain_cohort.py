@@ -41,7 +41,8 @@ from .grouping import PlanQueue, group_task, outcomes
 log = logging.getLogger("pipeline")
 
 STAIN_JSON = "stain.json"
-KEPT_THUMBNAILS = ".stain-thumbnails"  # under OUT/slides/: surveyed slides' thumbnails (stain pass, plan-ahead child), taken by their plans
+# under OUT/slides/: the surveyed slides' thumbnails (the stain pass's, the plan-ahead child's), taken by their plans
+KEPT_THUMBNAILS = ".stain-thumbnails"
 FLAG_PREFIX = "flag_"  # kept arrays of the thumbnail QC detectors' pixels: flag_<detector>
 SURVEY_GROUP_TILES = 1024  # grid tiles of the slides one survey task takes (small slides several to a task)
 

@@ -156,14 +156,11 @@ def read_tile_row(handle, grid: TileGrid, row: int, cols: np.ndarray, path: str 
     if len(cols) == 0:
         return out
     reader = as_reader(handle, path)
-    runs = column_runs(grid, cols)
-    if len(runs) > 1:
-        start = 0
-        for run in runs:
-            _read_run(reader, grid, row, run, out[start:start + len(run)])
-            start += len(run)
-        return out
-    return _read_run(reader, grid, row, cols, out)
+    start = 0
+    for run in column_runs(grid, cols):
+        _read_run(reader, grid, row, run, out[start:start + len(run)])
+        start += len(run)
+    return out
 
 
 def _read_run(reader, grid: TileGrid, row: int, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
