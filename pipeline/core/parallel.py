@@ -48,18 +48,21 @@ class TaskRetry:
     message: str
 
 
+def item_outcome(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` as one item of a grouped task: its result, a ``TaskFailure`` (typed error, final) or a
+    ``TaskRetry`` (unexpected error: the caller runs the item again alone)."""
+    try:
+        return fn(*args)
+    except PipelineError as err:
+        return TaskFailure(err)
+    except Exception as err:  # noqa: BLE001 - run again alone by the caller
+        return TaskRetry(f"{type(err).__name__}: {err}")
+
+
 def call_each(fn: Callable, arg_list: list[tuple]) -> list:
     """``fn(*args)`` for each ``args`` in one task (several small items: one task's overhead instead of one each).
-    Returns one outcome per item, in order: its result, a ``TaskFailure`` (typed error, final) or a ``TaskRetry``."""
-    outcomes: list = []
-    for args in arg_list:
-        try:
-            outcomes.append(fn(*args))
-        except PipelineError as err:
-            outcomes.append(TaskFailure(err))
-        except Exception as err:  # noqa: BLE001 - run again alone by the caller
-            outcomes.append(TaskRetry(f"{type(err).__name__}: {err}"))
-    return outcomes
+    Returns one outcome per item, in order (``item_outcome``)."""
+    return [item_outcome(fn, *args) for args in arg_list]
 
 
 def group_size(waiting: int, capacity: int, mean_weight: float | None, target_weight: float,

@@ -3,8 +3,9 @@ its one block tens of milliseconds, so a directory of small slides spent a large
 
 The slides waiting for their plan task are taken one at a time until the first ones are planned (their tile counts
 are then known), then as many as make ``GROUP_TILES`` tissue tiles, fewer towards the end (``group_size``). A group
-task runs each slide on its own (``call_each``): a slide's typed error fails that slide only; an unexpected error (or
-the whole task lost with its worker) sends the slide back to be run alone, as before grouping.
+task runs each slide on its own (``call_each``, or the task function's own ``each``): a slide's typed error fails
+that slide only; an unexpected error (or the whole task lost with its worker) sends the slide back to be run alone,
+as before grouping.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ class PlanQueue:
         self.alone.append(item)
 
 
-def group_task(fn: Callable, arg_list: list[tuple], tag) -> Task:
-    """``fn`` on one slide's arguments as its own task, or on several through ``call_each`` in one task."""
-    return Task(fn, arg_list[0], tag) if len(arg_list) == 1 else Task(call_each, (fn, arg_list), tag)
+def group_task(fn: Callable, arg_list: list[tuple], tag, each: Callable[[list[tuple]], list] | None = None) -> Task:
+    """``fn`` on one slide's arguments as its own task, or on several in one task: through ``each`` (``fn``'s own
+    version for a list of arguments, returning what ``call_each`` does), else ``call_each``."""
+    if len(arg_list) == 1:
+        return Task(fn, arg_list[0], tag)
+    return Task(each, (arg_list,), tag) if each is not None else Task(call_each, (fn, arg_list), tag)
 
 
 def outcomes(done: Done, count: int) -> list[Done]:

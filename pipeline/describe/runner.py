@@ -43,7 +43,7 @@ from .encoders.placement import block_resources
 from .grouping import MAX_GROUP, PlanQueue, group_task, largest_first, outcomes
 from .plan import completion_attrs, plan_slide, prepare_slide  # noqa: F401  (prepare_slide: the benchmarks' entry)
 from .plan_ahead import PlanAhead, plan_ahead, take_planned, take_surveyed
-from .small_slides import plan_and_describe
+from .small_slides import plan_and_describe, plan_and_describe_each
 from .stain_cohort import discard_kept_thumbnails, plan_stain
 
 log = logging.getLogger("pipeline")
@@ -301,7 +301,7 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
             return Task(plan_slide, args[0], tag)
         args = [(*a, stain.transforms.get(job.slide_id), stain.store_attrs(job.slide_id))
                 for a, job in zip(args, group)]
-        return group_task(plan_and_describe, args, tag)
+        return group_task(plan_and_describe, args, tag, each=plan_and_describe_each)
 
     def results():
         """(kind, job, Done) per slide of each finished task; slides to run again alone go back to ``pending``."""

@@ -262,6 +262,7 @@ def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, t
     stores of one task per slide; a broken slide fails alone; an unexpected error runs its slide again alone."""
     import pipeline.describe.grouping as grouping
     import pipeline.describe.runner as runner_module
+    import pipeline.describe.small_slides as small_slides_module
     import pipeline.describe.stain_cohort as stain_cohort
 
     slides = tmp_path / "slides"
@@ -271,7 +272,7 @@ def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, t
     (slides / "s09.svs").write_bytes(b"")
     config = config_from_dict({"tiling": {"tile_px": 64, "chunk_tiles": 64}})
     plan_tasks: list[tuple[str, tuple]] = []
-    original_task, original_plan = runner_module.Task, runner_module.plan_and_describe
+    original_task, original_tiles = runner_module.Task, small_slides_module.describe_tiles
     failed_once: set = set()
 
     def counted_task(fn, args, tag, *rest):
@@ -279,17 +280,17 @@ def test_small_slides_go_several_to_a_task_with_the_same_results(small_slides, t
             plan_tasks.append((fn.__name__, tag[1]))
         return original_task(fn, args, tag, *rest)
 
-    def flaky_plan(path, config, out_dir, slide_id, *rest):
-        if slide_id == "s05" and slide_id not in failed_once:
-            failed_once.add(slide_id)
+    def flaky_tiles(path, *rest):  # the second step of a group (every plan, then every block, then every store)
+        if Path(path).stem == "s05" and "s05" not in failed_once:
+            failed_once.add("s05")
             raise RuntimeError("a bug met once")
-        return original_plan(path, config, out_dir, slide_id, *rest)
+        return original_tiles(path, *rest)
 
     monkeypatch.setattr(runner_module, "Task", counted_task)
     monkeypatch.setattr(grouping, "Task", counted_task)  # plan tasks of small slides are made by grouping.group_task
-    monkeypatch.setattr(runner_module, "plan_and_describe", flaky_plan)
+    monkeypatch.setattr(small_slides_module, "describe_tiles", flaky_tiles)
     grouped = describe_slides([slides], tmp_path / "grouped", config, runner=LocalRunner(), progress=False)
-    assert any(name == "call_each" and len(ids) >= 2 for name, ids in plan_tasks), plan_tasks
+    assert any(name == "plan_and_describe_each" and len(ids) >= 2 for name, ids in plan_tasks), plan_tasks
     assert len(plan_tasks) < 14 and failed_once == {"s05"}
     with_s05 = [ids for _, ids in plan_tasks if "s05" in ids]
     assert len(with_s05) == 2 and len(with_s05[0]) >= 2 and with_s05[1] == ("s05",)  # again alone, after its group
