@@ -2,7 +2,7 @@
 its one block tens of milliseconds, so a directory of small slides spent a large share of its time scheduling.
 
 The slides waiting for their plan task are taken one at a time until the first ones are planned (their tile counts
-are then known), then as many as make ``GROUP_TILES`` tissue tiles, fewer towards the end (``group_size``). A group
+are then known; surveyed slides' counts are known before), then as many as make ``GROUP_TILES`` tissue tiles, fewer towards the end (``group_size``). A group
 task runs each slide on its own (``call_each``, or the task function's own ``each``): a slide's typed error fails
 that slide only; an unexpected error (or the whole task lost with its worker) sends the slide back to be run alone,
 as before grouping.
@@ -47,7 +47,7 @@ class PlanQueue:
         self.alone: list = []  # sent back by ``again``: each taken first, in a task of its own
         self.capacity = capacity
         self.target_tiles = GROUP_TILES if target_tiles is None else target_tiles
-        self.tiles: list[int] = []  # tiles of the slides done so far
+        self.tiles: list[int] = []  # tiles of the slides done so far, and those known before (``expect``)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.alone)
@@ -55,8 +55,12 @@ class PlanQueue:
     def planned(self, tiles: int) -> None:
         self.tiles.append(tiles)
 
+    def expect(self, tiles: list[int]) -> None:
+        """Sizes known before any slide is planned (the slides a survey measured): groups from the first task."""
+        self.tiles.extend(tiles)
+
     def sizes_known(self) -> bool:
-        """Enough slides are planned (one per worker) for their mean size to set the groups'."""
+        """Enough slide sizes are known (one per worker) for their mean to set the groups'."""
         return len(self.tiles) >= self.capacity
 
     def take(self, grouped: bool = True) -> list:

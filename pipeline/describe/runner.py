@@ -213,6 +213,8 @@ def _describe(paths: list[Path], ignored: list[dict], out_dir: Path, config: Pip
     jobs: dict[str, _SlideJob] = {}
     block_queue: list[tuple] = []  # (slide_id, block) waiting to be submitted
     pending = PlanQueue(largest_first(todo, lambda job: job.path), runner.capacity)
+    pending.expect([stain.surveyed[job.slide_id]["tissue_tiles"] for job in todo
+                    if "tissue_tiles" in stain.surveyed.get(job.slide_id, {})])
     done_count = failed_count = 0
     record_slide = ManifestRecords(manifest)  # saved at intervals, and by record_run at the end
 

@@ -35,7 +35,7 @@ from ..slides.reader_choice import choose_reader, open_reader
 from ..slides.stain import estimate_stain, fit_target, slide_transform
 from ..slides.stain.macenko import ESTIMATE_REVISION
 from ..slides.tiling import tile_grid
-from ..slides.tissue import mask_downsample_for, tissue_mask
+from ..slides.tissue import mask_downsample_for, tile_tissue_fraction, tissue_mask, tissue_tiles
 from .grouping import PlanQueue, group_task, outcomes
 
 log = logging.getLogger("pipeline")
@@ -63,8 +63,9 @@ def survey_new_slide(path: str, config: PipelineConfig, out_dir: str, slide_id: 
 
 def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fingerprint: str | None = None) -> dict:
     """Worker task of the stain pass: {"record": the slide's stain record (``estimate_stain``; None without a stain
-    pass), "slide": {"info": its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``}}. ``plan_slide``
-    takes "slide" instead of reading the metadata and probing the reader again.
+    pass), "slide": {"info": its ``SlideInfo``, "reader": its ``ReaderChoice``, "kept": ``keep``, "tissue_tiles": its
+    tissue tiles before QC}}. ``plan_slide`` takes "slide" instead of reading the metadata and probing the reader
+    again.
 
     ``keep``: a path to leave the thumbnail and tissue mask at, so that ``plan_slide`` does not make them again.
     ``fingerprint``: the client's ``described_fingerprint`` of the slide (None: hashed here).
@@ -80,7 +81,9 @@ def survey_slide(path: str, config: PipelineConfig, keep: str | None = None, fin
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, thumbnail=thumbnail, mask=mask, **{FLAG_PREFIX + name: px for name, px in flags.items()})
         os.replace(tmp, keep)
-    slide = {"info": info, "reader": reader, "kept": keep}
+    # its tissue tiles before QC: the runner sizes its groups of small slides by them before any slide is planned
+    tiles = int(tissue_tiles(tile_tissue_fraction(mask, mask_ds, grid), config.tissue.fraction_min).sum())
+    slide = {"info": info, "reader": reader, "kept": keep, "tissue_tiles": tiles}
     if config.stain.method == "none":  # surveyed ahead of its plan (``plan_ahead.py``): nothing to estimate
         return {"record": None, "slide": slide}
     # Ink, debris and what the slide's annotations exclude are not stain: a pen stroke alone pulled the Macenko

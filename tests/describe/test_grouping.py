@@ -17,3 +17,19 @@ def test_largest_slides_are_taken_first_equal_sizes_in_their_order(tmp_path):
     assert [p.name for p in ordered] == ["b.svs", "e-series", "d.svs", "a.svs", "c.svs", "missing.svs"]
     queue = PlanQueue(ordered, capacity=2)
     assert [p.name for p in queue.take(grouped=False) + queue.take(grouped=False)] == ["b.svs", "e-series"]
+
+
+def test_sizes_known_from_surveys_group_slides_from_the_first_task():
+    """Slides a survey measured (``PlanQueue.expect``) go in groups from the first task, sized by their mean; without
+    sizes the first slides go alone."""
+    slides = [f"s{i:02d}" for i in range(40)]
+    blind = PlanQueue(slides, capacity=2, target_tiles=100)
+    assert [len(blind.take()) for _ in range(2)] == [1, 1] and not blind.sizes_known()
+    surveyed = PlanQueue(slides, capacity=2, target_tiles=100)
+    surveyed.expect([20] * 40)  # 5 slides make the target
+    assert surveyed.sizes_known()
+    first = [surveyed.take() for _ in range(3)]
+    assert [len(group) for group in first] == [5, 5, 5] and first[0] == slides[:5]
+    while len(surveyed) > 4:
+        surveyed.take()
+    assert [len(surveyed.take()) for _ in range(4)] == [1, 1, 1, 1]  # the last ones alone: the workers end together

@@ -136,3 +136,13 @@ def test_a_single_block_slide_resumes_the_partial_store_an_interrupted_run_left(
         for name in ("descriptors", "tissue_mask", "tissue_fraction", "qc_code", "qc_scores", "thumbnail"):
             assert np.array_equal(read_array(a, name), read_array(b, name), equal_nan=True), name
         assert read_attrs(a)["tiles"] == read_attrs(b)["tiles"] > 0 and read_attrs(b)["complete"] is True
+
+
+def test_a_survey_counts_the_tissue_tiles_its_plan_finds(small_slides, tmp_path):
+    """The tissue tiles a survey counts (which size the groups of small slides before any plan) are the plan's own,
+    QC aside."""
+    config = config_from_dict({"tiling": {"tile_px": 64}, "qc": {"detectors": []}})
+    for path in sorted(small_slides.glob("*.svs")):
+        survey = stain_module.survey_slide(str(path), config, keep=str(tmp_path / f"{path.stem}.npz"))
+        plan = plan_module.prepare_slide(str(path), config)
+        assert survey["slide"]["tissue_tiles"] == int(plan["tissue_tiles"].sum()) > 0
