@@ -56,6 +56,18 @@ def gc_frozen() -> Iterator[None]:
             gc.unfreeze()
 
 
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (numpy's OpenBLAS) on one thread in this process, and in the workers it forks meanwhile, as Dask gives the
+    workers it spawns (``OPENBLAS_NUM_THREADS=1``). Forked workers otherwise inherit the command's pool (one thread per
+    core), and after each BLAS call of the command's start-up a pool thread spun ~0.1 s on a core the imports and the
+    plan-ahead child needed (benchmarks/README.md, twentieth session). The setting is restored on exit."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 def worker_env_config() -> dict:
     """Dask's pre-spawn environment with WORKER_ENV added (set as one whole key: no dotted-key inserts to undo)."""
     import dask

@@ -6,11 +6,19 @@ session). The console script pauses the collector before it imports anything (``
 its work (``resume_gc``: its log is set up, or ``main`` returns) what exists is frozen, never scanned again (and not
 touched in the pages forked workers share), and collection resumes for everything made after. This is the pattern
 Python's documentation gives for ``gc.freeze`` before ``fork``.
+
+BLAS gets one thread (``one_blas_thread_env``) before numpy is imported: OpenBLAS starts a pool of one thread per core
+when it loads, and the pool spun ~0.07 s of CPU on the 2-core machine during every command's imports; the stages run
+in parallel processes anyway, and Dask gives the workers it spawns one BLAS thread (benchmarks/README.md, twentieth
+session).
 """
 
 from __future__ import annotations
 
 import gc
+import os
+
+BLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"  # read by numpy's and scipy's OpenBLAS when they load
 
 _paused = False
 
@@ -30,3 +38,8 @@ def resume_gc() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
+
+
+def one_blas_thread_env() -> None:
+    """One OpenBLAS thread for this process and those it starts, unless the environment already says how many."""
+    os.environ.setdefault(BLAS_THREADS_ENV, "1")

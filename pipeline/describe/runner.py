@@ -27,7 +27,7 @@ from ..core.artefacts import RUN_CONFIG_NAME
 from ..core.config import PipelineConfig, dump_config
 from ..core.errors import DuplicateSlideIdError, SlideError, error_record
 from ..core.outputs import Manifest, atomic_write_text, output_lock
-from ..core.local_workers import worker_start_method
+from ..core.local_workers import one_blas_thread, worker_start_method
 from ..core.parallel import LocalRunner, Task, TaskRetry, in_flight_limit, run_bounded, runner_for
 from ..core.progress import Progress
 from ..core.store import finalize_store, read_attrs, store_is_current, store_path
@@ -120,8 +120,15 @@ def describe_slides(inputs: list[str | Path], out_dir: str | Path, config: Pipel
 
     ``runner``: a TaskRunner (see ``pipeline.parallel``); by default the cluster from ``config.cluster``.
     ``errors``: if given, filled with slide id -> the exception that failed it.
-    Returns a summary dict; per-slide outcomes are in ``out_dir/manifest.json``.
+    Returns a summary dict; per-slide outcomes are in ``out_dir/manifest.json``. BLAS runs on one thread meanwhile,
+    here and in forked workers (``one_blas_thread``).
     """
+    with one_blas_thread():
+        return _describe_slides(inputs, out_dir, config, runner, progress, errors)
+
+
+def _describe_slides(inputs: list[str | Path], out_dir: str | Path, config: PipelineConfig | None, runner,
+                     progress: bool | None, errors: dict | None) -> dict:
     config = config or PipelineConfig()
     out_dir = Path(out_dir)
     # The encoder is built and tried on two blank tiles first: a bad model stops the run before any slide is read.

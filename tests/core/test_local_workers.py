@@ -85,3 +85,28 @@ def test_gc_frozen_freezes_what_exists_and_hands_it_back_unless_frozen_before():
         assert gc.get_freeze_count() >= earlier + len(made_after)  # not ours to unfreeze
     finally:
         gc.unfreeze()
+
+
+def test_one_blas_thread_in_this_process_and_its_forks_then_restored():
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    from pipeline.core.local_workers import one_blas_thread
+
+    def blas_threads() -> int:
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas_threads()
+    with one_blas_thread():
+        assert blas_threads() == 1
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a forked worker: the setting it inherits
+            os.write(write_end, str(blas_threads()).encode())
+            os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        assert int(os.read(read_end, 16)) == 1
+        os.close(read_end)
+    assert blas_threads() == before

@@ -55,3 +55,19 @@ def test_a_command_works_with_the_collector_on(collector_restored, tmp_path, mon
 def test_console_script_runs_a_command():
     done = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("wsi-pipeline ")
+
+
+@pytest.mark.parametrize("given", [None, "2"])
+def test_blas_gets_one_thread_before_numpy_loads_unless_the_environment_says(given):
+    """The console script's start-up gives OpenBLAS one thread (its pool spun during every command's imports); a count
+    the user set is kept."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != startup.BLAS_THREADS_ENV}
+    if given:
+        env[startup.BLAS_THREADS_ENV] = given
+    code = ("from pipeline.core.startup import one_blas_thread_env; one_blas_thread_env(); import numpy\n"
+            "from threadpoolctl import threadpool_info\n"
+            "print(max(i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert int(out) == int(given or 1)
