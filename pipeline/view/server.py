@@ -145,7 +145,8 @@ class ViewerApp:
     def run_json(self) -> dict:
         keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "n_slides")
         metrics = {k: self.catalog.metrics[k] for k in keys if isinstance(self.catalog.metrics.get(k), (int, float))}
-        return {"out_dir": str(self.catalog.out_dir), "metrics": metrics,
+        # the run folder's name, not its absolute path: the page may be served beyond this machine (``--host``)
+        return {"run_name": self.catalog.out_dir.name, "metrics": metrics,
                 "slides": [e.summary() for e in self.catalog.slides.values()]}
 
     def slide_json(self, entry: SlideEntry) -> dict:

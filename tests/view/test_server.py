@@ -47,8 +47,10 @@ def get(server, path: str) -> tuple[int, bytes, str]:
 def test_run_lists_every_slide_of_the_manifest(server):
     status, body, ctype = get(server, "/api/run")
     assert status == 200 and ctype == "application/json"
-    slides = {s["slide_id"]: s for s in json.loads(body)["slides"]}
+    run = json.loads(body)
+    slides = {s["slide_id"]: s for s in run["slides"]}
     assert set(slides) == {"lesion", "moved", "broken"}
+    assert "/" not in run["run_name"] and run["run_name"] and body.count(b'"/') == 0  # no absolute path goes out
     assert (slides["lesion"]["label"], slides["lesion"]["prediction"], slides["lesion"]["probability"]) == ("1", "1", 0.9)
     assert slides["moved"]["prediction"] == "1" and slides["moved"]["label"] == "0"
     assert slides["broken"]["status"] == "failed" and slides["broken"]["failure"] == "describe: corrupt_slide"

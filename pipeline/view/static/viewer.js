@@ -250,7 +250,7 @@ document.addEventListener("DOMContentLoaded", function () {
   fetch("/api/run").then(function (r) { return r.json(); }).then(function (run) {
     state.slides = run.slides;
     var m = run.metrics, parts = Object.keys(m).map(function (k) { return k + " " + Number(m[k]).toFixed(3); });
-    document.getElementById("run").textContent = run.out_dir + (parts.length ? " · " + parts.join(", ") : "");
+    document.getElementById("run").textContent = run.run_name + (parts.length ? " · " + parts.join(", ") : "");
     renderList();
     document.body.dataset.ready = "1";
     route();
