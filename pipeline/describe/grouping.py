@@ -2,10 +2,10 @@
 its one block tens of milliseconds, so a directory of small slides spent a large share of its time scheduling.
 
 The slides waiting for their plan task are taken one at a time until the first ones are planned (their tile counts
-are then known; surveyed slides' counts are known before), then as many as make ``GROUP_TILES`` tissue tiles, fewer towards the end (``group_size``). A group
-task runs each slide on its own (``call_each``, or the task function's own ``each``): a slide's typed error fails
-that slide only; an unexpected error (or the whole task lost with its worker) sends the slide back to be run alone,
-as before grouping.
+are then known; surveyed slides' counts are known before), then as many as make ``GROUP_TILES`` tissue tiles, fewer
+towards the end (``group_size``). A group task runs each slide on its own (``call_each``, or the task function's own
+``each``): a slide's typed error fails that slide only; an unexpected error (or the whole task lost with its worker)
+sends the slide back to be run alone, as before grouping.
 """
 
 from __future__ import annotations
