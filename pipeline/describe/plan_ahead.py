@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..core.config import PipelineConfig
 from ..core.local_workers import gc_frozen, worker_start_method
-from ..core.parallel import Done, TaskFailure, call_task
+from ..core.parallel import Done, TaskFailure, TaskRetry, item_outcome
 from ..core.store import store_path
 from ..slides.annotations import described_fingerprint
 from .encoders import Encoder, encoder_info
@@ -68,7 +68,9 @@ class PlanAhead:
                 try:
                     os.close(read_end)
                     with os.fdopen(write_end, "wb", buffering=0) as pipe:
-                        _send(pipe, _outcome(survey_new_slide if kind == "survey" else plan_and_describe, args))
+                        # its result, typed error (TaskFailure) or unexpected error (TaskRetry), as a group's item
+                        fn = survey_new_slide if kind == "survey" else plan_and_describe
+                        _send(pipe, pickle.dumps(item_outcome(fn, *args)))
                         _work_ahead(pipe, next_slides or {}, config, out_dir)
                     code = 0
                 finally:
@@ -93,9 +95,10 @@ class PlanAhead:
         if not frames:  # the child died or was stopped before its outcome came
             log.info("slide %s: the child planning it did not finish; a worker %ss it", self.slide_id, self.kind)
             return
-        kind, value = pickle.loads(frames[0])
-        if kind == "unexpected":
-            log.info("slide %s: planning it here failed (%s); a worker %ss it", self.slide_id, value, self.kind)
+        value = pickle.loads(frames[0])
+        if isinstance(value, TaskRetry):
+            log.info("slide %s: planning it here failed (%s); a worker %ss it", self.slide_id, value.message,
+                     self.kind)
         elif isinstance(value, TaskFailure):
             self._done = Done(tag, error=value.error)
         else:
@@ -160,14 +163,6 @@ def _work_ahead(pipe, next_slides: dict[str, Path], config: PipelineConfig, out_
         except Exception:  # noqa: BLE001 - typed or not, the slide's own survey or plan task meets it again
             continue
         _send(pipe, pickle.dumps(("survey", slide_id, survey)))
-
-
-def _outcome(fn, args: tuple) -> bytes:
-    """The pickled ("done", result or TaskFailure) or ("unexpected", message) of ``fn(*args)``."""
-    try:
-        return pickle.dumps(("done", call_task(fn, *args)))
-    except Exception as err:  # noqa: BLE001 - reported to the parent, which leaves the slide to a worker
-        return pickle.dumps(("unexpected", f"{type(err).__name__}: {err}"))
 
 
 def plan_ahead(ids: dict[str, Path], out_dir: Path, config: PipelineConfig, encoder: Encoder) -> PlanAhead | None:

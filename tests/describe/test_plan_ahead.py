@@ -40,6 +40,10 @@ if {child!r} == "hangs":  # stuck on a lock another thread held when it was fork
     import time
     plan_ahead.plan_and_describe = lambda *args: time.sleep(120)
     plan_ahead.WAIT_S = 1.0
+if {child!r} == "raises":  # a bug met in the child: not the slide's fault
+    def raises(*args):
+        raise RuntimeError("a bug met once")
+    plan_ahead.plan_and_describe = raises
 summary = describe_slides([{str(slides)!r}], {str(out)!r}, config_from_dict({settings!r}), progress=False)
 print(json.dumps({{"summary": summary, "log": log.getvalue()}}))
 """
@@ -84,6 +88,12 @@ def test_a_child_that_dies_or_hangs_leaves_the_slide_to_a_worker(small_slides, t
     summary, log = _describe(small_slides, tmp_path, child=child)
     assert summary["done"] == 2 and summary["failed"] == 0
     assert "slide-a: the child planning it did not finish; a worker plans it" in log
+
+
+def test_an_unexpected_error_in_the_child_leaves_the_slide_to_a_worker(small_slides, tmp_path):
+    summary, log = _describe(small_slides, tmp_path, child="raises")
+    assert summary["done"] == 2 and summary["failed"] == 0
+    assert "slide-a: planning it here failed (RuntimeError: a bug met once); a worker plans it" in log
 
 
 @pytest.mark.parametrize("stain", ["none", "macenko"])
