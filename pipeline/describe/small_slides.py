@@ -30,7 +30,13 @@ class _WholeSlide:
 
     plan: dict
     block: tuple[int, int, int, int]
-    args: tuple  # (path, config, out_dir, slide_id, fingerprint, stain, stain_attrs)
+    path: str
+    config: PipelineConfig
+    out_dir: str
+    slide_id: str
+    fingerprint: str
+    stain: dict | None
+    stain_attrs: dict | None
     seconds: float  # spent on it so far, by its own steps
     described: dict | None = None
 
@@ -65,7 +71,7 @@ def _planned(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fin
     plan = surveyed_plan(path, config, slide_id, fingerprint, encoder, surveyed)
     blocks = slide_blocks(plan, config.tiling.chunk_tiles)
     if len(blocks) == 1 and not partial_path(out_dir, slide_id).exists():
-        return _WholeSlide(plan, blocks[0], (path, config, out_dir, slide_id, fingerprint, stain, stain_attrs),
+        return _WholeSlide(plan, blocks[0], path, config, out_dir, slide_id, fingerprint, stain, stain_attrs,
                            time.monotonic() - started)
     plan = open_partial_store(plan, config, out_dir, slide_id, path, fingerprint)
     if len(blocks) == 1 and [blocks[0][0], blocks[0][2]] not in [list(a) for a in plan["already"]]:
@@ -79,11 +85,10 @@ def _planned(path: str, config: PipelineConfig, out_dir: str, slide_id: str, fin
 def _described(slide: _WholeSlide) -> _WholeSlide:
     """The tiles of a one-block slide described."""
     started = time.monotonic()
-    path, config, _, _, _, stain, _ = slide.args
     r0, r1, c0, c1 = slide.block
     plan = slide.plan
-    slide.described = describe_tiles(path, plan["grid"], slide.block, plan["tissue_tiles"][r0:r1, c0:c1].copy(),
-                                     config, len(plan["descriptor_names"]), plan["reader"], stain)
+    slide.described = describe_tiles(slide.path, plan["grid"], slide.block, plan["tissue_tiles"][r0:r1, c0:c1].copy(),
+                                     slide.config, len(plan["descriptor_names"]), plan["reader"], slide.stain)
     slide.seconds += time.monotonic() - started
     return slide
 
@@ -91,8 +96,7 @@ def _described(slide: _WholeSlide) -> _WholeSlide:
 def _stored(slide: _WholeSlide) -> dict:
     """A described one-block slide's tile QC decided and its store written whole (its plan is consumed)."""
     started = time.monotonic()
-    path, config, out_dir, slide_id, fingerprint, _, stain_attrs = slide.args
-    plan, described, (r0, r1, c0, c1) = slide.plan, slide.described, slide.block
+    config, plan, described, (r0, r1, c0, c1) = slide.config, slide.plan, slide.described, slide.block
     tissue, qc = plan["tissue_tiles"], plan.pop("qc")
     dims = len(plan["descriptor_names"])
     values = np.full((*tissue.shape, dims), np.nan, np.float32)
@@ -107,10 +111,10 @@ def _stored(slide: _WholeSlide) -> dict:
     reader = plan["reader"]["kind"]
     seconds = round(slide.seconds + time.monotonic() - started, 3)
     completed = completion_attrs(tiles, seconds, reader, counts, [encoded_on(described)], described["fallback_regions"],
-                                 described["delegated_regions"], stain_attrs)
-    attrs = {**describe_store_attrs(slide_id, path, fingerprint, plan, config), **completed}
-    store = write_complete_store(out_dir, slide_id, attrs, config.tiling.chunk_tiles, values, plan["tissue_fraction"],
-                                 kept, plan.pop("thumbnail"),
+                                 described["delegated_regions"], slide.stain_attrs)
+    attrs = {**describe_store_attrs(slide.slide_id, slide.path, slide.fingerprint, plan, config), **completed}
+    store = write_complete_store(slide.out_dir, slide.slide_id, attrs, config.tiling.chunk_tiles, values,
+                                 plan["tissue_fraction"], kept, plan.pop("thumbnail"),
                                  slide_qc_arrays({**qc, "qc_code": codes}, config, config.tiling.chunk_tiles,
                                                  scores if k else None))
     return {**plan, "qc_code": codes, "store": str(store), "already": [],
